@@ -80,6 +80,7 @@ std::vector<std::shared_ptr<RequestState>> Engine::submit(const std::vector<IoRe
       throw_os(EINVAL, "submit", r.file->path(), "negative size or offset");
     if (r.op == Op::Write && !r.file->writable())
       throw_os(EBADF, "write", r.file->path(), "file was opened read-only");
+    if (r.op == Op::Write && r.file->direct() && r.nbytes > 0) r.file->reserve(r.offset + r.nbytes);
     auto state = std::make_shared<RequestState>(r, count_chunks(r, opts_.chunk_bytes));
     split(state, chunks);
     states.push_back(std::move(state));

@@ -1,6 +1,7 @@
 #include "core/file.h"
 
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -48,7 +49,10 @@ std::shared_ptr<File> File::open(const std::string& path, OpenMode mode, bool di
 }
 
 File::File(std::string path, int direct_fd, int buffered_fd, bool writable)
-    : path_(std::move(path)), direct_fd_(direct_fd), buffered_fd_(buffered_fd), writable_(writable) {}
+    : path_(std::move(path)), direct_fd_(direct_fd), buffered_fd_(buffered_fd), writable_(writable) {
+  struct stat st;
+  reserved_ = ::fstat(buffered_fd_, &st) == 0 ? st.st_size : 0;
+}
 
 File::~File() {
   if (direct_fd_ >= 0) ::close(direct_fd_);
@@ -67,7 +71,9 @@ int64_t File::size() const {
 }
 
 void File::truncate(int64_t nbytes) {
+  std::lock_guard<std::mutex> lock(mu_);
   if (::ftruncate(buffered_fd_, nbytes) != 0) throw_os(errno, "ftruncate", path_);
+  reserved_ = nbytes;
 }
 
 void File::allocate(int64_t nbytes) {
@@ -75,6 +81,16 @@ void File::allocate(int64_t nbytes) {
   int rc = ::posix_fallocate(buffered_fd_, 0, nbytes);
   if (rc != 0)
     throw_os(rc, "fallocate", path_, "could not reserve " + std::to_string(nbytes) + " bytes");
+}
+
+void File::reserve(int64_t end) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!reserve_ok_ || end <= reserved_ || buffered_fd_ < 0) return;
+  if (::fallocate(buffered_fd_, 0, reserved_, end - reserved_) == 0) {
+    reserved_ = end;
+  } else if (errno == EOPNOTSUPP || errno == ENOSYS) {
+    reserve_ok_ = false;  // the filesystem cannot: stop asking
+  }
 }
 
 void File::sync() {

@@ -36,6 +36,11 @@ class File {
   int64_t size() const;
   void truncate(int64_t nbytes);
   void allocate(int64_t nbytes);  // fallocate: reserve space up front so a full disk fails early
+  // Extends the file's allocated size to at least end before a direct write reaches it. Extending
+  // O_DIRECT writes take the inode lock exclusively on ext4 and XFS, which serialises them (io_uring
+  // punts each to a worker that waits for the lock); writes inside the allocated size run in
+  // parallel. Best effort: on failure the write goes ahead and reports its own error.
+  void reserve(int64_t end);
   void sync();
   void close();
 
@@ -45,6 +50,8 @@ class File {
   int direct_fd_;
   int buffered_fd_;
   bool writable_;
+  int64_t reserved_ = 0;
+  bool reserve_ok_ = true;
   mutable std::mutex mu_;
 };
 
