@@ -66,11 +66,13 @@ def test_queue_depths_64mib(backend: str, disk_dir: Path, qd: int) -> None:
     size = 64 * MiB
     data = torch.randint(0, 256, (size,), dtype=torch.uint8)
     out = torch.zeros_like(data)
-    with oio.Engine(backend, queue_depth=qd, chunk_bytes=MiB, threads=qd) as e:
-        with oio.open(disk_dir / "big.bin", "w", engine=e) as f:
-            f.write_from(data).wait()
-            f.sync()
-            f.read_into(out).wait()
+    with (
+        oio.Engine(backend, queue_depth=qd, chunk_bytes=MiB, threads=qd) as e,
+        oio.open(disk_dir / "big.bin", "w", engine=e) as f,
+    ):
+        f.write_from(data).wait()
+        f.sync()
+        f.read_into(out).wait()
     assert torch.equal(out, data)
 
 
@@ -125,7 +127,9 @@ def test_batched_submission(engine: oio.Engine, disk_dir: Path) -> None:
 
 def test_registered_buffers(backend: str, disk_dir: Path) -> None:
     arena = _C.Arena(8 * MiB, True, -1, True)
-    view = np.frombuffer((np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * arena.size).from_address(arena.ptr))), np.uint8)
+    view = np.frombuffer(
+        (np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * arena.size).from_address(arena.ptr))), np.uint8
+    )
     view[:] = random_bytes(arena.size, seed=5)
     expect = view.copy()
     with oio.Engine(backend, chunk_bytes=MiB) as e:
@@ -159,7 +163,7 @@ def test_concurrent_submitters(engine: oio.Engine, disk_dir: Path) -> None:
                 out = np.zeros(size, np.uint8)
                 f.read_into(out, i * size).wait()
                 np.testing.assert_array_equal(out, data)
-            except BaseException as e:  # noqa: BLE001 - reported below
+            except BaseException as e:
                 errors.append(e)
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(nthreads)]
@@ -316,7 +320,9 @@ def test_unwritable_directory(disk_dir: Path) -> None:
     d.mkdir()
     d.chmod(0o555)
     os.chmod(disk_dir, 0o755)
-    out = subprocess.run([sys.executable, "-c", UNWRITABLE_SCRIPT, str(d)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", UNWRITABLE_SCRIPT, str(d)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert f"PERM {d / 'f.bin'}" in out.stdout
     d.chmod(0o755)

@@ -54,7 +54,9 @@ class Engine:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         if chunk_bytes <= 0 or chunk_bytes % _C.DIRECT_ALIGN:
-            raise ValueError(f"chunk_bytes must be a positive multiple of {_C.DIRECT_ALIGN}, got {chunk_bytes}")
+            raise ValueError(
+                f"chunk_bytes must be a positive multiple of {_C.DIRECT_ALIGN}, got {chunk_bytes}"
+            )
 
     def _make(self, backend: str, queue_depth: int, chunk_bytes: int, threads: int) -> Any:
         self._check(queue_depth, chunk_bytes, threads)

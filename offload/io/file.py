@@ -8,6 +8,7 @@ page cache on a second descriptor: correct, only slower. Filesystems that refuse
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -22,7 +23,9 @@ MODES = ("r", "r+", "w", "x")
 class DirectFile:
     """One open file; see the module docstring."""
 
-    def __init__(self, path: str | os.PathLike[str], mode: str = "r", direct: bool = True, engine: Engine | None = None):
+    def __init__(
+        self, path: str | os.PathLike[str], mode: str = "r", direct: bool = True, engine: Engine | None = None
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.path = os.fspath(path)
@@ -65,10 +68,8 @@ class DirectFile:
     def drain(self) -> None:
         """Waits for every request on this file, ignoring their errors (their futures keep them)."""
         for fut in self._pending:
-            try:
+            with contextlib.suppress(OSError):
                 fut.wait()
-            except OSError:
-                pass
         self._pending.clear()
 
     def close(self) -> None:
@@ -91,6 +92,8 @@ class DirectFile:
         return f"DirectFile({self.path!r}, mode={self.mode!r}, direct={self.direct})"
 
 
-def open(path: str | os.PathLike[str], mode: str = "r", direct: bool = True, engine: Engine | None = None) -> DirectFile:
+def open(
+    path: str | os.PathLike[str], mode: str = "r", direct: bool = True, engine: Engine | None = None
+) -> DirectFile:
     """Opens path for asynchronous I/O; mode r, r+, w (create/truncate) or x (create, must not exist)."""
     return DirectFile(path, mode, direct, engine)

@@ -1,0 +1,112 @@
+"""The drop-in wrapper: ``model, optimizer = offload.wrap(model, config, **overrides)``.
+
+The returned model is the caller's model with its block stack streamed (outputs are the model's
+own); the returned optimizer is AdamW over the CPU-master store. An ordinary loop trains it:
+
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from offload.config import Config, load_config
+from offload.engine.device import Device
+from offload.engine.optimizer import OffloadAdamW
+from offload.engine.runtime import Runtime
+from offload.model.discovery import discover
+from offload.model.init import Materialize, has_meta, materializer
+
+
+class OffloadedModel(nn.Module):
+    """The wrapped model: moves inputs to the compute device and calls the original model."""
+
+    def __init__(self, module: nn.Module, runtime: Runtime, state_keys: list[str]) -> None:
+        super().__init__()
+        self.module = module
+        self.runtime = runtime
+        self.state_keys = state_keys
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        dev = self.runtime.device.torch
+        args, kwargs = pytree.tree_map_only(
+            torch.Tensor, lambda t: t.to(dev, non_blocking=True), (args, kwargs)
+        )
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["module"], name)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        return state_dict(self)
+
+
+def wrap(
+    model: nn.Module,
+    config: Config | dict | str | Path | None = None,
+    *,
+    blocks: str | None = None,
+    param_groups: Sequence[dict[str, Any]] | None = None,
+    init: str | Materialize | None = None,
+    **overrides: Any,
+) -> tuple[OffloadedModel, OffloadAdamW]:
+    """Streams model's blocks through the compute device with AdamW on CPU-master weights.
+
+    config: an offload.Config, a dict or a YAML path; overrides are Config fields (a dict merges
+    into its section). blocks: the attribute path of the block ModuleList when it cannot be found
+    automatically. param_groups: ``[{"params": ["*norm*", "*.bias"], "weight_decay": 0.0}, ...]``,
+    fnmatch patterns on full parameter names; unmatched parameters form the default group.
+    init: for a model built on the meta device (too large to build in host memory first),
+    "random" initialises each block with the model's own _init_weights just before packing it
+    into the store, so only one block ever exists outside the store; or a callable(module) that
+    fills a module's own tensors.
+    """
+    cfg = load_config(config, **overrides)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    device = Device(cfg.resolve_device())
+    stack = discover(model, blocks)
+    keys = list(model.state_dict().keys())
+    materialize = materializer(model, init)
+    if materialize is None and has_meta(model):
+        raise ValueError(
+            "the model has tensors on the meta device: pass init='random' (or a callable) to wrap()"
+        )
+    runtime = Runtime.build(model, stack, cfg, device, param_groups, materialize)
+    return OffloadedModel(model, runtime, keys), OffloadAdamW(runtime)
+
+
+def state_dict(model: OffloadedModel) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict (parameters from the master store, buffers from the model),
+    with the original model's keys in its order."""
+    rt = model.runtime
+    rt.wait_updates()
+    params: dict[str, torch.Tensor] = {}
+    for name, (rec, k) in rt.names.items():
+        slot = rec.layout.params[k]
+        params[name] = rec.master[slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
+    buffers = dict(model.module.named_buffers())
+    template = rt.executor.template
+    block_buffers = dict(template.named_buffers())
+    out: dict[str, torch.Tensor] = {}
+    for key in model.state_keys:
+        if key in params:
+            out[key] = params[key]
+        elif key in buffers:
+            out[key] = buffers[key].detach().cpu().clone()
+        else:
+            inner = key[len(rt.stack_path) + 1 :].split(".", 1)[-1]
+            out[key] = block_buffers[inner].detach().cpu().clone()
+    return out

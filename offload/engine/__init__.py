@@ -1,0 +1,1 @@
+"""The streaming engine: executor, autograd Function, CPU optimizer, trace (offload.engine)."""

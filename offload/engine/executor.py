@@ -1,0 +1,190 @@
+"""The streaming executor: runs block i on the device with its weights in a slot (Horizon-LM).
+
+Forward runs each block without autograd, keeping only its inputs (the block-boundary state).
+Backward recomputes the block with autograd on the same weights, sends the weight gradients to
+host on a side stream while the next (earlier) block computes, and returns the input gradients.
+While block i computes, block i+1's weights (i-1's in backward) copy host-to-device into the other
+slot on a side stream. Each copy first waits, on the host, for the optimizer update of that block:
+the previous step's update is pipelined into this forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from offload.engine.device import Device
+from offload.engine.slots import WeightSlots
+from offload.engine.trace import Tracer
+from offload.store.record import BlockRecord
+
+Bindings = list[list[tuple[nn.Module, str]]]  # per ParamSlot: the (module, attribute) pairs it fills
+
+
+class Executor:
+    def __init__(
+        self,
+        device: Device,
+        blocks: list[BlockRecord],
+        template: nn.Module,
+        bindings: Bindings,
+        attr_overrides: list[list[tuple[nn.Module, str, Any]]],
+        dtype: torch.dtype,
+        slots: int,
+        tracer: Tracer,
+        check_update: Callable[[], None],
+    ) -> None:
+        self.device = device
+        self.blocks = blocks
+        self.template = template
+        self.bindings = bindings
+        self.attr_overrides = attr_overrides
+        self.tracer = tracer
+        self.check_update = check_update  # raises if the optimizer's worker failed
+        layout = blocks[0].layout
+        self.slots = WeightSlots(device, layout, dtype, slots)
+        # Gradient staging on the device, double-buffered so one block's copy to host overlaps
+        # the next block's backward. Padding stays zero, so norms and updates never see it.
+        self.staging = [torch.zeros(layout.numel, dtype=dtype, device=device.torch) for _ in range(2)]
+        self.staging_views = [layout.views(s) for s in self.staging]
+        self.staging_free: list[Any] = [None, None]
+        self.next_staging = 0
+        # Per-block squared gradient norms computed on the device (see grad_norms_sq()).
+        self.norm_sq: list[torch.Tensor | None] = [None] * len(blocks)
+        # Called with each block record once its gradient copy to host is queued (the optimizer
+        # uses it to start the block's update during backward).
+        self.on_grad: Callable[[BlockRecord], None] | None = None
+        # Requires grad so every block joins the autograd graph (see BlockFunction).
+        self.grad_token = torch.empty(0, device=device.torch, requires_grad=True)
+
+    # ---- weights -------------------------------------------------------------------------------
+
+    def upload(self, index: int) -> int:
+        """Makes sure block index's current weights are in (or on their way to) its slot."""
+        rec = self.blocks[index]
+        s = self.slots.slot_of(index)
+        if self.slots.holds[s] == (index, rec.version) and rec.updated.is_set():
+            return s
+        # Host wait: the pipelined optimizer update of this block must be finished before its
+        # wire copy is read. The device keeps running the kernels already queued meanwhile.
+        with self.tracer.span("wait_update", "host", block=index):
+            rec.updated.wait()
+        self.check_update()
+        dev = self.device
+        with dev.stream(dev.h2d), self.tracer.device_span("h2d", dev.h2d, block=index):
+            # The slot's previous block may still be computing: wait for its compute to finish.
+            dev.wait(dev.h2d, self.slots.free[s])
+            self.slots.buffers[s].copy_(rec.wire, non_blocking=True)
+            self.slots.ready[s] = dev.event(dev.h2d)
+        self.slots.holds[s] = (index, rec.version)
+        return s
+
+    def acquire(self, index: int) -> int:
+        """Slot of block index, with the compute stream ordered after its upload."""
+        s = self.upload(index)
+        # Compute must not read the slot before the copy into it has landed.
+        self.device.wait(self.device.compute_stream(), self.slots.ready[s])
+        return s
+
+    def release(self, s: int) -> None:
+        # The next upload into this slot waits for this event: the compute reading it is done.
+        self.slots.free[s] = self.device.event(self.device.compute_stream())
+
+    def prefetch(self, index: int) -> None:
+        if 0 <= index < len(self.blocks):
+            self.upload(index)
+
+    def bind(self, tensors: list[torch.Tensor], index: int) -> None:
+        for tensor, targets in zip(tensors, self.bindings):
+            for module, attr in targets:
+                module.__dict__[attr] = tensor
+        for module, attr, value in self.attr_overrides[index]:
+            setattr(module, attr, value)
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward_block(self, index: int, args: tuple, kwargs: dict) -> Any:
+        s = self.acquire(index)
+        self.bind(self.slots.views[s], index)
+        with self.tracer.device_span("forward", self.device.compute_stream(), block=index):
+            out = self.template(*args, **kwargs)
+        self.release(s)
+        self.prefetch(index + 1)
+        return out
+
+    # ---- backward ------------------------------------------------------------------------------
+
+    def backward_block(
+        self,
+        index: int,
+        run: Callable[[], list[Any]],
+        inputs: list[torch.Tensor],
+        grad_outputs: list[torch.Tensor | None],
+    ) -> list[torch.Tensor | None]:
+        """Recomputes block index with autograd (``run`` calls the template on the detached
+        inputs and returns the output leaves, which pair with grad_outputs) and returns the
+        gradients of ``inputs``; the weight gradients go to host."""
+        s = self.acquire(index)
+        leaves = [v.detach().requires_grad_(True) for v in self.slots.views[s]]
+        self.bind(leaves, index)
+        stream = self.device.compute_stream()
+        with self.tracer.device_span("recompute+backward", stream, block=index):
+            with torch.enable_grad():
+                out = run()
+            pairs = [
+                (o, g)
+                for o, g in zip(out, grad_outputs)
+                if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
+            ]
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], leaves + inputs, [g for _, g in pairs], allow_unused=True
+            )
+        self.release(s)
+        self.prefetch(index - 1)
+        self.send_grad(index, list(grads[: len(leaves)]))
+        return list(grads[len(leaves) :])
+
+    def send_grad(self, index: int, grads: list[torch.Tensor | None]) -> None:
+        """Copies block index's weight gradients into a staging buffer and from there to host."""
+        rec = self.blocks[index]
+        dev = self.device
+        if rec.grad_count >= 1:
+            # Another micro-batch: the previous copy into rec.grad must land before it is folded
+            # into the fp32 sum and then overwritten.
+            dev.sync_event(rec.d2h_done)
+            rec.fold_grad()
+        g = self.next_staging
+        self.next_staging ^= 1
+        compute = dev.compute_stream()
+        # The staging buffer's previous copy to host must be done before we overwrite it.
+        dev.wait(compute, self.staging_free[g])
+        views = self.staging_views[g]
+        pairs = [(v, x) for v, x in zip(views, grads) if x is not None]
+        for v, x in zip(views, grads):
+            if x is None:
+                v.zero_()
+        torch._foreach_copy_([v for v, _ in pairs], [x for _, x in pairs])
+        self.norm_sq[index] = torch.linalg.vector_norm(self.staging[g], dtype=torch.float32).square()
+        ready = dev.event(compute)
+        with dev.stream(dev.d2h), self.tracer.device_span("d2h", dev.d2h, block=index):
+            # The copy to host must not start before the gradients are in the staging buffer.
+            dev.wait(dev.d2h, ready)
+            rec.grad.copy_(self.staging[g], non_blocking=True)
+            rec.d2h_done = dev.event(dev.d2h)
+        self.staging_free[g] = rec.d2h_done
+        rec.grad_count += 1
+        if self.on_grad is not None:
+            self.on_grad(rec)
+
+    def finish_backward(self) -> None:
+        """Waits until every gradient copy to host has landed (called by optimizer.step())."""
+        for rec in self.blocks:
+            self.device.sync_event(rec.d2h_done)
+
+    def grad_norms_sq(self) -> list[torch.Tensor]:
+        """Per-block squared gradient norms computed on the device, valid when every block saw
+        exactly one backward since zero_grad() (otherwise norms are taken on the host)."""
+        return [n for n in self.norm_sq if n is not None]

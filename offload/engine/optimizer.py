@@ -1,0 +1,179 @@
+"""CPU AdamW over the store's fp32 masters, pipelined into the next forward.
+
+``step()`` waits for the gradients to land on the host, computes the clipping coefficient, then
+hands the updates to a worker thread in forward order and returns. Each update is torch's fused
+CPU AdamW kernel over a block's flat buffers (one call per param group range), followed by the
+refresh of the block's compute-dtype wire copy. It subclasses torch.optim.Optimizer so torch's
+LR schedulers drive it: each param group's lr, betas, eps and weight_decay are read at step().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from offload.engine.runtime import Runtime
+from offload.store.record import BlockRecord
+
+Hparams = list[tuple[float, float, float, float, float]]  # per group: lr, beta1, beta2, eps, wd
+
+
+class OffloadAdamW(torch.optim.Optimizer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        opt = runtime.cfg.optimizer
+        defaults = {"lr": opt.lr, "betas": tuple(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
+        self.max_grad_norm = opt.max_grad_norm
+        self.overlap_backward = opt.overlap_backward
+        groups: list[dict[str, Any]] = [{"params": [], **defaults}]
+        for spec in runtime.group_specs:
+            groups.append({"params": [], **defaults, **spec.options, "patterns": list(spec.patterns)})
+        for rec in runtime.records():
+            for g, start, end in rec.layout.group_ranges:
+                groups[g]["params"].append(rec.master[start:end])
+        for i, group in enumerate(groups):
+            if not group["params"]:
+                raise ValueError(
+                    f"param group {i} ({group.get('patterns', 'default')}) matched no parameters"
+                )
+        super().__init__(groups, defaults)
+        self.last_grad_norm: float | None = None
+        if self.overlap_backward:
+            runtime.executor.on_grad = self._on_block_grad
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = closure() if closure is not None else None
+        rt = self.runtime
+        with rt.tracer.span("wait_grads", "host"):
+            rt.executor.finish_backward()
+            rt.gather_resident_grads()
+        work = [(rec, rec.take_grad()) for rec in rt.records() if not rec.queued]
+        coef = self._clip_coef(work)
+        hparams = self._hparams()
+        for rec, grad_fn in work:
+            rt.updater.submit(rec, self._update(rec, grad_fn, coef, hparams))
+        for rec in rt.records():
+            rec.queued = False
+        return loss
+
+    def _on_block_grad(self, rec: BlockRecord) -> None:
+        """overlap_backward: queue block rec's update as soon as its gradient is on its way."""
+        if rec.grad_count > 1:
+            raise RuntimeError(
+                "optimizer.overlap_backward is on, so every backward() ends an optimizer step, but backward() "
+                "ran again before optimizer.step(); turn overlap_backward off to accumulate gradients"
+            )
+        rec.queued = True
+        event = rec.d2h_done
+        update = self._update(rec, rec.take_grad(), None, self._hparams())
+
+        def after_copy() -> bool:
+            self.runtime.device.sync_event(event)  # the gradient must have landed on the host
+            return update()
+
+        self.runtime.updater.submit(rec, after_copy)
+
+    def _hparams(self) -> Hparams:
+        # Read now: an LR scheduler may change the groups while the update is still queued.
+        return [
+            (
+                float(g["lr"]),
+                float(g["betas"][0]),
+                float(g["betas"][1]),
+                float(g["eps"]),
+                float(g["weight_decay"]),
+            )
+            for g in self.param_groups
+        ]
+
+    def _update(
+        self,
+        rec: BlockRecord,
+        grad_fn: Callable[[], torch.Tensor] | None,
+        coef: torch.Tensor | None,
+        hparams: Hparams,
+    ) -> Callable[[], bool]:
+        def run() -> bool:
+            if grad_fn is None:  # no backward reached this record: torch skips such parameters
+                return False
+            grad = grad_fn()
+            if coef is not None:
+                grad = grad * coef
+            rec.step += 1
+            for g, start, end in rec.layout.group_ranges:
+                lr, beta1, beta2, eps, wd = hparams[g]
+                torch._fused_adamw_(
+                    [rec.master[start:end]],
+                    [grad[start:end]],
+                    [rec.exp_avg[start:end]],
+                    [rec.exp_avg_sq[start:end]],
+                    [],
+                    [rec.step],
+                    lr=lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=wd,
+                    eps=eps,
+                    amsgrad=False,
+                    maximize=False,
+                )
+            if rec.wire.data_ptr() != rec.master.data_ptr():
+                rec.wire.copy_(rec.master)
+            return True
+
+        return run
+
+    def _clip_coef(
+        self, work: list[tuple[BlockRecord, Callable[[], torch.Tensor] | None]]
+    ) -> torch.Tensor | None:
+        """The factor torch.nn.utils.clip_grad_norm_ would scale the gradients by, or None."""
+        if self.max_grad_norm is None:
+            self.last_grad_norm = None
+            return None
+        rt = self.runtime
+        if rt.device.cuda and all(r.grad_count == 1 and not r.folded for r in rt.blocks):
+            total = self._device_norm(work)
+        else:
+            total = self._host_norm(work)
+        self.last_grad_norm = float(total)
+        # The same fp32 arithmetic as clip_grad_norm_, so float32 runs match it bit for bit.
+        return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+
+    def _host_norm(self, work: list[tuple[BlockRecord, Callable[[], torch.Tensor] | None]]) -> torch.Tensor:
+        # Per-parameter norms in the model's parameter order, then the norm of those: the order
+        # clip_grad_norm_ sums in.
+        norms: dict[tuple[int, int], torch.Tensor] = {}
+        for rec, grad_fn in work:
+            if grad_fn is None:
+                continue
+            grad = grad_fn()
+            for k, n in enumerate(torch._foreach_norm(rec.layout.views(grad))):
+                norms[(id(rec), k)] = n
+        ordered = [norms[(id(rec), k)] for rec, k in self.runtime.param_order if (id(rec), k) in norms]
+        return torch.linalg.vector_norm(torch.stack(ordered)) if ordered else torch.zeros(())
+
+    def _device_norm(self, work: list[tuple[BlockRecord, Callable[[], torch.Tensor] | None]]) -> torch.Tensor:
+        # Blocks' squared norms were taken on the device during backward; residents on the host.
+        total = torch.stack(self.runtime.executor.grad_norms_sq()).sum().cpu()
+        for rec, grad_fn in work:
+            if grad_fn is not None and rec.index < 0:
+                total = total + torch.linalg.vector_norm(grad_fn(), dtype=torch.float32).square()
+        return total.sqrt()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for rec in self.runtime.records():
+            rec.zero_grad()
+        self.runtime.zero_resident_grads()
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError(
+            "the offload optimizer's state is saved with offload.save(model, optimizer, root)"
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise NotImplementedError(
+            "the offload optimizer's state is loaded with offload.load(model, optimizer, path)"
+        )

@@ -1,0 +1,228 @@
+"""Runtime: one wrapped model's store, executor, resident parameters and optimizer worker.
+
+Resident parameters (embeddings, final norm, head) stay on the device as ordinary parameters of
+the model, in one flat buffer refreshed from their record after each update; the blocks stream.
+The optimizer's updates run on the Updater's thread, so the next forward only waits for the
+block it is about to copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from offload.config import Config
+from offload.engine import build
+from offload.engine.device import Device
+from offload.engine.executor import Executor
+from offload.engine.function import BlockProxy
+from offload.engine.trace import Tracer
+from offload.engine.updater import Updater
+from offload.memory import PinnedPool
+from offload.model.discovery import BlockStack
+from offload.model.init import Materialize, materialize_outside, materialize_tree
+from offload.model.layout import FlatLayout
+from offload.store.record import BlockRecord
+
+
+class Runtime:
+    def __init__(self, cfg: Config, device: Device, dtype: torch.dtype) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.tracer = Tracer(cfg.trace, device.torch)
+        self.blocks: list[BlockRecord] = []
+        self.resident: BlockRecord | None = None
+        self.resident_params: list[nn.Parameter] = []
+        self.resident_flat: torch.Tensor | None = None
+        self.resident_version = -1
+        self.group_specs: list[build.ParamGroupSpec] = []
+        self.names: dict[str, tuple[BlockRecord, int]] = {}  # full name -> (record, slot index)
+        self.param_order: list[tuple[BlockRecord, int]] = []  # the model's parameters() order
+        self.stack_path = ""
+        self.executor: Executor
+        self.pool: PinnedPool
+        self.updater = Updater(self.tracer)
+
+    # ---- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        stack: BlockStack,
+        cfg: Config,
+        device: Device,
+        param_groups: Sequence[dict] | None,
+        materialize: Materialize | None = None,
+    ) -> Runtime:
+        rt = cls(cfg, device, cfg.torch_dtype)
+        if materialize is not None:  # everything but the blocks now; each block when packed
+            materialize_outside(model, materialize, stack.blocks)
+        rt.group_specs = build.parse_param_groups(param_groups)
+        order = [names[0] for names, _ in build.named_unique(model)]
+        rt.stack_path = stack.path
+        build.check_buffers(stack.blocks, stack.path)
+        layout = build.block_layout(stack.blocks[0], stack.path + ".0.", rt.group_specs)
+        resident = build.resident_params(model, stack)
+        res_layout = FlatLayout.build(
+            [(names, p, build.group_of(names[0], rt.group_specs)) for names, p in resident]
+        )
+        rt._make_pool(layout.numel * len(stack.blocks) + res_layout.numel)
+        for i, block in enumerate(stack.blocks):
+            if materialize is not None:
+                materialize_tree(block, materialize)
+            prefix = f"{stack.path}.{i}."
+            tensors = [p for _, p in build.named_unique(block)]
+            rt.blocks.append(rt._record(i, f"block.{i}", layout, tensors, prefix))
+            if i > 0:
+                block.to("meta")  # packed: free its memory (block 0 stays: it is the template)
+        if resident:
+            rt.resident = rt._record(-1, "resident", res_layout, [p for _, p in resident], "")
+        rt._install(model, stack, layout, resident)
+        rt.param_order = [rt.names[n] for n in order]
+        return rt
+
+    def _make_pool(self, numel: int) -> None:
+        wire_bytes = 0 if self.dtype == torch.float32 else numel * torch.finfo(self.dtype).bits // 8
+        master_bytes = numel * 4 if self.dtype == torch.float32 else 0  # fp32: master is the wire copy
+        grad_bytes = numel * torch.finfo(self.dtype).bits // 8
+        # Every record rounds up to a page per lease; leave room for that.
+        capacity = wire_bytes + master_bytes + grad_bytes + (4 << 20) * 3
+        self.pool = PinnedPool(capacity, pin=self.device.cuda, name="store")
+
+    def _lease(self, numel: int, dtype: torch.dtype, purpose: str, rec_leases: list[Any]) -> torch.Tensor:
+        nbytes = numel * (torch.finfo(dtype).bits // 8)
+        lease = self.pool.lease(max(nbytes, 1), purpose=purpose)
+        rec_leases.append(lease)
+        return lease.view(dtype, (numel,))
+
+    def _record(
+        self, index: int, name: str, layout: FlatLayout, tensors: Sequence[torch.Tensor], prefix: str
+    ) -> BlockRecord:
+        for t in tensors:
+            if t.is_meta:
+                raise ValueError(
+                    f"parameter of {name} is on the meta device: build the model with weights, or load it with "
+                    "offload.from_pretrained(...)"
+                )
+        leases: list[Any] = []
+        n = layout.numel
+        if self.dtype == torch.float32:
+            master = self._lease(n, torch.float32, "master+wire", leases)
+            wire = master  # the compute copy is the master itself: no second copy
+        else:
+            master = torch.empty(n, dtype=torch.float32)
+            wire = self._lease(n, self.dtype, "wire", leases)
+        layout.pack([t.detach().float() for t in tensors], master)
+        if wire is not master:
+            wire.copy_(master)
+        grad = self._lease(n, self.dtype, "grad", leases)
+        grad.zero_()
+        rec = BlockRecord(
+            index=index,
+            name=name,
+            layout=layout,
+            master=master,
+            exp_avg=torch.zeros(n, dtype=torch.float32),
+            exp_avg_sq=torch.zeros(n, dtype=torch.float32),
+            wire=wire,
+            grad=grad,
+            step=torch.zeros((), dtype=torch.float32),
+            leases=leases,
+        )
+        for k, slot in enumerate(layout.params):
+            for nm in slot.names:
+                self.names[prefix + nm] = (rec, k)
+        return rec
+
+    def _install(
+        self,
+        model: nn.Module,
+        stack: BlockStack,
+        layout: FlatLayout,
+        resident: list[tuple[tuple[str, ...], nn.Parameter]],
+    ) -> None:
+        dev = self.device.torch
+        diffs = build.attr_differences(stack.blocks)
+        template = stack.blocks[0]
+        bindings = build.make_template(template, layout, dev)
+        overrides = [[(template.get_submodule(m) if m else template, a, v) for m, a, v in d] for d in diffs]
+        self.executor = Executor(
+            self.device,
+            self.blocks,
+            template,
+            bindings,
+            overrides,
+            self.dtype,
+            self.cfg.slots,
+            self.tracer,
+            self.check_update,
+        )
+        proxies = [BlockProxy(self.executor, i, build.proxy_attrs(b)) for i, b in enumerate(stack.blocks)]
+        setattr(stack.owner, stack.attr, nn.ModuleList(proxies))
+        if self.resident is not None:
+            self.resident_flat = torch.zeros(self.resident.numel, dtype=self.dtype, device=dev)
+            views = self.resident.layout.views(self.resident_flat)
+            self.resident_params = [resident[slot.source][1] for slot in self.resident.layout.params]
+            for p, v in zip(self.resident_params, views):
+                p.data = v  # the model's own parameter now lives in the resident device buffer
+            owners = {
+                id(m): m
+                for m in model.modules()
+                if any(
+                    id(q) in {id(p) for p in self.resident_params}
+                    for q in m._parameters.values()
+                    if q is not None
+                )
+            }
+            for m in owners.values():
+                m.register_forward_pre_hook(lambda *_: self.ensure_resident())
+        model.to(dev)  # buffers; parameters are already in place
+
+    # ---- residents -----------------------------------------------------------------------------
+
+    def ensure_resident(self) -> None:
+        rec = self.resident
+        if rec is None or (self.resident_version == rec.version and rec.updated.is_set()):
+            return
+        rec.updated.wait()  # host wait: the pipelined update of the resident record
+        self.check_update()
+        assert self.resident_flat is not None
+        # Copied on the compute stream, so the kernels that read the parameters are ordered after it.
+        self.resident_flat.copy_(rec.wire, non_blocking=True)
+        self.resident_version = rec.version
+        # Warm the pipeline: the first blocks' weights start copying while the prologue computes.
+        self.executor.prefetch(0)
+
+    def gather_resident_grads(self) -> None:
+        rec = self.resident
+        if rec is None:
+            return
+        grads = [p.grad for p in self.resident_params]
+        if all(g is None for g in grads):
+            return
+        staging = torch.zeros(rec.numel, dtype=self.dtype, device=self.device.torch)
+        pairs = [(v, g) for v, g in zip(rec.layout.views(staging), grads) if g is not None]
+        torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
+        rec.grad.copy_(staging)  # synchronous: small, and needed before the update starts
+        rec.grad_count, rec.folded = 1, False
+
+    def zero_resident_grads(self) -> None:
+        for p in self.resident_params:
+            p.grad = None
+
+    def records(self) -> list[BlockRecord]:
+        """Every record in the order the next forward needs them."""
+        return ([self.resident] if self.resident is not None else []) + self.blocks
+
+    # ---- optimizer worker ----------------------------------------------------------------------
+
+    def wait_updates(self) -> None:
+        self.updater.wait_all()
+
+    def check_update(self) -> None:
+        self.updater.check()

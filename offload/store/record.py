@@ -1,0 +1,94 @@
+"""BlockRecord: everything the store keeps for one block (or for the resident parameters)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from offload.model.layout import FlatLayout
+
+
+@dataclass(slots=True, eq=False)
+class BlockRecord:
+    index: int  # block index; -1 for the resident parameters
+    name: str
+    layout: FlatLayout
+    master: torch.Tensor  # fp32, flat: the model's weights
+    exp_avg: torch.Tensor  # Adam m, fp32
+    exp_avg_sq: torch.Tensor  # Adam v, fp32
+    wire: torch.Tensor  # compute dtype, pinned: what is copied to the device (aliases master in fp32)
+    grad: torch.Tensor  # compute dtype, pinned: where the device's gradients land
+    step: torch.Tensor  # Adam step count (a float tensor, as torch's fused kernel wants)
+    grad_acc: torch.Tensor | None = None  # fp32 sum over micro-batches, made when accumulating
+    grad_count: int = 0  # backward passes since zero_grad()
+    folded: bool = False  # grad_acc already holds the last micro-batch too
+    queued: bool = False  # its update for this step was queued during backward
+    version: int = 0  # bumped by every optimizer update
+    # Set while no optimizer update of this record is pending; uploads wait on it.
+    updated: threading.Event = field(default_factory=threading.Event)
+    d2h_done: Any = None  # device event: the last gradient copy to host has landed
+    leases: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.updated.set()
+
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+    def state_bytes(self) -> int:
+        tensors = [self.master, self.exp_avg, self.exp_avg_sq, self.grad]
+        if self.wire.data_ptr() != self.master.data_ptr():
+            tensors.append(self.wire)
+        if self.grad_acc is not None:
+            tensors.append(self.grad_acc)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def zero_grad(self) -> None:
+        self.grad_count = 0
+        self.folded = False
+
+    def fold_grad(self) -> None:
+        """Before another micro-batch's gradient overwrites ``grad``: add it into the fp32 sum.
+
+        The caller has made sure the previous device-to-host copy into ``grad`` has landed.
+        Additions happen in the same order as autograd's accumulation into ``.grad``, so fp32
+        results equal plain PyTorch bit for bit.
+        """
+        if self.grad_count == 0:
+            return
+        if self.folded:  # backward after step() without zero_grad(): keep summing onto grad_acc
+            self.folded = False
+            return
+        if self.grad_acc is None:
+            self.grad_acc = torch.empty(self.numel, dtype=torch.float32)
+        if self.grad_count == 1:
+            self.grad_acc.copy_(self.grad)
+        else:
+            self.grad_acc.add_(self.grad)
+
+    def take_grad(self) -> Callable[[], torch.Tensor] | None:
+        """Decides now, for optimizer.step(), which fp32 gradient this record's update will use,
+        and returns a function that produces it (run later by the optimizer's worker, after a
+        zero_grad() may already have reset the counters). None when there was no backward."""
+        if self.grad_count == 0:
+            return None
+        grad = self.grad
+        if self.grad_count == 1 and not self.folded:
+            return lambda: grad if grad.dtype == torch.float32 else grad.float()
+        acc = self.grad_acc
+        assert acc is not None
+        pending = [not self.folded]  # the last micro-batch is still to be added, once
+        self.folded = True  # a second step() without zero_grad() must not add it twice
+
+        def summed() -> torch.Tensor:
+            if pending[0]:
+                acc.add_(grad)
+                pending[0] = False
+            return acc
+
+        return summed

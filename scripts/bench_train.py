@@ -1,0 +1,216 @@
+"""Training throughput, side by side on one machine: offload vs DeepSpeed ZeRO-3 CPU offload vs
+everything on the GPU, same Llama shape, same batch (default 4 x 2048 tokens).
+
+    python scripts/bench_train.py --size 3b --systems offload,gpu,deepspeed --out results.json
+
+offload runs in this process; the baselines run as subprocesses of the scripts in
+../shared/baselines (copied to .bench/ for the GPU machine, see its README), each in its own
+process so host and device memory are measured separately. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {  # hidden, intermediate, layers, heads (the baselines' shapes)
+    "tiny": (256, 688, 4, 8),
+    "1b": (2048, 5504, 24, 16),
+    "3b": (3200, 8640, 26, 32),
+    "7b": (4096, 11008, 32, 32),
+    "13b": (5120, 13824, 40, 40),
+}
+
+
+def llama_config(size: str, seq: int):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    h, inter, layers, heads = SHAPES[size]
+    return LlamaConfig(
+        hidden_size=h,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=32000,
+        max_position_embeddings=seq,
+    )
+
+
+def run_offload(a: argparse.Namespace) -> dict:
+    import psutil
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import offload
+
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(a.size, a.seq))
+    nparams = sum(p.numel() for p in model.parameters())
+    model, opt = offload.wrap(
+        model,
+        init="random",
+        device="cuda",
+        dtype="bfloat16",
+        slots=a.slots,
+        optimizer={"lr": 1e-5, "overlap_backward": a.overlap},
+        trace=a.trace,
+    )
+    init_s = time.perf_counter() - t0
+    print(f"offload: {nparams / 1e9:.2f}B params, init {init_s:.1f}s", flush=True)
+    x = torch.randint(0, 32000, (a.batch, a.seq), device="cuda")
+    times, losses = [], []
+    for s in range(a.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())  # syncs the device; the optimizer's updates run on
+        times.append(time.perf_counter() - t)
+        print(f"step {s} {times[-1]:.3f}s loss {losses[-1]:.3f}", flush=True)
+    rt = model.runtime
+    rt.wait_updates()
+    steady = times[2:] if len(times) > 3 else times[1:]
+    step_s = sorted(steady)[len(steady) // 2]
+    tokens = a.batch * a.seq
+    state = sum(r.state_bytes() for r in rt.records())
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = dict(
+        system="offload",
+        size=a.size,
+        params_B=nparams / 1e9,
+        tokens_per_step=tokens,
+        step_s=step_s,
+        tokens_s=tokens / step_s,
+        TFLOPs=8 * nparams * tokens / step_s / 1e12,
+        steps=times,
+        losses=losses,
+        init_s=init_s,
+        peak_gpu_GiB=torch.cuda.max_memory_allocated() / 2**30,
+        rss_GiB=psutil.Process().memory_info().rss / 2**30,
+        rss_peak_GiB=rss_peak / 2**30,
+        state_GiB=state / 2**30,
+        rss_over_state=rss_peak / state,
+        pool=rt.pool.stats().table(),
+    )
+    if a.trace:
+        busy = rt.tracer.summary()
+        span = max(e["ts"] + e["dur"] for e in rt.tracer.events()) - min(e["ts"] for e in rt.tracer.events())
+        out["trace"] = {
+            "path": rt.tracer.write(),
+            "busy_s": busy,
+            "span_s": span / 1e6,
+            "gpu_busy_fraction": busy.get("compute", 0) / (span / 1e6),
+        }
+    return out
+
+
+def run_baseline(script: str, args: list[str], outname: str, env: dict) -> dict:
+    path = ROOT / ".bench" / script
+    if not path.exists():
+        return {
+            "error": f"{path} missing: copy ../shared/baselines/*.py to .bench/ (see scripts/bench_train.py)"
+        }
+    outdir = Path(os.environ.get("OUT", "/tmp"))
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(path), *args], env=env, capture_output=True, text=True, timeout=560
+    )
+    print(proc.stdout[-1500:], proc.stderr[-1500:], flush=True)
+    f = outdir / outname
+    if proc.returncode != 0 or not f.exists():
+        return {"error": f"exit {proc.returncode}", "tail": (proc.stdout + proc.stderr)[-800:]}
+    r = json.loads(f.read_text())
+    r["wall_s"] = time.perf_counter() - t
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="3b", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--slots", type=int, default=2)
+    ap.add_argument(
+        "--overlap", type=int, default=1, help="update blocks during backward (1) or at step() (0)"
+    )
+    ap.add_argument("--systems", default="offload,gpu,deepspeed")
+    ap.add_argument("--trace", default=None, help="Chrome-trace JSON path for the offload run")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    systems = a.systems.split(",")
+    results: dict[str, dict] = {}
+    env = dict(os.environ)
+    if "gpu" in systems:
+        results["gpu"] = run_baseline(
+            "gpu_baseline.py",
+            ["--size", a.size, "--mb", str(a.batch), "--seq", str(a.seq)],
+            f"gpu_{a.size}.json",
+            env,
+        )
+    if "deepspeed" in systems:
+        results["deepspeed"] = run_baseline(
+            "ds_baseline.py",
+            ["--size", a.size, "--offload", "cpu", "--steps", "4", "--mb", str(a.batch), "--seq", str(a.seq)],
+            f"ds_{a.size}_cpu_None.json",
+            env,
+        )
+    if "offload" in systems:
+        results["offload"] = run_offload(a)
+    import torch
+
+    report = {
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0),
+        "host": platform.node(),
+        "size": a.size,
+        "batch": a.batch,
+        "seq": a.seq,
+        "results": results,
+        "ratios": {},
+    }
+    ours = results.get("offload", {}).get("tokens_s")
+    for name in ("gpu", "deepspeed"):
+        theirs = results.get(name, {}).get("tokens_s")
+        if ours and theirs:
+            report["ratios"][f"offload/{name}"] = ours / theirs
+    print(f"\n{'system':<10} {'step s':>8} {'tokens/s':>10} {'TFLOPS':>8} {'host GiB':>9} {'GPU GiB':>8}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<10} {r['error']}")
+            continue
+        host = r.get("rss_peak_GiB", r.get("rss_GiB", float("nan")))
+        print(
+            f"{name:<10} {r['step_s']:>8.3f} {r['tokens_s']:>10,.0f} {r['TFLOPs']:>8.1f} {host:>9.1f} "
+            f"{r['peak_gpu_GiB']:>8.1f}"
+        )
+    for k, v in report["ratios"].items():
+        print(f"{k}: {v:.2f}x")
+    out = a.out or str(
+        ROOT
+        / "benchmarks"
+        / "results"
+        / f"train_{a.size}_{report['date']}_{report['device'].replace(' ', '-')}.json"
+    )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1, default=str))
+    print("written", out)
+
+
+if __name__ == "__main__":
+    main()

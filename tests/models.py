@@ -1,0 +1,103 @@
+"""Tiny Hugging Face models for tests, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 96
+
+
+def tiny(family: str, layers: int = 3, seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, max_position_embeddings=64)
+    if family == "llama":
+        cfg = LlamaConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
+        model = LlamaForCausalLM(cfg)
+    elif family == "mistral":
+        cfg = MistralConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=8,
+            **common,
+        )
+        model = MistralForCausalLM(cfg)
+    elif family == "qwen2":
+        cfg = Qwen2Config(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            **common,
+        )
+        model = Qwen2ForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = GPT2Config(
+            n_embd=48,
+            n_layer=layers,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=64,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+        )
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(family)
+    return model.float()
+
+
+def batches(n: int, batch: int = 2, seq: int = 16, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(n)]
+
+
+class Block(torch.nn.Module):
+    """A block with little compute per byte of weights: a missing wait shows up as wrong numbers."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.lin = torch.nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.lin(self.norm(x)))
+
+
+class Stack(torch.nn.Module):
+    """A plain model (no Hugging Face): input projection, identical blocks, head, MSE loss."""
+
+    def __init__(self, d: int = 32, layers: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = torch.nn.Linear(8, d)
+        self.layers = torch.nn.ModuleList(Block(d) for _ in range(layers))
+        self.head = torch.nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for layer in self.layers:
+            h = layer(h)
+        return torch.nn.functional.mse_loss(self.head(h).squeeze(-1), y)

@@ -1,0 +1,192 @@
+"""offload.wrap beyond the Hugging Face families: plain models, errors, meta init, param groups,
+LR schedulers and frozen parameters (float32 on the CPU, compared bitwise with fused AdamW)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import Qwen2ForCausalLM
+
+import offload
+from offload.model import UnsupportedModelError
+from tests.models import Stack, batches, tiny
+
+
+def stack_data(n: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(4, 8, generator=g), torch.randn(4, generator=g)) for _ in range(n)]
+
+
+def run(model, opt, data, sched=None) -> list[float]:
+    out = []
+    for x, y in data:
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+        out.append(loss.item())
+    return out
+
+
+def test_plain_module_list_model_matches() -> None:
+    ref = Stack()
+    ours, opt = offload.wrap(copy.deepcopy(ref), device="cpu", dtype="float32", optimizer={"lr": 1e-2})
+    assert run(ours, opt, stack_data()) == run(
+        ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0, fused=True), stack_data()
+    )
+    state = offload.state_dict(ours)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+
+def test_param_groups_and_lr_scheduler_match() -> None:
+    ref = Stack()
+    ours, opt = offload.wrap(
+        copy.deepcopy(ref),
+        device="cpu",
+        dtype="float32",
+        optimizer={"lr": 1e-2, "weight_decay": 0.1},
+        param_groups=[{"params": ["*norm*", "*.bias"], "weight_decay": 0.0}],
+    )
+    decay = [p for n, p in ref.named_parameters() if "norm" not in n and not n.endswith(".bias")]
+    no_decay = [p for n, p in ref.named_parameters() if "norm" in n or n.endswith(".bias")]
+    ropt = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1, fused=True
+    )
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["weight_decay"] == 0.0
+
+    def lam(step: int) -> float:
+        return 1.0 / (1 + step)
+
+    expect = run(ref, ropt, stack_data(), torch.optim.lr_scheduler.LambdaLR(ropt, lam))
+    got = run(ours, opt, stack_data(), torch.optim.lr_scheduler.LambdaLR(opt, lam))
+    assert got == expect
+    assert opt.param_groups[0]["lr"] == ropt.param_groups[0]["lr"]
+    state = offload.state_dict(ours)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+
+def test_frozen_parameters_are_not_updated() -> None:
+    ref = tiny("llama")
+    ref.model.embed_tokens.weight.requires_grad_(False)
+    ours, opt = offload.wrap(copy.deepcopy(ref), device="cpu", dtype="float32", optimizer={"lr": 1e-4})
+    ropt = torch.optim.AdamW(
+        [p for p in ref.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0, fused=True
+    )
+    for ids in batches(3):
+        for m, o in ((ref, ropt), (ours, opt)):
+            m(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+            o.zero_grad()
+    state = offload.state_dict(ours)
+    assert torch.equal(state["model.embed_tokens.weight"], ref.model.embed_tokens.weight)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+
+def test_meta_model_with_random_init_trains_and_keeps_ties() -> None:
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(tiny("qwen2").config)
+    ours, opt = offload.wrap(model, device="cpu", dtype="float32", init="random")
+    inner = ours.module
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight
+    losses = []
+    for ids in batches(4):
+        loss = ours(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    w = offload.state_dict(ours)["model.layers.1.mlp.up_proj.weight"]
+    assert 0.015 < float(w.std()) < 0.025  # initializer_range 0.02
+
+
+def test_meta_model_without_init_is_refused() -> None:
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(tiny("qwen2").config)
+    with pytest.raises(ValueError, match=r"meta device.*init='random'"):
+        offload.wrap(model, device="cpu")
+
+
+def test_unsupported_model_names_what_was_looked_for() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    with pytest.raises(UnsupportedModelError) as info:
+        offload.wrap(model, device="cpu")
+    msg = str(info.value)
+    assert "ModuleList of at least two identical blocks" in msg and "blocks='path.to.modulelist'" in msg
+
+
+def test_explicit_block_path() -> None:
+    ref = Stack()
+    ours, _ = offload.wrap(copy.deepcopy(ref), device="cpu", dtype="float32", blocks="layers")
+    assert len(ours.module.layers) == 4
+    with pytest.raises(UnsupportedModelError, match=r"no submodule 'nope'"):
+        offload.wrap(Stack(), device="cpu", blocks="nope")
+    with pytest.raises(UnsupportedModelError, match=r"not a non-empty torch.nn.ModuleList"):
+        offload.wrap(Stack(), device="cpu", blocks="head")
+
+
+def test_mismatched_blocks_are_refused() -> None:
+    model = Stack()
+    model.layers[2] = nn.Linear(32, 32)
+    with pytest.raises(UnsupportedModelError):
+        offload.wrap(model, device="cpu", blocks="layers")
+
+
+def test_bad_param_group_and_config_errors() -> None:
+    with pytest.raises(ValueError, match=r"matched no parameters"):
+        offload.wrap(Stack(), device="cpu", param_groups=[{"params": "*nothing*", "lr": 1.0}])
+    with pytest.raises(ValueError, match=r"unknown options"):
+        offload.wrap(Stack(), device="cpu", param_groups=[{"params": "*", "momentum": 0.9}])
+    with pytest.raises(ValueError, match=r"optimizer.bogus"):
+        offload.wrap(Stack(), device="cpu", optimizer={"bogus": 1})
+
+
+def test_optimizer_state_dict_points_to_offload_save() -> None:
+    _, opt = offload.wrap(Stack(), device="cpu")
+    with pytest.raises(NotImplementedError, match=r"offload.save"):
+        opt.state_dict()
+
+
+def test_step_without_backward_changes_nothing() -> None:
+    ref = Stack()
+    ours, opt = offload.wrap(copy.deepcopy(ref), device="cpu", dtype="float32")
+    opt.step()
+    state = offload.state_dict(ours)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+
+def test_overlap_backward_gives_the_same_training() -> None:
+    ref = tiny("llama")
+    plain, popt = offload.wrap(copy.deepcopy(ref), device="cpu", dtype="float32", optimizer={"lr": 1e-3})
+    eager, eopt = offload.wrap(
+        copy.deepcopy(ref), device="cpu", dtype="float32", optimizer={"lr": 1e-3, "overlap_backward": True}
+    )
+    for ids in batches(4):
+        for m, o in ((plain, popt), (eager, eopt)):
+            m(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+            o.zero_grad()
+    a, b = offload.state_dict(plain), offload.state_dict(eager)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_overlap_backward_refuses_accumulation_and_clipping() -> None:
+    model, _ = offload.wrap(
+        tiny("llama"), device="cpu", dtype="float32", optimizer={"overlap_backward": True}
+    )
+    ids = batches(1)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match=r"backward\(\) ran again before optimizer.step\(\)"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(ValueError, match=r"overlap_backward.*max_grad_norm"):
+        offload.wrap(tiny("llama"), device="cpu", optimizer={"overlap_backward": True, "max_grad_norm": 1.0})
