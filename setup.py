@@ -16,7 +16,7 @@ ext = Pybind11Extension(
     SOURCES,
     include_dirs=["csrc"],
     cxx_std=17,
-    extra_compile_args=["-O3", "-Wall", "-Wextra", "-fvisibility=hidden"],
+    extra_compile_args=["-O3", "-Wall", "-Wextra", "-fvisibility=hidden", "-fno-math-errno"],
     extra_link_args=["-pthread"],
 )
 

@@ -6,6 +6,7 @@
 
 #include <cerrno>
 
+#include "core/adamw.h"
 #include "core/arena.h"
 #include "core/engine.h"
 #include "core/errors.h"
@@ -128,4 +129,18 @@ PYBIND11_MODULE(_C, m) {
       .def("close", &Arena::close, Release())
       .def("page_nodes", &Arena::page_nodes, py::arg("max_pages") = 64, Release())
       .def("policy", &Arena::policy, Release());
+
+  m.def(
+      "adamw_step",
+      [](uintptr_t param, uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t grad, bool grad_is_bf16, uintptr_t wire,
+         int64_t n, double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
+         float grad_scale, int threads) {
+        const AdamWParams p{lr, beta1, beta2, eps, weight_decay, step, grad_scale};
+        adamw_step(reinterpret_cast<float*>(param), reinterpret_cast<float*>(exp_avg),
+                   reinterpret_cast<float*>(exp_avg_sq), reinterpret_cast<const void*>(grad),
+                   grad_is_bf16 ? GradDtype::BF16 : GradDtype::F32, reinterpret_cast<uint16_t*>(wire), n, p, threads);
+      },
+      py::arg("param_ptr"), py::arg("exp_avg_ptr"), py::arg("exp_avg_sq_ptr"), py::arg("grad_ptr"),
+      py::arg("grad_is_bf16"), py::arg("wire_ptr"), py::arg("n"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+      py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("grad_scale"), py::arg("threads"), Release());
 }

@@ -96,7 +96,9 @@ def state_dict(model: OffloadedModel) -> dict[str, torch.Tensor]:
     params: dict[str, torch.Tensor] = {}
     for name, (rec, k) in rt.names.items():
         slot = rec.layout.params[k]
-        params[name] = rec.master[slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
+        params[name] = (
+            rec.master[slot.offset : slot.offset + slot.numel].view(slot.shape).to("cpu", copy=True)
+        )
     buffers = dict(model.module.named_buffers())
     template = rt.executor.template
     block_buffers = dict(template.named_buffers())

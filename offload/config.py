@@ -355,6 +355,9 @@ class OptimizerConfig:
     than at optimizer.step(). Every backward() then ends a step: no gradient accumulation, and
     no clipping (the norm is known only after the whole backward). Faster when the CPU optimizer
     takes longer than the forward pass."""
+    threads: int | None = None
+    """CPU threads of the optimizer's kernel; None: all cores but two (left to the threads that
+    launch device work and run autograd)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -367,6 +370,8 @@ class OptimizerConfig:
             )
         if self.lr < 0:
             raise ConfigError("lr", self.lr, "must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads", self.threads, "must be >= 1, or null for all cores but two")
         for i, beta in enumerate(self.betas):
             if not 0.0 <= beta < 1.0:
                 raise ConfigError(f"betas[{i}]", beta, "must be in [0, 1)")
@@ -390,9 +395,16 @@ class PlacementConfig:
     """Gradients, as they come off the GPU."""
     activations: Tier = Tier.GPU
     """Block-boundary hidden states kept for the backward pass."""
+    device_blocks: int = 0
+    """How many of the first blocks keep all their state (weights, master, Adam m and v,
+    gradients) on the compute device instead of streaming: spare device memory as the fastest
+    tier. Their updates run on the device during backward, so the CPU optimizer has fewer blocks
+    to update and the next forward starts without waiting for it. 0: every block streams."""
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.device_blocks < 0:
+            raise ConfigError("device_blocks", self.device_blocks, "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)

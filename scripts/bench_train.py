@@ -65,7 +65,8 @@ def run_offload(a: argparse.Namespace) -> dict:
         device="cuda",
         dtype="bfloat16",
         slots=a.slots,
-        optimizer={"lr": 1e-5, "overlap_backward": a.overlap},
+        placement={"device_blocks": a.device_blocks},
+        optimizer={"lr": 1e-5, "overlap_backward": bool(a.overlap), "threads": a.adam_threads},
         trace=a.trace,
     )
     init_s = time.perf_counter() - t0
@@ -91,6 +92,7 @@ def run_offload(a: argparse.Namespace) -> dict:
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = dict(
         system="offload",
+        device_blocks=a.device_blocks,
         size=a.size,
         params_B=nparams / 1e9,
         tokens_per_step=tokens,
@@ -149,6 +151,10 @@ def main() -> None:
     ap.add_argument(
         "--overlap", type=int, default=1, help="update blocks during backward (1) or at step() (0)"
     )
+    ap.add_argument(
+        "--adam-threads", type=int, default=None, help="CPU optimizer threads (default: cores - 2)"
+    )
+    ap.add_argument("--device-blocks", type=int, default=0, help="blocks whose state stays on the GPU")
     ap.add_argument("--systems", default="offload,gpu,deepspeed")
     ap.add_argument("--trace", default=None, help="Chrome-trace JSON path for the offload run")
     ap.add_argument("--out", default=None)

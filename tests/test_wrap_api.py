@@ -190,3 +190,87 @@ def test_overlap_backward_refuses_accumulation_and_clipping() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
     with pytest.raises(ValueError, match=r"overlap_backward.*max_grad_norm"):
         offload.wrap(tiny("llama"), device="cpu", optimizer={"overlap_backward": True, "max_grad_norm": 1.0})
+
+
+def test_bf16_one_pass_update_matches_torch_on_upcast_gradients() -> None:
+    """bf16 wires update through the fused C++ kernel (bf16 gradient in, bf16 wire out); it must
+    give what torch's fused AdamW gives on the same gradients upcast, and a wire equal to the
+    master rounded to bf16."""
+    ref = Stack()
+    model, opt = offload.wrap(copy.deepcopy(ref), device="cpu", dtype="bfloat16", optimizer={"lr": 1e-2})
+    x, y = stack_data(1)[0]
+    model(x.bfloat16(), y.bfloat16()).backward()
+    rt = model.runtime
+    rt.executor.finish_backward()
+    before = [(r.master.clone(), r.grad.float().clone()) for r in rt.blocks]
+    opt.step()
+    rt.wait_updates()
+    for rec, (master, grad) in zip(rt.blocks, before):
+        m, v = torch.zeros_like(master), torch.zeros_like(master)
+        torch._fused_adamw_(
+            [master],
+            [grad],
+            [m],
+            [v],
+            [],
+            [torch.ones(())],
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=0.0,
+            eps=1e-8,
+            amsgrad=False,
+            maximize=False,
+        )
+        torch.testing.assert_close(rec.master, master, rtol=1e-6, atol=0)
+        assert torch.equal(rec.wire, rec.master.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_device_blocks_give_the_same_training(overlap: bool) -> None:
+    """Blocks whose state stays on the compute device (here the CPU) follow the same
+    mathematics as streamed ones: bitwise equal to fused AdamW in float32."""
+    ref = tiny("llama", layers=4)
+    ours, opt = offload.wrap(
+        copy.deepcopy(ref),
+        device="cpu",
+        dtype="float32",
+        placement={"device_blocks": 2},
+        optimizer={"lr": 1e-3, "overlap_backward": overlap},
+    )
+    assert [r.on_device for r in ours.runtime.blocks] == [True, True, False, False]
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+    for ids in batches(4):
+        for m, o in ((ref, ropt), (ours, opt)):
+            m(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+            o.zero_grad()
+    state = offload.state_dict(ours)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+
+def test_device_blocks_with_accumulation_and_clipping() -> None:
+    ref = tiny("qwen2", layers=4)
+    ours, opt = offload.wrap(
+        copy.deepcopy(ref),
+        device="cpu",
+        dtype="float32",
+        placement={"device_blocks": 3},
+        optimizer={"lr": 1e-3, "max_grad_norm": 0.5},
+    )
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+    data = batches(6)
+    for step in range(3):
+        for micro in range(2):
+            ids = data[2 * step + micro]
+            ref(input_ids=ids, labels=ids).loss.backward()
+            ours(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        ropt.step()
+        ropt.zero_grad()
+        opt.step()
+        opt.zero_grad()
+    state = offload.state_dict(ours)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(state[k], v), k

@@ -46,6 +46,10 @@ class Executor:
         self.check_update = check_update  # raises if the optimizer's worker failed
         layout = blocks[0].layout
         self.slots = WeightSlots(device, layout, dtype, slots)
+        # Streamed blocks take the slots in turn; blocks kept on the device use their own buffers.
+        self.streamed = [r.index for r in blocks if not r.on_device]
+        self.slot_of = {index: k % slots for k, index in enumerate(self.streamed)}
+        self.device_views = {r.index: layout.views(r.wire) for r in blocks if r.on_device}
         # Gradient staging on the device, double-buffered so one block's copy to host overlaps
         # the next block's backward. Padding stays zero, so norms and updates never see it.
         self.staging = [torch.zeros(layout.numel, dtype=dtype, device=device.torch) for _ in range(2)]
@@ -62,10 +66,13 @@ class Executor:
 
     # ---- weights -------------------------------------------------------------------------------
 
-    def upload(self, index: int) -> int:
-        """Makes sure block index's current weights are in (or on their way to) its slot."""
+    def upload(self, index: int) -> int | None:
+        """Makes sure block index's current weights are in (or on their way to) its slot; None
+        for a block kept on the device, which needs no copy."""
         rec = self.blocks[index]
-        s = self.slots.slot_of(index)
+        if rec.on_device:
+            return None
+        s = self.slot_of[index]
         if self.slots.holds[s] == (index, rec.version) and rec.updated.is_set():
             return s
         # Host wait: the pipelined optimizer update of this block must be finished before its
@@ -74,28 +81,37 @@ class Executor:
             rec.updated.wait()
         self.check_update()
         dev = self.device
-        with dev.stream(dev.h2d), self.tracer.device_span("h2d", dev.h2d, block=index):
+        with dev.stream(dev.h2d):
             # The slot's previous block may still be computing: wait for its compute to finish.
             dev.wait(dev.h2d, self.slots.free[s])
-            self.slots.buffers[s].copy_(rec.wire, non_blocking=True)
+            with self.tracer.device_span("h2d", dev.h2d, block=index):
+                self.slots.buffers[s].copy_(rec.wire, non_blocking=True)
             self.slots.ready[s] = dev.event(dev.h2d)
         self.slots.holds[s] = (index, rec.version)
         return s
 
-    def acquire(self, index: int) -> int:
-        """Slot of block index, with the compute stream ordered after its upload."""
+    def acquire(self, index: int) -> tuple[int | None, list[torch.Tensor]]:
+        """Slot of block index (None if kept on the device) and the views its weights are in,
+        with the compute stream ordered after their upload."""
         s = self.upload(index)
+        if s is None:
+            return None, self.device_views[index]
         # Compute must not read the slot before the copy into it has landed.
         self.device.wait(self.device.compute_stream(), self.slots.ready[s])
-        return s
+        return s, self.slots.views[s]
 
-    def release(self, s: int) -> None:
+    def release(self, s: int | None) -> None:
         # The next upload into this slot waits for this event: the compute reading it is done.
-        self.slots.free[s] = self.device.event(self.device.compute_stream())
+        if s is not None:
+            self.slots.free[s] = self.device.event(self.device.compute_stream())
 
-    def prefetch(self, index: int) -> None:
-        if 0 <= index < len(self.blocks):
-            self.upload(index)
+    def prefetch(self, index: int, step: int = 1) -> None:
+        """Starts the upload of the next streamed block from index on, going in direction step."""
+        while 0 <= index < len(self.blocks):
+            if not self.blocks[index].on_device:
+                self.upload(index)
+                return
+            index += step
 
     def bind(self, tensors: list[torch.Tensor], index: int) -> None:
         for tensor, targets in zip(tensors, self.bindings):
@@ -107,8 +123,8 @@ class Executor:
     # ---- forward -------------------------------------------------------------------------------
 
     def forward_block(self, index: int, args: tuple, kwargs: dict) -> Any:
-        s = self.acquire(index)
-        self.bind(self.slots.views[s], index)
+        s, views = self.acquire(index)
+        self.bind(views, index)
         with self.tracer.device_span("forward", self.device.compute_stream(), block=index):
             out = self.template(*args, **kwargs)
         self.release(s)
@@ -127,8 +143,8 @@ class Executor:
         """Recomputes block index with autograd (``run`` calls the template on the detached
         inputs and returns the output leaves, which pair with grad_outputs) and returns the
         gradients of ``inputs``; the weight gradients go to host."""
-        s = self.acquire(index)
-        leaves = [v.detach().requires_grad_(True) for v in self.slots.views[s]]
+        s, views = self.acquire(index)
+        leaves = [v.detach().requires_grad_(True) for v in views]
         self.bind(leaves, index)
         stream = self.device.compute_stream()
         with self.tracer.device_span("recompute+backward", stream, block=index):
@@ -143,13 +159,16 @@ class Executor:
                 [o for o, _ in pairs], leaves + inputs, [g for _, g in pairs], allow_unused=True
             )
         self.release(s)
-        self.prefetch(index - 1)
+        self.prefetch(index - 1, step=-1)
         self.send_grad(index, list(grads[: len(leaves)]))
         return list(grads[len(leaves) :])
 
     def send_grad(self, index: int, grads: list[torch.Tensor | None]) -> None:
         """Copies block index's weight gradients into a staging buffer and from there to host."""
         rec = self.blocks[index]
+        if rec.on_device:
+            self._keep_grad(rec, grads)
+            return
         dev = self.device
         if rec.grad_count >= 1:
             # Another micro-batch: the previous copy into rec.grad must land before it is folded
@@ -169,12 +188,27 @@ class Executor:
         torch._foreach_copy_([v for v, _ in pairs], [x for _, x in pairs])
         self.norm_sq[index] = torch.linalg.vector_norm(self.staging[g], dtype=torch.float32).square()
         ready = dev.event(compute)
-        with dev.stream(dev.d2h), self.tracer.device_span("d2h", dev.d2h, block=index):
+        with dev.stream(dev.d2h):
             # The copy to host must not start before the gradients are in the staging buffer.
             dev.wait(dev.d2h, ready)
-            rec.grad.copy_(self.staging[g], non_blocking=True)
+            with self.tracer.device_span("d2h", dev.d2h, block=index):
+                rec.grad.copy_(self.staging[g], non_blocking=True)
             rec.d2h_done = dev.event(dev.d2h)
         self.staging_free[g] = rec.d2h_done
+        rec.grad_count += 1
+        if self.on_grad is not None:
+            self.on_grad(rec)
+
+    def _keep_grad(self, rec: BlockRecord, grads: list[torch.Tensor | None]) -> None:
+        """A block kept on the device: its gradient goes straight into its record."""
+        rec.fold_grad()  # a no-op unless a previous micro-batch's gradient is there
+        views = rec.layout.views(rec.grad)
+        pairs = [(v, x) for v, x in zip(views, grads) if x is not None]
+        for v, x in zip(views, grads):
+            if x is None:
+                v.zero_()
+        torch._foreach_copy_([v for v, _ in pairs], [x for _, x in pairs])
+        self.norm_sq[rec.index] = torch.linalg.vector_norm(rec.grad, dtype=torch.float32).square()
         rec.grad_count += 1
         if self.on_grad is not None:
             self.on_grad(rec)

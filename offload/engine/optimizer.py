@@ -9,11 +9,13 @@ LR schedulers drive it: each param group's lr, betas, eps and weight_decay are r
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from offload.engine.cpu_adam import fused_adamw_
 from offload.engine.runtime import Runtime
 from offload.store.record import BlockRecord
 
@@ -40,6 +42,9 @@ class OffloadAdamW(torch.optim.Optimizer):
                 )
         super().__init__(groups, defaults)
         self.last_grad_norm: float | None = None
+        # Leave cores to the threads that launch device work and run autograd: a starved launch
+        # thread idles the GPU.
+        self.threads = opt.threads or max(1, (os.cpu_count() or 2) - 2)
         if self.overlap_backward:
             runtime.executor.on_grad = self._on_block_grad
 
@@ -53,8 +58,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         work = [(rec, rec.take_grad()) for rec in rt.records() if not rec.queued]
         coef = self._clip_coef(work)
         hparams = self._hparams()
+        rt.updater.reorder()  # what backward queued and has not run yet: in forward order now
         for rec, grad_fn in work:
-            rt.updater.submit(rec, self._update(rec, grad_fn, coef, hparams))
+            self._schedule(rec, self._update(rec, grad_fn, coef, hparams))
         for rec in rt.records():
             rec.queued = False
         return loss
@@ -69,12 +75,24 @@ class OffloadAdamW(torch.optim.Optimizer):
         rec.queued = True
         event = rec.d2h_done
         update = self._update(rec, rec.take_grad(), None, self._hparams())
+        if rec.on_device:
+            self._schedule(rec, update)
+            return
 
         def after_copy() -> bool:
             self.runtime.device.sync_event(event)  # the gradient must have landed on the host
             return update()
 
-        self.runtime.updater.submit(rec, after_copy)
+        self.runtime.updater.submit(rec, after_copy, fifo=True)
+
+    def _schedule(self, rec: BlockRecord, update: Callable[[], bool]) -> None:
+        """Host records go to the worker thread. A record kept on the device is updated now by
+        kernels on the compute stream, which orders them after its backward and before its next
+        forward: nothing to wait for on the host."""
+        if not rec.on_device:
+            self.runtime.updater.submit(rec, update)
+        elif update():
+            rec.version += 1
 
     def _hparams(self) -> Hparams:
         # Read now: an LR scheduler may change the groups while the update is still queued.
@@ -96,35 +114,71 @@ class OffloadAdamW(torch.optim.Optimizer):
         coef: torch.Tensor | None,
         hparams: Hparams,
     ) -> Callable[[], bool]:
+        one_pass = (
+            not rec.on_device
+            and rec.wire.dtype == torch.bfloat16
+            and rec.wire.data_ptr() != rec.master.data_ptr()
+        )
+        summed = rec.grad_count > 1 or rec.folded  # decided now: zero_grad() may reset them before run()
+
         def run() -> bool:
             if grad_fn is None:  # no backward reached this record: torch skips such parameters
                 return False
-            grad = grad_fn()
-            if coef is not None:
-                grad = grad * coef
             rec.step += 1
-            for g, start, end in rec.layout.group_ranges:
-                lr, beta1, beta2, eps, wd = hparams[g]
-                torch._fused_adamw_(
-                    [rec.master[start:end]],
-                    [grad[start:end]],
-                    [rec.exp_avg[start:end]],
-                    [rec.exp_avg_sq[start:end]],
-                    [],
-                    [rec.step],
-                    lr=lr,
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=wd,
-                    eps=eps,
-                    amsgrad=False,
-                    maximize=False,
-                )
-            if rec.wire.data_ptr() != rec.master.data_ptr():
-                rec.wire.copy_(rec.master)
+            if one_pass and not summed:
+                self._one_pass(rec, coef, hparams)
+            else:
+                self._torch_pass(rec, grad_fn(), coef, hparams)
             return True
 
         return run
+
+    def _one_pass(self, rec: BlockRecord, coef: torch.Tensor | None, hparams: Hparams) -> None:
+        """bf16 gradient in, fp32 master/m/v updated, bf16 wire copy out: one pass over memory."""
+        scale = 1.0 if coef is None else float(coef)
+        for g, start, end in rec.layout.group_ranges:
+            lr, beta1, beta2, eps, wd = hparams[g]
+            fused_adamw_(
+                rec.master[start:end],
+                rec.exp_avg[start:end],
+                rec.exp_avg_sq[start:end],
+                rec.grad[start:end],
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=wd,
+                step=int(rec.step),
+                grad_scale=scale,
+                wire=rec.wire[start:end],
+                threads=self.threads,
+            )
+
+    def _torch_pass(
+        self, rec: BlockRecord, grad: torch.Tensor, coef: torch.Tensor | None, hparams: Hparams
+    ) -> None:
+        """torch's fused kernel on fp32 gradients (bitwise what torch.optim.AdamW(fused=True) does)."""
+        if coef is not None:
+            grad = grad * coef.to(grad.device)
+        for g, start, end in rec.layout.group_ranges:
+            lr, beta1, beta2, eps, wd = hparams[g]
+            torch._fused_adamw_(
+                [rec.master[start:end]],
+                [grad[start:end]],
+                [rec.exp_avg[start:end]],
+                [rec.exp_avg_sq[start:end]],
+                [],
+                [rec.step],
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=wd,
+                eps=eps,
+                amsgrad=False,
+                maximize=False,
+            )
+        if rec.wire.data_ptr() != rec.master.data_ptr():
+            rec.wire.copy_(rec.master)
 
     def _clip_coef(
         self, work: list[tuple[BlockRecord, Callable[[], torch.Tensor] | None]]
@@ -151,7 +205,7 @@ class OffloadAdamW(torch.optim.Optimizer):
                 continue
             grad = grad_fn()
             for k, n in enumerate(torch._foreach_norm(rec.layout.views(grad))):
-                norms[(id(rec), k)] = n
+                norms[(id(rec), k)] = n.cpu()
         ordered = [norms[(id(rec), k)] for rec, k in self.runtime.param_order if (id(rec), k) in norms]
         return torch.linalg.vector_norm(torch.stack(ordered)) if ordered else torch.zeros(())
 
@@ -160,7 +214,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         total = torch.stack(self.runtime.executor.grad_norms_sq()).sum().cpu()
         for rec, grad_fn in work:
             if grad_fn is not None and rec.index < 0:
-                total = total + torch.linalg.vector_norm(grad_fn(), dtype=torch.float32).square()
+                total = total + torch.linalg.vector_norm(grad_fn(), dtype=torch.float32).square().cpu()
         return total.sqrt()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -71,13 +71,15 @@ class Runtime:
         res_layout = FlatLayout.build(
             [(names, p, build.group_of(names[0], rt.group_specs)) for names, p in resident]
         )
-        rt._make_pool(layout.numel * len(stack.blocks) + res_layout.numel)
+        n_dev = min(cfg.placement.device_blocks, len(stack.blocks))
+        streamed = len(stack.blocks) - n_dev
+        rt._make_pool([layout.numel] * streamed + ([res_layout.numel] if resident else []))
         for i, block in enumerate(stack.blocks):
             if materialize is not None:
-                materialize_tree(block, materialize)
+                materialize_tree(block, materialize, prefix=f"{stack.path}.{i}")
             prefix = f"{stack.path}.{i}."
             tensors = [p for _, p in build.named_unique(block)]
-            rt.blocks.append(rt._record(i, f"block.{i}", layout, tensors, prefix))
+            rt.blocks.append(rt._record(i, f"block.{i}", layout, tensors, prefix, on_device=i < n_dev))
             if i > 0:
                 block.to("meta")  # packed: free its memory (block 0 stays: it is the template)
         if resident:
@@ -86,13 +88,15 @@ class Runtime:
         rt.param_order = [rt.names[n] for n in order]
         return rt
 
-    def _make_pool(self, numel: int) -> None:
-        wire_bytes = 0 if self.dtype == torch.float32 else numel * torch.finfo(self.dtype).bits // 8
-        master_bytes = numel * 4 if self.dtype == torch.float32 else 0  # fp32: master is the wire copy
-        grad_bytes = numel * torch.finfo(self.dtype).bits // 8
-        # Every record rounds up to a page per lease; leave room for that.
-        capacity = wire_bytes + master_bytes + grad_bytes + (4 << 20) * 3
-        self.pool = PinnedPool(capacity, pin=self.device.cuda, name="store")
+    def _make_pool(self, numels: list[int]) -> None:
+        """A pinned pool that holds exactly the store's DMA buffers: per record the wire copy
+        (the master itself in fp32) and the gradient. Each lease gets an arena of its own exact
+        page-rounded size, so nothing is lost to packing leases into fixed-size arenas."""
+        page = 4096
+        item = torch.finfo(self.dtype).bits // 8
+        sizes = [n * item for n in numels for _ in range(2)]  # wire (or master) + grad
+        capacity = sum(-(-max(s, 1) // page) * page for s in sizes)
+        self.pool = PinnedPool(capacity, arena_bytes=page, pin=self.device.cuda, name="store")
 
     def _lease(self, numel: int, dtype: torch.dtype, purpose: str, rec_leases: list[Any]) -> torch.Tensor:
         nbytes = numel * (torch.finfo(dtype).bits // 8)
@@ -101,7 +105,13 @@ class Runtime:
         return lease.view(dtype, (numel,))
 
     def _record(
-        self, index: int, name: str, layout: FlatLayout, tensors: Sequence[torch.Tensor], prefix: str
+        self,
+        index: int,
+        name: str,
+        layout: FlatLayout,
+        tensors: Sequence[torch.Tensor],
+        prefix: str,
+        on_device: bool = False,
     ) -> BlockRecord:
         for t in tensors:
             if t.is_meta:
@@ -109,6 +119,20 @@ class Runtime:
                     f"parameter of {name} is on the meta device: build the model with weights, or load it with "
                     "offload.from_pretrained(...)"
                 )
+        if on_device:
+            rec = self._device_record(index, name, layout, tensors)
+        else:
+            rec = self._host_record(index, name, layout, tensors)
+        for k, slot in enumerate(layout.params):
+            for nm in slot.names:
+                self.names[prefix + nm] = (rec, k)
+        return rec
+
+    def _host_record(
+        self, index: int, name: str, layout: FlatLayout, tensors: Sequence[torch.Tensor]
+    ) -> BlockRecord:
+        """A streamed record: fp32 master and Adam state in host memory, the wire copy and the
+        gradient in pinned pool memory (they are what the device copies from and to)."""
         leases: list[Any] = []
         n = layout.numel
         if self.dtype == torch.float32:
@@ -122,7 +146,7 @@ class Runtime:
             wire.copy_(master)
         grad = self._lease(n, self.dtype, "grad", leases)
         grad.zero_()
-        rec = BlockRecord(
+        return BlockRecord(
             index=index,
             name=name,
             layout=layout,
@@ -134,10 +158,28 @@ class Runtime:
             step=torch.zeros((), dtype=torch.float32),
             leases=leases,
         )
-        for k, slot in enumerate(layout.params):
-            for nm in slot.names:
-                self.names[prefix + nm] = (rec, k)
-        return rec
+
+    def _device_record(
+        self, index: int, name: str, layout: FlatLayout, tensors: Sequence[torch.Tensor]
+    ) -> BlockRecord:
+        """A record whose state lives on the compute device: the block never streams, and its
+        update is torch's fused AdamW on the device."""
+        dev, n = self.device.torch, layout.numel
+        master = torch.empty(n, dtype=torch.float32, device=dev)
+        layout.pack([t.detach().to(dev, torch.float32) for t in tensors], master)
+        wire = master if self.dtype == torch.float32 else master.to(self.dtype)
+        return BlockRecord(
+            index=index,
+            name=name,
+            layout=layout,
+            master=master,
+            exp_avg=torch.zeros(n, dtype=torch.float32, device=dev),
+            exp_avg_sq=torch.zeros(n, dtype=torch.float32, device=dev),
+            wire=wire,
+            grad=torch.zeros(n, dtype=self.dtype, device=dev),
+            step=torch.zeros((), dtype=torch.float32, device=dev),
+            on_device=True,
+        )
 
     def _install(
         self,

@@ -1,7 +1,7 @@
 """Device weight slots: K flat buffers that blocks take turns in (K=2 is double buffering).
 
-Block i lives in slot i % K. A slot remembers which block and version it holds, so a block still
-in its slot (the last blocks of forward, first of backward) is not copied again.
+Streamed blocks take the slots in turn. A slot remembers which block and version it holds, so a
+block still in its slot (the last blocks of forward, first of backward) is not copied again.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ class WeightSlots:
         self.holds: list[tuple[int, int] | None] = [None] * k  # (block index, version)
         self.ready: list[Any] = [None] * k  # event: the upload into the slot has landed
         self.free: list[Any] = [None] * k  # event: the last compute reading the slot is done
-
-    def slot_of(self, index: int) -> int:
-        return index % self.k
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)

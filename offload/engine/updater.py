@@ -1,4 +1,11 @@
-"""The optimizer's worker thread: applies queued block updates in order, off the training thread.
+"""The optimizer's worker thread: applies queued block updates off the training thread.
+
+Updates queued during backward (``fifo=True``) run in arrival order, which is the order their
+gradients land on the host (the launching thread runs far ahead of the device, so a later block's
+gradient may not have landed yet). ``reorder()``, called by optimizer.step(), puts what is still
+pending into the order the next forward needs it (resident parameters, block 0, 1, ...); so do
+updates queued at step() itself. First-in-first-out there would make the next forward wait for
+every update, since backward queues them last block first.
 
 A record's ``updated`` event is cleared when its update is queued and set when it is done; the
 executor waits on it before copying the block's weights, so the device never reads a half-
@@ -8,7 +15,8 @@ updated wire copy. An exception in an update is kept and re-raised on the traini
 from __future__ import annotations
 
 import atexit
-import queue
+import heapq
+import itertools
 import threading
 from collections.abc import Callable
 
@@ -16,34 +24,51 @@ from offload.engine.trace import Tracer
 from offload.store.record import BlockRecord
 
 Update = Callable[[], bool]  # returns whether the record's weights changed
+_FIFO = -(1 << 62)  # rank of updates run in arrival order (ahead of any block index)
 
 
 class Updater:
     def __init__(self, tracer: Tracer) -> None:
         self.tracer = tracer
-        self._queue: queue.SimpleQueue[tuple[BlockRecord, Update] | None] = queue.SimpleQueue()
+        self._heap: list[tuple[int, int, BlockRecord, Update]] = []  # (rank, seq, record, update)
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pending = 0
-        self._idle = threading.Condition()
+        self._stop = False
 
-    def submit(self, rec: BlockRecord, update: Update) -> None:
+    def submit(self, rec: BlockRecord, update: Update, fifo: bool = False) -> None:
         if self._thread is None:  # started on first use: importing or wrapping starts no thread
+            self._stop = False
             self._thread = threading.Thread(target=self._run, name="offload-optimizer", daemon=True)
             self._thread.start()
             # A thread that ran torch ops must be gone before the interpreter tears torch down
             # (otherwise the process aborts at exit with "terminate called").
             atexit.register(self.close)
         rec.updated.clear()
-        with self._idle:
+        with self._cond:
             self._pending += 1
-        self._queue.put((rec, update))
+            rank = _FIFO if fifo else rec.index
+            heapq.heappush(self._heap, (rank, next(self._seq), rec, update))
+            self._cond.notify_all()
+
+    def reorder(self) -> None:
+        """Runs what is pending in forward order from now on."""
+        with self._cond:
+            self._heap = [(rec.index, seq, rec, upd) for _, seq, rec, upd in self._heap]
+            heapq.heapify(self._heap)
+
+    def _next(self) -> tuple[BlockRecord, Update] | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._heap or self._stop)
+            if not self._heap:
+                return None
+            _, _, rec, update = heapq.heappop(self._heap)
+            return rec, update
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
+        while (item := self._next()) is not None:
             rec, update = item
             try:
                 if self._error is None:
@@ -54,14 +79,14 @@ class Updater:
                 self._error = e
             finally:
                 rec.updated.set()  # waiters wake and find the error, if any
-                with self._idle:
+                with self._cond:
                     self._pending -= 1
-                    self._idle.notify_all()
+                    self._cond.notify_all()
 
     def wait_all(self) -> None:
         """Blocks until every queued update has run, then raises a failed update's error."""
-        with self._idle:
-            self._idle.wait_for(lambda: self._pending == 0)
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending == 0)
         self.check()
 
     def check(self) -> None:
@@ -70,7 +95,11 @@ class Updater:
             raise RuntimeError(f"the optimizer update failed: {err}") from err
 
     def close(self) -> None:
+        """Finishes the queued updates, then stops the thread."""
         if self._thread is not None:
-            self._queue.put(None)
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending == 0)
+                self._stop = True
+                self._cond.notify_all()
             self._thread.join()
             self._thread = None

@@ -12,7 +12,9 @@ from typing import Any
 
 from torch import nn
 
-Materialize = Callable[[nn.Module], None]  # gives module's own parameters and buffers real values
+# Gives a module's own parameters and buffers real values; called with the module and its name
+# in the model (e.g. "model.layers.3.mlp"), so a loader can look its tensors up.
+Materialize = Callable[[nn.Module, str], None]
 
 
 def has_meta(module: nn.Module, recurse: bool = True) -> bool:
@@ -35,32 +37,34 @@ def materializer(model: nn.Module, init: str | Materialize | None) -> Materializ
             "has none: pass init=callable(module) that fills a module's own tensors"
         )
 
-    def run(module: nn.Module) -> None:
+    def run(module: nn.Module, name: str) -> None:
         module.to_empty(device="cpu", recurse=False)
         init_weights(module)
 
     return run
 
 
-def materialize_tree(module: nn.Module, fn: Materialize, skip: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+def materialize_tree(
+    module: nn.Module, fn: Materialize, prefix: str = "", skip: frozenset[int] = frozenset()
+) -> None:
     """Applies fn to every submodule of module (parents first) that holds meta tensors of its
-    own, except those whose id is in skip (and their subtrees)."""
+    own, except those whose id is in skip (and their subtrees). prefix is module's own name."""
 
-    def visit(m: nn.Module) -> None:
+    def visit(m: nn.Module, name: str) -> None:
         if id(m) in skip:
             return
         if has_meta(m, recurse=False):
-            fn(m)
-        for child in m.children():
-            visit(child)
+            fn(m, name)
+        for child_name, child in m.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
 
-    visit(module)
+    visit(module, prefix)
 
 
 def materialize_outside(model: nn.Module, fn: Materialize, blocks: list[nn.Module]) -> None:
     """Materialises everything but the blocks. Giving a tied parameter new memory unties it, so
     models that know their ties (Hugging Face's tie_weights) re-tie them afterwards."""
-    materialize_tree(model, fn, skip={id(b) for b in blocks})
+    materialize_tree(model, fn, skip=frozenset(id(b) for b in blocks))
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()

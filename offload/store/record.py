@@ -27,6 +27,7 @@ class BlockRecord:
     grad_count: int = 0  # backward passes since zero_grad()
     folded: bool = False  # grad_acc already holds the last micro-batch too
     queued: bool = False  # its update for this step was queued during backward
+    on_device: bool = False  # all its state lives on the compute device (placement.device_blocks)
     version: int = 0  # bumped by every optimizer update
     # Set while no optimizer update of this record is pending; uploads wait on it.
     updated: threading.Event = field(default_factory=threading.Event)
@@ -41,6 +42,7 @@ class BlockRecord:
         return self.layout.numel
 
     def state_bytes(self) -> int:
+        """Bytes of state this record holds (on the host, or on the device if on_device)."""
         tensors = [self.master, self.exp_avg, self.exp_avg_sq, self.grad]
         if self.wire.data_ptr() != self.master.data_ptr():
             tensors.append(self.wire)
@@ -65,7 +67,7 @@ class BlockRecord:
             self.folded = False
             return
         if self.grad_acc is None:
-            self.grad_acc = torch.empty(self.numel, dtype=torch.float32)
+            self.grad_acc = torch.empty(self.numel, dtype=torch.float32, device=self.grad.device)
         if self.grad_count == 1:
             self.grad_acc.copy_(self.grad)
         else:
