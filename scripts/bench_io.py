@@ -1,4 +1,4 @@
-"""Runs ``offload bench io`` and files the JSON under benchmarks/results/io_<date>_<device>.json.
+"""Runs ``offload bench io`` and files the JSON under benchmarks/results/io_<size>_<date>_<device>.json.
 
     python scripts/bench_io.py --dir /mnt/nvme --size 4GiB
 
@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without pip install -e .
 
 from offload.cli import CliError, bench_io  # noqa: E402
+from offload.utils.sizes import format_bytes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_io: error: {e}", file=sys.stderr)
         return 2
     print(bench_io.render(result))
-    path = args.out / f"io_{result['date'][:10]}_{device_slug(result['host'])}.json"
+    size = format_bytes(result["size"]).replace(" ", "")
+    path = args.out / f"io_{size}_{result['date'][:10]}_{device_slug(result['host'])}.json"
     bench_io.write_json(result, path)
     print(f"results written to {path}")
     return bench_io.report_failures(result)

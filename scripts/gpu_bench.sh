@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU machine's benchmark session (see README "Results"): build, then one phase per call so
+# each stays inside the device tool's 10-minute command limit. Results land in $OUT.
+#   bash scripts/gpu_bench.sh io|train3b|train-more
+# DeepSpeed's wheels and libaio come from .bench/deps (../shared/baselines/fetch_deps.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 setup.py build_ext --inplace -q 2>&1 | grep -iE " error" || true
+deepspeed_env() {
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .bench/deps/wheels/*.whl
+  mkdir -p /tmp/aio && for f in .bench/deps/debs/*.deb; do dpkg -x "$f" /tmp/aio; done
+  export PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 CPATH=/tmp/aio/usr/include
+  export LIBRARY_PATH=/tmp/aio/usr/lib/x86_64-linux-gnu LD_LIBRARY_PATH=/tmp/aio/usr/lib/x86_64-linux-gnu
+}
+case "${1:?phase}" in
+  io)
+    for size in 1GiB 4GiB; do python3 scripts/bench_io.py --dir /tmp --size "$size" --out "$OUT" | tail -12; done ;;
+  train3b)
+    deepspeed_env
+    python3 scripts/bench_train.py --size 3b --systems gpu,deepspeed,offload --device-blocks 8 \
+      --trace "$OUT/trace_3b.json" --out "$OUT/train_3b.json" 2>&1 | grep -vi warn | tail -12 ;;
+  train-more)
+    for db in 12 0; do
+      python3 scripts/bench_train.py --size 3b --systems offload --device-blocks $db \
+        --out "$OUT/train_3b_d$db.json" 2>&1 | grep -vi warn | tail -3
+    done
+    python3 scripts/bench_train.py --size 7b --systems offload --device-blocks 10 --steps 6 \
+      --trace "$OUT/trace_7b.json" --out "$OUT/train_7b.json" 2>&1 | grep -vi warn | tail -8 ;;
+esac
