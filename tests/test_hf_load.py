@@ -57,8 +57,8 @@ def test_wrong_shape_is_named(tmp_path: Path) -> None:
 
 
 def test_not_a_model_directory(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         load_pretrained(tmp_path)
     tiny("llama").config.save_pretrained(str(tmp_path))
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         load_pretrained(tmp_path)

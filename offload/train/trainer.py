@@ -93,7 +93,7 @@ def train(recipe: Recipe, *, trace: str | None = None, log: Callable[[str], None
             )
     wrapped.runtime.wait_updates()
     seconds = time.perf_counter() - start
-    out = _save(wrapped, Path(t.output_dir))
+    out = _save(wrapped, Path(t.output_dir or f"runs/{recipe.name}"))
     if trace:
         wrapped.runtime.tracer.write()
     summary = Summary(
@@ -114,8 +114,9 @@ def train(recipe: Recipe, *, trace: str | None = None, log: Callable[[str], None
 
 def _save(wrapped: Any, out: Path) -> Path:
     """model.safetensors + config.json: a directory transformers' from_pretrained loads."""
-    import offload
     from safetensors.torch import save_file
+
+    import offload
 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in offload.state_dict(wrapped).items()}
