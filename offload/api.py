@@ -70,8 +70,9 @@ def wrap(
     fnmatch patterns on full parameter names; unmatched parameters form the default group.
     init: for a model built on the meta device (too large to build in host memory first),
     "random" initialises each block with the model's own _init_weights just before packing it
-    into the store, so only one block ever exists outside the store; or a callable(module) that
-    fills a module's own tensors.
+    into the store, so only one block ever exists outside the store; or a callable(module, name)
+    that fills a module's own tensors (offload.model.hf.load_pretrained returns one that reads a
+    local Hugging Face directory).
     """
     cfg = load_config(config, **overrides)
     if cfg.seed is not None:

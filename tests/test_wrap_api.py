@@ -72,22 +72,40 @@ def test_param_groups_and_lr_scheduler_match() -> None:
         assert torch.equal(state[k], v), k
 
 
-def test_frozen_parameters_are_not_updated() -> None:
-    ref = tiny("llama")
+@pytest.mark.parametrize("device_blocks", [0, 2])
+def test_frozen_parameters_are_not_updated(device_blocks: int) -> None:
+    """requires_grad=False: no gradient, no update, no weight decay, left out of the clipping norm,
+    as torch does for parameters whose .grad stays None. Whole blocks, single parameters of a
+    block and resident parameters alike."""
+    ref = tiny("llama", layers=4)
     ref.model.embed_tokens.weight.requires_grad_(False)
-    ours, opt = offload.wrap(copy.deepcopy(ref), device="cpu", dtype="float32", optimizer={"lr": 1e-4})
-    ropt = torch.optim.AdamW(
-        [p for p in ref.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0, fused=True
+    for p in ref.model.layers[0].parameters():
+        p.requires_grad_(False)
+    ref.model.layers[3].mlp.up_proj.weight.requires_grad_(False)
+    ours, opt = offload.wrap(
+        copy.deepcopy(ref),
+        device="cpu",
+        dtype="float32",
+        placement={"device_blocks": device_blocks},
+        optimizer={"lr": 1e-3, "weight_decay": 0.1, "max_grad_norm": 0.5},
     )
+    trainable = [p for p in ref.parameters() if p.requires_grad]
+    ropt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.1, fused=True)
     for ids in batches(3):
-        for m, o in ((ref, ropt), (ours, opt)):
-            m(input_ids=ids, labels=ids).loss.backward()
-            o.step()
-            o.zero_grad()
+        ref(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 0.5)
+        ropt.step()
+        ropt.zero_grad()
+        ours(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
     state = offload.state_dict(ours)
-    assert torch.equal(state["model.embed_tokens.weight"], ref.model.embed_tokens.weight)
     for k, v in ref.state_dict().items():
         assert torch.equal(state[k], v), k
+    before = tiny("llama", layers=4).state_dict()
+    assert torch.equal(
+        state["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_meta_model_with_random_init_trains_and_keeps_ties() -> None:

@@ -143,8 +143,12 @@ class Executor:
         """Recomputes block index with autograd (``run`` calls the template on the detached
         inputs and returns the output leaves, which pair with grad_outputs) and returns the
         gradients of ``inputs``; the weight gradients go to host."""
+        frozen = self.blocks[index].frozen
+        if not inputs and len(frozen) == len(self.blocks[index].layout.params):
+            return []  # a frozen block whose input needs no gradient: nothing to compute
         s, views = self.acquire(index)
-        leaves = [v.detach().requires_grad_(True) for v in views]
+        leaves = [v.detach().requires_grad_(k not in frozen) for k, v in enumerate(views)]
+        trainable = [leaf for k, leaf in enumerate(leaves) if k not in frozen]
         self.bind(leaves, index)
         stream = self.device.compute_stream()
         with self.tracer.device_span("recompute+backward", stream, block=index):
@@ -156,12 +160,13 @@ class Executor:
                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
             ]
             grads = torch.autograd.grad(
-                [o for o, _ in pairs], leaves + inputs, [g for _, g in pairs], allow_unused=True
+                [o for o, _ in pairs], trainable + inputs, [g for _, g in pairs], allow_unused=True
             )
         self.release(s)
         self.prefetch(index - 1, step=-1)
-        self.send_grad(index, list(grads[: len(leaves)]))
-        return list(grads[len(leaves) :])
+        it = iter(grads[: len(trainable)])
+        self.send_grad(index, [None if k in frozen else next(it) for k in range(len(leaves))])
+        return list(grads[len(trainable) :])
 
     def send_grad(self, index: int, grads: list[torch.Tensor | None]) -> None:
         """Copies block index's weight gradients into a staging buffer and from there to host."""

@@ -122,7 +122,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         summed = rec.grad_count > 1 or rec.folded  # decided now: zero_grad() may reset them before run()
 
         def run() -> bool:
-            if grad_fn is None:  # no backward reached this record: torch skips such parameters
+            if grad_fn is None or not rec.update_ranges:  # no gradient, or all frozen: torch skips these
                 return False
             rec.step += 1
             if one_pass and not summed:
@@ -136,7 +136,7 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _one_pass(self, rec: BlockRecord, coef: torch.Tensor | None, hparams: Hparams) -> None:
         """bf16 gradient in, fp32 master/m/v updated, bf16 wire copy out: one pass over memory."""
         scale = 1.0 if coef is None else float(coef)
-        for g, start, end in rec.layout.group_ranges:
+        for g, start, end in rec.update_ranges:
             lr, beta1, beta2, eps, wd = hparams[g]
             fused_adamw_(
                 rec.master[start:end],
@@ -160,7 +160,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         """torch's fused kernel on fp32 gradients (bitwise what torch.optim.AdamW(fused=True) does)."""
         if coef is not None:
             grad = grad * coef.to(grad.device)
-        for g, start, end in rec.layout.group_ranges:
+        for g, start, end in rec.update_ranges:
             lr, beta1, beta2, eps, wd = hparams[g]
             torch._fused_adamw_(
                 [rec.master[start:end]],
@@ -205,7 +205,8 @@ class OffloadAdamW(torch.optim.Optimizer):
                 continue
             grad = grad_fn()
             for k, n in enumerate(torch._foreach_norm(rec.layout.views(grad))):
-                norms[(id(rec), k)] = n.cpu()
+                if k not in rec.frozen:  # torch's norm leaves out parameters without a gradient
+                    norms[(id(rec), k)] = n.cpu()
         ordered = [norms[(id(rec), k)] for rec, k in self.runtime.param_order if (id(rec), k) in norms]
         return torch.linalg.vector_norm(torch.stack(ordered)) if ordered else torch.zeros(())
 

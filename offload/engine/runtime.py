@@ -8,6 +8,7 @@ block it is about to copy.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from offload.memory import PinnedPool
 from offload.model.discovery import BlockStack
 from offload.model.init import Materialize, materialize_outside, materialize_tree
 from offload.model.layout import FlatLayout
-from offload.store.record import BlockRecord
+from offload.store.record import BlockRecord, _ranges_without
 
 
 class Runtime:
@@ -34,6 +35,8 @@ class Runtime:
         self.device = device
         self.dtype = dtype
         self.tracer = Tracer(cfg.trace, device.torch)
+        if self.tracer.enabled:  # the timeline is written when the process ends (or on tracer.write())
+            atexit.register(self.tracer.write)
         self.blocks: list[BlockRecord] = []
         self.resident: BlockRecord | None = None
         self.resident_params: list[nn.Parameter] = []
@@ -116,13 +119,19 @@ class Runtime:
         for t in tensors:
             if t.is_meta:
                 raise ValueError(
-                    f"parameter of {name} is on the meta device: build the model with weights, or load it with "
-                    "offload.from_pretrained(...)"
+                    f"parameter of {name} is on the meta device: pass init='random' to offload.wrap, or load "
+                    "weights with offload.model.hf.load_pretrained(path) and init=<its materialize function>"
                 )
         if on_device:
             rec = self._device_record(index, name, layout, tensors)
         else:
             rec = self._host_record(index, name, layout, tensors)
+        frozen = frozenset(
+            k for k, slot in enumerate(layout.params) if not tensors[slot.source].requires_grad
+        )
+        if frozen:
+            rec.frozen = frozen
+            rec.update_ranges = _ranges_without(layout, frozen)
         for k, slot in enumerate(layout.params):
             for nm in slot.names:
                 self.names[prefix + nm] = (rec, k)

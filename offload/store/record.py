@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from offload.model.layout import FlatLayout
+from offload.model.layout import ALIGN, FlatLayout
 
 
 @dataclass(slots=True, eq=False)
@@ -28,6 +28,12 @@ class BlockRecord:
     folded: bool = False  # grad_acc already holds the last micro-batch too
     queued: bool = False  # its update for this step was queued during backward
     on_device: bool = False  # all its state lives on the compute device (placement.device_blocks)
+    # Layout slots of parameters with requires_grad=False: no gradient, never updated (as torch
+    # skips parameters whose .grad is None, weight decay included).
+    frozen: frozenset[int] = frozenset()
+    # (group, start, end) element ranges the optimizer updates: the layout's group ranges without
+    # the frozen slots. Set in __post_init__.
+    update_ranges: tuple[tuple[int, int, int], ...] = ()
     version: int = 0  # bumped by every optimizer update
     # Set while no optimizer update of this record is pending; uploads wait on it.
     updated: threading.Event = field(default_factory=threading.Event)
@@ -36,6 +42,7 @@ class BlockRecord:
 
     def __post_init__(self) -> None:
         self.updated.set()
+        self.update_ranges = _ranges_without(self.layout, self.frozen)
 
     @property
     def numel(self) -> int:
@@ -94,3 +101,18 @@ class BlockRecord:
             return acc
 
         return summed
+
+
+def _ranges_without(layout: FlatLayout, frozen: frozenset[int]) -> tuple[tuple[int, int, int], ...]:
+    if not frozen:
+        return layout.group_ranges
+    out: list[tuple[int, int, int]] = []
+    ends = [p.offset + -(-p.numel // ALIGN) * ALIGN for p in layout.params]
+    for k, p in enumerate(layout.params):
+        if k in frozen:
+            continue
+        if out and out[-1][0] == p.group and out[-1][2] == p.offset:
+            out[-1] = (p.group, out[-1][1], ends[k])
+        else:
+            out.append((p.group, p.offset, ends[k]))
+    return tuple(out)
