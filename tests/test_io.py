@@ -341,3 +341,23 @@ def test_truncate_then_extend(engine: oio.Engine, disk_dir: Path) -> None:
     np.testing.assert_array_equal(out[:4096], data[:4096])
     assert not out[4096:8192].any()
     np.testing.assert_array_equal(out[8192:], data[8192:])
+
+
+def test_in_flight_drops_finished_futures_and_keeps_pending_ones() -> None:
+    from offload.io.future import InFlight
+
+    class Fake:
+        def __init__(self, done: bool) -> None:
+            self._done = done
+
+        def done(self) -> bool:
+            return self._done
+
+    held = InFlight()
+    pending = [Fake(False) for _ in range(10)]
+    held.add(pending)  # type: ignore[arg-type]
+    held.add([Fake(True) for _ in range(500)])  # type: ignore[arg-type]
+    kept = held.take()
+    assert all(f in kept for f in pending)
+    assert len(kept) < 200  # finished ones were swept as the list grew
+    assert held.take() == []

@@ -185,13 +185,7 @@ class Executor:
         compute = dev.compute_stream()
         # The staging buffer's previous copy to host must be done before we overwrite it.
         dev.wait(compute, self.staging_free[g])
-        views = self.staging_views[g]
-        pairs = [(v, x) for v, x in zip(views, grads) if x is not None]
-        for v, x in zip(views, grads):
-            if x is None:
-                v.zero_()
-        torch._foreach_copy_([v for v, _ in pairs], [x for _, x in pairs])
-        self.norm_sq[index] = torch.linalg.vector_norm(self.staging[g], dtype=torch.float32).square()
+        self._gather(index, self.staging_views[g], self.staging[g], grads)
         ready = dev.event(compute)
         with dev.stream(dev.d2h):
             # The copy to host must not start before the gradients are in the staging buffer.
@@ -207,16 +201,22 @@ class Executor:
     def _keep_grad(self, rec: BlockRecord, grads: list[torch.Tensor | None]) -> None:
         """A block kept on the device: its gradient goes straight into its record."""
         rec.fold_grad()  # a no-op unless a previous micro-batch's gradient is there
-        views = rec.layout.views(rec.grad)
+        self._gather(rec.index, rec.layout.views(rec.grad), rec.grad, grads)
+        rec.grad_count += 1
+        if self.on_grad is not None:
+            self.on_grad(rec)
+
+    def _gather(
+        self, index: int, views: list[torch.Tensor], flat: torch.Tensor, grads: list[torch.Tensor | None]
+    ) -> None:
+        """Copies a block's parameter gradients into the flat buffer whose views are given
+        (zeros where a parameter got none) and takes its squared norm on the device."""
         pairs = [(v, x) for v, x in zip(views, grads) if x is not None]
         for v, x in zip(views, grads):
             if x is None:
                 v.zero_()
         torch._foreach_copy_([v for v, _ in pairs], [x for _, x in pairs])
-        self.norm_sq[rec.index] = torch.linalg.vector_norm(rec.grad, dtype=torch.float32).square()
-        rec.grad_count += 1
-        if self.on_grad is not None:
-            self.on_grad(rec)
+        self.norm_sq[index] = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
 
     def finish_backward(self) -> None:
         """Waits until every gradient copy to host has landed (called by optimizer.step())."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from offload import _C
 from offload.io.buffers import buffer_ref
-from offload.io.future import IoFuture
+from offload.io.future import InFlight, IoFuture
 from offload.io.request import Read, Write
 
 BACKENDS = ("io_uring", "threads")
@@ -44,7 +44,7 @@ class Engine:
         self.fallback_reason: str | None = None
         self._native = self._make(self.requested, queue_depth, chunk_bytes, threads)
         self._lock = threading.Lock()
-        self._inflight: list[IoFuture] = []
+        self._inflight = InFlight()
         self._closed = False
 
     @staticmethod
@@ -115,17 +115,12 @@ class Engine:
                 raise RuntimeError("io engine is closed")
             native = self._native.submit(batch)
             futures = [IoFuture(req, owner) for req, owner in zip(native, owners)]
-            self._track(futures)
+            # A future dropped unwaited must still keep its buffer alive until the kernel is
+            # done with it, so the engine holds every future until it completes.
+            self._inflight.add(futures)
         for fut, r in zip(futures, requests):
-            r.file._track(fut)
+            r.file.pending.add([fut])
         return futures
-
-    def _track(self, futures: list[IoFuture]) -> None:
-        # A future dropped unwaited must still keep its buffer alive until the kernel is done
-        # with it, so the engine holds every future until it completes.
-        if len(self._inflight) > 64:
-            self._inflight = [f for f in self._inflight if not f.done()]
-        self._inflight.extend(futures)
 
     def close(self) -> None:
         """Finishes every request in flight, then stops the backend."""
@@ -134,7 +129,7 @@ class Engine:
                 return
             self._closed = True
         self._native.shutdown()
-        self._inflight.clear()
+        self._inflight.take()
 
     def __enter__(self) -> Engine:
         return self

@@ -14,7 +14,7 @@ from typing import Any
 
 from offload import _C
 from offload.io.engine import Engine, default_engine
-from offload.io.future import IoFuture
+from offload.io.future import InFlight, IoFuture
 from offload.io.request import Read, Write
 
 MODES = ("r", "r+", "w", "x")
@@ -32,7 +32,7 @@ class DirectFile:
         self.mode = mode
         self.engine = engine or default_engine()
         self.native: Any = _C.File(self.path, mode, direct)
-        self._pending: list[IoFuture] = []
+        self.pending = InFlight()  # this file's requests: close() waits for them
 
     @property
     def direct(self) -> bool:
@@ -67,20 +67,14 @@ class DirectFile:
 
     def drain(self) -> None:
         """Waits for every request on this file, ignoring their errors (their futures keep them)."""
-        for fut in self._pending:
+        for fut in self.pending.take():
             with contextlib.suppress(OSError):
                 fut.wait()
-        self._pending.clear()
 
     def close(self) -> None:
         # Closing the descriptors under an in-flight request would let it hit a reused fd.
         self.drain()
         self.native.close()
-
-    def _track(self, fut: IoFuture) -> None:
-        if len(self._pending) > 64:
-            self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(fut)
 
     def __enter__(self) -> DirectFile:
         return self

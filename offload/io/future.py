@@ -79,3 +79,25 @@ def wait_all(futures: Iterable[IoFuture], timeout: float | None = None) -> list[
     if first is not None:
         raise first
     return results
+
+
+class InFlight:
+    """Futures not yet known to be done, held so their buffers outlive the I/O. Finished ones
+    are dropped whenever the list has doubled since the last sweep (amortised O(1) per add)."""
+
+    __slots__ = ("_futures", "_sweep_at")
+
+    def __init__(self) -> None:
+        self._futures: list[IoFuture] = []
+        self._sweep_at = 64
+
+    def add(self, futures: Iterable[IoFuture]) -> None:
+        self._futures.extend(futures)
+        if len(self._futures) >= self._sweep_at:
+            self._futures = [f for f in self._futures if not f.done()]
+            self._sweep_at = max(64, 2 * len(self._futures))
+
+    def take(self) -> list[IoFuture]:
+        """Every future still held; the collection is empty afterwards."""
+        futures, self._futures = self._futures, []
+        return futures
