@@ -403,3 +403,30 @@ def test_import_is_lean():
         "assert threading.active_count() == 1, 'offload.memory started a thread'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dropped_arena_is_unmapped_and_views_keep_it_alive() -> None:
+    import gc
+
+    from offload.memory.arena import HostArena
+
+    arena = HostArena(1 << 20, node=None, hugepages=False, pin=False)
+    raw = arena._raw
+    view = arena.tensor(0, 4096)
+    view.fill_(7)
+    del arena
+    gc.collect()
+    assert not raw.closed  # the tensor still holds the mapping
+    assert int(view.sum()) == 7 * 4096
+    del view
+    gc.collect()
+    assert raw.closed  # nothing holds it: the finalizer unmapped it
+
+
+def test_closed_arena_is_not_released_twice() -> None:
+    from offload.memory.arena import HostArena
+
+    arena = HostArena(1 << 16, node=None, hugepages=False, pin=False)
+    arena.close()
+    arena.close()
+    assert arena.closed and not arena.pinned

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import math
+import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from offload import _C
 from offload.memory import cuda
@@ -42,6 +43,10 @@ class HostArena:
                 self._raw.close()
                 raise
             self._pinned = True
+        # An arena dropped without close() (its pool garbage-collected) is still unregistered and
+        # unmapped. Not at interpreter exit: the process's end releases both anyway.
+        self._finalizer = weakref.finalize(self, _release, self._raw, self.ptr if self._pinned else None)
+        self._finalizer.atexit = False
 
     @property
     def ptr(self) -> int:
@@ -76,7 +81,8 @@ class HostArena:
     def tensor(self, offset: int, nbytes: int) -> torch.Tensor:
         """A uint8 CPU tensor over ``[offset, offset + nbytes)``: a view, not a copy.
 
-        The tensor does not keep the arena alive; using it after :meth:`close` is a use-after-free.
+        The tensor keeps the arena mapped for as long as it lives (until an explicit
+        :meth:`close`, after which using it is a use-after-free: leases guard against that).
         """
         import torch
 
@@ -85,6 +91,7 @@ class HostArena:
         if offset < 0 or nbytes <= 0 or offset + nbytes > self.size:
             raise ValueError(f"range [{offset}, {offset + nbytes}) is outside the arena of {self.size} bytes")
         buffer = (ctypes.c_ubyte * nbytes).from_address(self.ptr + offset)
+        buffer._offload_arena = self  # type: ignore[attr-defined]  # the tensor holds the buffer
         return torch.frombuffer(buffer, dtype=torch.uint8)
 
     def page_nodes(self, max_pages: int = 64) -> list[int]:
@@ -98,19 +105,21 @@ class HostArena:
 
     def close(self) -> None:
         """Unregisters from CUDA (if pinned) and unmaps; a second call does nothing."""
-        if self.closed:
-            return
-        try:
-            if self._pinned:
-                self._pinned = False
-                cuda.host_unregister(self.ptr)
-        finally:
-            # Unmap even if CUDA refused: keeping the mapping would not make the registration valid.
-            self._raw.close()
+        self._pinned = False
+        self._finalizer()  # runs _release once, whoever calls first
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.ptr:#x}"
         return f"HostArena({state}, size={self.size}, node={self.node}, pinned={self.pinned})"
+
+
+def _release(raw: Any, pinned_ptr: int | None) -> None:
+    try:
+        if pinned_ptr is not None:
+            cuda.host_unregister(pinned_ptr)
+    finally:
+        # Unmap even if CUDA refused: keeping the mapping would not make the registration valid.
+        raw.close()
 
 
 class LeaseError(RuntimeError):
