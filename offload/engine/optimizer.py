@@ -3,7 +3,9 @@
 ``step()`` waits for the gradients to land on the host, computes the clipping coefficient, then
 hands the updates to a worker thread in forward order and returns. Each update is torch's fused
 CPU AdamW kernel over a block's flat buffers (one call per param group range), followed by the
-refresh of the block's compute-dtype wire copy. It subclasses torch.optim.Optimizer so torch's
+refresh of the block's compute-dtype wire copy. Adam's m and v come from the record's StateTier
+(``Runtime.tier_of``): acquired before the kernel, released after it, and prefetched by the worker
+one update ahead. It subclasses torch.optim.Optimizer so torch's
 LR schedulers drive it: each param group's lr, betas, eps and weight_decay are read at step().
 """
 
@@ -47,6 +49,12 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.threads = opt.threads or max(1, (os.cpu_count() or 2) - 2)
         if self.overlap_backward:
             runtime.executor.on_grad = self._on_block_grad
+        runtime.updater.prefetch = self.prefetch
+
+    def prefetch(self, rec: BlockRecord) -> None:
+        """Starts bringing rec's optimizer state in: its update is queued next."""
+        if rec.update_ranges:  # a record with nothing to update never acquires its state
+            self.runtime.tier_of(rec).prefetch(rec)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -120,28 +128,38 @@ class OffloadAdamW(torch.optim.Optimizer):
             and rec.wire.data_ptr() != rec.master.data_ptr()
         )
         summed = rec.grad_count > 1 or rec.folded  # decided now: zero_grad() may reset them before run()
+        tier = self.runtime.tier_of(rec)
 
         def run() -> bool:
             if grad_fn is None or not rec.update_ranges:  # no gradient, or all frozen: torch skips these
                 return False
             rec.step += 1
+            exp_avg, exp_avg_sq = tier.acquire(rec)
             if one_pass and not summed:
-                self._one_pass(rec, coef, hparams)
+                self._one_pass(rec, exp_avg, exp_avg_sq, coef, hparams)
             else:
-                self._torch_pass(rec, grad_fn(), coef, hparams)
+                self._torch_pass(rec, exp_avg, exp_avg_sq, grad_fn(), coef, hparams)
+            tier.release(rec)
             return True
 
         return run
 
-    def _one_pass(self, rec: BlockRecord, coef: torch.Tensor | None, hparams: Hparams) -> None:
+    def _one_pass(
+        self,
+        rec: BlockRecord,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        coef: torch.Tensor | None,
+        hparams: Hparams,
+    ) -> None:
         """bf16 gradient in, fp32 master/m/v updated, bf16 wire copy out: one pass over memory."""
         scale = 1.0 if coef is None else float(coef)
         for g, start, end in rec.update_ranges:
             lr, beta1, beta2, eps, wd = hparams[g]
             fused_adamw_(
                 rec.master[start:end],
-                rec.exp_avg[start:end],
-                rec.exp_avg_sq[start:end],
+                exp_avg[start:end],
+                exp_avg_sq[start:end],
                 rec.grad[start:end],
                 lr=lr,
                 beta1=beta1,
@@ -155,7 +173,13 @@ class OffloadAdamW(torch.optim.Optimizer):
             )
 
     def _torch_pass(
-        self, rec: BlockRecord, grad: torch.Tensor, coef: torch.Tensor | None, hparams: Hparams
+        self,
+        rec: BlockRecord,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        grad: torch.Tensor,
+        coef: torch.Tensor | None,
+        hparams: Hparams,
     ) -> None:
         """torch's fused kernel on fp32 gradients (bitwise what torch.optim.AdamW(fused=True) does)."""
         if coef is not None:
@@ -165,8 +189,8 @@ class OffloadAdamW(torch.optim.Optimizer):
             torch._fused_adamw_(
                 [rec.master[start:end]],
                 [grad[start:end]],
-                [rec.exp_avg[start:end]],
-                [rec.exp_avg_sq[start:end]],
+                [exp_avg[start:end]],
+                [exp_avg_sq[start:end]],
                 [],
                 [rec.step],
                 lr=lr,

@@ -27,6 +27,7 @@ from offload.model.discovery import BlockStack
 from offload.model.init import Materialize, materialize_outside, materialize_tree
 from offload.model.layout import FlatLayout
 from offload.store.record import BlockRecord, _ranges_without
+from offload.store.tiers import HostTier, StateTier, make_state_tier
 
 
 class Runtime:
@@ -49,6 +50,10 @@ class Runtime:
         self.executor: Executor
         self.pool: PinnedPool
         self.updater = Updater(self.tracer)
+        # Adam state of the streamed blocks lives on state_tier (placement.optimizer_state); the
+        # residents' and the device blocks' stays in the record's own tensors.
+        self.state_tier: StateTier = HostTier()
+        self.memory_tier = HostTier()
 
     # ---- construction --------------------------------------------------------------------------
 
@@ -77,19 +82,37 @@ class Runtime:
         n_dev = min(cfg.placement.device_blocks, len(stack.blocks))
         streamed = len(stack.blocks) - n_dev
         rt._make_pool([layout.numel] * streamed + ([res_layout.numel] if resident else []))
+        rt.state_tier = make_state_tier(cfg, layout.numel)
+        try:
+            rt._pack(stack, layout, n_dev, materialize)
+            if resident:
+                rt.resident = rt._record(-1, "resident", res_layout, [p for _, p in resident], "")
+        except BaseException:
+            rt.state_tier.close()  # no files left behind by a wrap that failed
+            raise
+        # Registered after any Updater of an earlier model, before this one's (started on first
+        # use): at exit this runtime's updates finish first, then its state files are closed.
+        atexit.register(rt.state_tier.close)
+        rt._install(model, stack, layout, resident)
+        rt.param_order = [rt.names[n] for n in order]
+        return rt
+
+    def _pack(
+        self, stack: BlockStack, layout: FlatLayout, n_dev: int, materialize: Materialize | None
+    ) -> None:
         for i, block in enumerate(stack.blocks):
             if materialize is not None:
                 materialize_tree(block, materialize, prefix=f"{stack.path}.{i}")
             prefix = f"{stack.path}.{i}."
             tensors = [p for _, p in build.named_unique(block)]
-            rt.blocks.append(rt._record(i, f"block.{i}", layout, tensors, prefix, on_device=i < n_dev))
+            self.blocks.append(self._record(i, f"block.{i}", layout, tensors, prefix, on_device=i < n_dev))
             if i > 0:
                 block.to("meta")  # packed: free its memory (block 0 stays: it is the template)
-        if resident:
-            rt.resident = rt._record(-1, "resident", res_layout, [p for _, p in resident], "")
-        rt._install(model, stack, layout, resident)
-        rt.param_order = [rt.names[n] for n in order]
-        return rt
+
+    def tier_of(self, rec: BlockRecord) -> StateTier:
+        """Where rec's Adam state lives: the configured tier for streamed blocks; the record's own
+        tensors for the residents (small, updated first) and for blocks kept on the device."""
+        return self.memory_tier if rec.on_device or rec.index < 0 else self.state_tier
 
     def _make_pool(self, numels: list[int]) -> None:
         """A pinned pool that holds exactly the store's DMA buffers: per record the wire copy
@@ -126,6 +149,7 @@ class Runtime:
             rec = self._device_record(index, name, layout, tensors)
         else:
             rec = self._host_record(index, name, layout, tensors)
+            self.tier_of(rec).place(rec)
         frozen = frozenset(
             k for k, slot in enumerate(layout.params) if not tensors[slot.source].requires_grad
         )
@@ -160,8 +184,8 @@ class Runtime:
             name=name,
             layout=layout,
             master=master,
-            exp_avg=torch.zeros(n, dtype=torch.float32),
-            exp_avg_sq=torch.zeros(n, dtype=torch.float32),
+            exp_avg=None,  # placed by the record's StateTier
+            exp_avg_sq=None,
             wire=wire,
             grad=grad,
             step=torch.zeros((), dtype=torch.float32),
@@ -273,7 +297,14 @@ class Runtime:
     # ---- optimizer worker ----------------------------------------------------------------------
 
     def wait_updates(self) -> None:
+        """Host wait: every queued update has run and its optimizer state is stored."""
         self.updater.wait_all()
+        self.state_tier.flush()  # the worker is idle now: the last write-backs are all in flight
+
+    def close(self) -> None:
+        """Finishes the queued updates, then frees the state tier (its files, on nvme)."""
+        self.updater.close()
+        self.state_tier.close()
 
     def check_update(self) -> None:
         self.updater.check()

@@ -10,6 +10,9 @@ every update, since backward queues them last block first.
 A record's ``updated`` event is cleared when its update is queued and set when it is done; the
 executor waits on it before copying the block's weights, so the device never reads a half-
 updated wire copy. An exception in an update is kept and re-raised on the training thread.
+
+Read-ahead: before running an update, the worker passes the record queued next to ``prefetch``
+(set by the optimizer), so state kept off RAM can be on its way while this update computes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Updater:
         self._error: BaseException | None = None
         self._pending = 0
         self._stop = False
+        self.prefetch: Callable[[BlockRecord], None] | None = None
 
     def submit(self, rec: BlockRecord, update: Update, fifo: bool = False) -> None:
         if self._thread is None:  # started on first use: importing or wrapping starts no thread
@@ -59,19 +63,22 @@ class Updater:
             self._heap = [(rec.index, seq, rec, upd) for _, seq, rec, upd in self._heap]
             heapq.heapify(self._heap)
 
-    def _next(self) -> tuple[BlockRecord, Update] | None:
+    def _next(self) -> tuple[BlockRecord, Update, BlockRecord | None] | None:
+        """The next update, and the record of the one queued after it (None: nothing queued)."""
         with self._cond:
             self._cond.wait_for(lambda: self._heap or self._stop)
             if not self._heap:
                 return None
             _, _, rec, update = heapq.heappop(self._heap)
-            return rec, update
+            return rec, update, self._heap[0][2] if self._heap else None
 
     def _run(self) -> None:
         while (item := self._next()) is not None:
-            rec, update = item
+            rec, update, following = item
             try:
                 if self._error is None:
+                    if following is not None and self.prefetch is not None:
+                        self.prefetch(following)
                     with self.tracer.span("adamw", "optimizer", block=rec.index):
                         if update():
                             rec.version += 1

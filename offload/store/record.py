@@ -18,8 +18,10 @@ class BlockRecord:
     name: str
     layout: FlatLayout
     master: torch.Tensor  # fp32, flat: the model's weights
-    exp_avg: torch.Tensor  # Adam m, fp32
-    exp_avg_sq: torch.Tensor  # Adam v, fp32
+    # Adam m and v, fp32; None where placement.optimizer_state keeps them off RAM (the optimizer
+    # gets them from the runtime's StateTier then).
+    exp_avg: torch.Tensor | None
+    exp_avg_sq: torch.Tensor | None
     wire: torch.Tensor  # compute dtype, pinned: what is copied to the device (aliases master in fp32)
     grad: torch.Tensor  # compute dtype, pinned: where the device's gradients land
     step: torch.Tensor  # Adam step count (a float tensor, as torch's fused kernel wants)
@@ -49,8 +51,10 @@ class BlockRecord:
         return self.layout.numel
 
     def state_bytes(self) -> int:
-        """Bytes of state this record holds (on the host, or on the device if on_device)."""
-        tensors = [self.master, self.exp_avg, self.exp_avg_sq, self.grad]
+        """Bytes of state this record holds in memory (on the host, or on the device if on_device);
+        optimizer state on another tier is counted by the tier (``StateTier.stored_bytes``)."""
+        tensors = [self.master, self.grad]
+        tensors += [t for t in (self.exp_avg, self.exp_avg_sq) if t is not None]
         if self.wire.data_ptr() != self.master.data_ptr():
             tensors.append(self.wire)
         if self.grad_acc is not None:

@@ -1,0 +1,69 @@
+"""StateTier: where a record's Adam state (m and v, fp32) lives, and HostTier, the tier in RAM.
+
+The optimizer asks a tier for a record's m and v around each update: ``prefetch(rec)`` may start
+bringing them in early, ``acquire(rec)`` returns them (waiting if they are still on their way),
+``release(rec)`` says the update is done with them (a tier off RAM starts writing them back).
+``flush()`` waits for every write-back, ``close()`` frees what the tier holds.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from offload.store.record import BlockRecord
+
+
+class StateTier(Protocol):
+    def place(self, rec: BlockRecord) -> None:
+        """Makes room for rec's m and v, zero-filled (at wrap time)."""
+
+    def prefetch(self, rec: BlockRecord) -> None:
+        """Starts bringing rec's state in, to be acquired soon; returns without waiting."""
+
+    def acquire(self, rec: BlockRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        """rec's (exp_avg, exp_avg_sq), flat fp32, ready to be updated in place."""
+        ...
+
+    def release(self, rec: BlockRecord) -> None:
+        """The update of rec is done with the tensors acquire gave."""
+
+    def flush(self) -> None:
+        """Waits until every released state is stored; raises a failed write's error."""
+
+    def close(self) -> None:
+        """Frees the tier's memory and files; the tier is unusable afterwards."""
+
+    def stored_bytes(self) -> int:
+        """Bytes of optimizer state this tier keeps outside RAM (files on disk)."""
+        ...
+
+
+class HostTier:
+    """Today's placement: m and v are tensors the record holds (host RAM, or device memory for a
+    record kept on the device), so acquiring them is free and there is nothing to write back."""
+
+    def place(self, rec: BlockRecord) -> None:
+        rec.exp_avg = torch.zeros(rec.numel, dtype=torch.float32, device=rec.master.device)
+        rec.exp_avg_sq = torch.zeros(rec.numel, dtype=torch.float32, device=rec.master.device)
+
+    def prefetch(self, rec: BlockRecord) -> None:
+        pass
+
+    def acquire(self, rec: BlockRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        if rec.exp_avg is None or rec.exp_avg_sq is None:
+            raise RuntimeError(f"{rec.name} has no optimizer state in memory: it was placed on another tier")
+        return rec.exp_avg, rec.exp_avg_sq
+
+    def release(self, rec: BlockRecord) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def stored_bytes(self) -> int:
+        return 0

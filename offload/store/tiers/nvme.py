@@ -1,0 +1,218 @@
+"""NvmeTier: Adam's m and v of each streamed block in a file on NVMe, staged through 3 leases.
+
+One file per block, m and v back to back, each padded to 4096 bytes (O_DIRECT's alignment), moved
+whole through ``offload.io``. Blocks are striped round-robin over ``nvme_dirs`` (one directory per
+drive), in a per-run subdirectory that ``close()`` removes. Files are zero-filled at wrap time, so
+the first read is real I/O and a full disk fails at wrap rather than mid-run.
+
+Host memory holds three blocks' state, in leases of a small pool: the next block's being read
+ahead (``prefetch``), the current one's being updated (``acquire``), the previous one's being
+written behind (``release``). A lease goes back to the pool only once its write has completed. The
+optimizer's worker thread makes every call but ``flush()``/``close()``, which run on the training
+thread while the worker is idle; a lock orders them anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from offload import io as oio
+from offload.config import ConfigError
+from offload.memory import PinnedPool
+from offload.memory.arena import Lease
+from offload.memory.pool import PoolExhausted
+from offload.store.record import BlockRecord
+
+ALIGN = 4096
+STAGED_BLOCKS = 3  # read-ahead, current, write-behind
+
+
+def _half_bytes(numel: int) -> int:
+    """Bytes of m (and of v) in a block's file: fp32, padded to O_DIRECT's alignment."""
+    return -(-max(numel, 1) * 4 // ALIGN) * ALIGN
+
+
+@dataclass(slots=True, eq=False)
+class _Staged:
+    """One block's state in a lease, with the read or write moving it (None: settled)."""
+
+    lease: Lease
+    io: oio.IoFuture | None
+    acquired: bool = False
+
+
+class NvmeTier:
+    """See the module docstring."""
+
+    def __init__(self, dirs: Sequence[str], numel: int) -> None:
+        for i, d in enumerate(dirs):
+            _check_dir(d, i)
+        self.dirs = [_run_dir(d) for d in dirs]
+        self._engine = oio.Engine()
+        slot = 2 * _half_bytes(numel)
+        self._pool = PinnedPool(
+            STAGED_BLOCKS * slot, arena_bytes=STAGED_BLOCKS * slot, pin=False, name="nvme-staging"
+        )
+        self._pool.attach_io(self._engine)  # registered buffers where io_uring takes them
+        self._files: dict[int, oio.DirectFile] = {}  # block index -> its file
+        self._staged: dict[int, _Staged] = {}  # block index -> staged state, least recently used first
+        self._lock = threading.Lock()
+        self._failed: OSError | None = None
+        self._closed = False
+
+    def path(self, rec: BlockRecord) -> str:
+        """The file that holds rec's m (at offset 0) and v (at ``_half_bytes(rec.numel)``)."""
+        return self._files[rec.index].path
+
+    def place(self, rec: BlockRecord) -> None:
+        d = self.dirs[len(self._files) % len(self.dirs)]
+        f = oio.open(d / f"{rec.name}.adam", "x", engine=self._engine)
+        self._files[rec.index] = f
+        nbytes = 2 * _half_bytes(rec.numel)
+        f.allocate(nbytes)
+        with self._pool.lease(nbytes, purpose="zero-fill") as lease:
+            lease.tensor.zero_()
+            f.write_from(lease, 0).wait()  # the lease is reused at once: wait for the write
+        rec.exp_avg = rec.exp_avg_sq = None
+
+    def prefetch(self, rec: BlockRecord) -> None:
+        with self._lock:
+            self._check()
+            if rec.index not in self._staged:  # else already read, in use, or still in memory
+                self._read(rec)
+
+    def acquire(self, rec: BlockRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            self._check()
+            st = self._staged.get(rec.index) or self._read(rec)
+            if st.acquired:
+                raise RuntimeError(f"{rec.name}'s optimizer state acquired twice without release")
+            # Host wait: the kernel must not read m and v before the read lands, nor overwrite
+            # them while a previous write-back of this block is still copying them out.
+            self._settle(rec.index, st)
+            st.acquired = True
+            self._touch(rec.index)
+            half = _half_bytes(rec.numel)
+            raw = st.lease.tensor
+            return raw[: rec.numel * 4].view(torch.float32), raw[half : half + rec.numel * 4].view(
+                torch.float32
+            )
+
+    def release(self, rec: BlockRecord) -> None:
+        with self._lock:
+            st = self._staged.get(rec.index)
+            if st is None or not st.acquired:
+                raise RuntimeError(f"{rec.name}'s optimizer state released without acquire")
+            st.acquired = False
+            st.io = self._files[rec.index].write_from(st.lease, 0)  # write-behind; waited on eviction
+            self._touch(rec.index)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._check()
+            for index, st in list(self._staged.items()):
+                self._settle(index, st)
+
+    def close(self) -> None:
+        """Waits for what is in flight (its errors were or will not be reported: the run is over),
+        then closes the files and removes the run's directories."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for st in self._staged.values():
+                if st.io is not None:
+                    with contextlib.suppress(OSError):
+                        st.io.wait()
+                st.lease.release()
+            self._staged.clear()
+            for f in self._files.values():
+                f.close()
+            self._pool.detach_io(self._engine)
+            self._pool.close()
+            self._engine.close()
+            for d in self.dirs:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def stored_bytes(self) -> int:
+        return sum(f.size() for f in self._files.values())
+
+    # ---- staging ---------------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise RuntimeError("the nvme optimizer-state tier is closed")
+        if self._failed is not None:  # the files no longer hold the state: refuse to go on
+            raise self._failed
+
+    def _read(self, rec: BlockRecord) -> _Staged:
+        lease = self._lease(2 * _half_bytes(rec.numel))
+        st = _Staged(lease, self._files[rec.index].read_into(lease, 0))
+        self._staged[rec.index] = st
+        return st
+
+    def _lease(self, nbytes: int) -> Lease:
+        """A staging lease; when all are out, frees the least recently used one not in use."""
+        while True:
+            try:
+                return self._pool.lease(nbytes, purpose="adam m+v")
+            except PoolExhausted:
+                victim = next((i for i, st in self._staged.items() if not st.acquired), None)
+                if victim is None:
+                    raise RuntimeError(
+                        f"all {STAGED_BLOCKS} nvme staging buffers hold acquired optimizer state"
+                    ) from None
+                st = self._staged[victim]
+                self._settle(victim, st)  # a buffer goes back only after its read or write is done
+                del self._staged[victim]
+                st.lease.release()
+
+    def _settle(self, index: int, st: _Staged) -> None:
+        """Host wait for st's transfer. A failed one leaves the file behind the state: the tier
+        refuses all further work with the same error."""
+        if st.io is None:
+            return
+        try:
+            st.io.wait()
+        except OSError as e:
+            self._failed = e
+            del self._staged[index]
+            st.lease.release()
+            raise
+        st.io = None
+
+    def _touch(self, index: int) -> None:
+        self._staged[index] = self._staged.pop(index)  # most recently used last
+
+
+def _check_dir(d: str, i: int) -> None:
+    """Raises ConfigError naming nvme_dirs[i] unless O_DIRECT works there. A missing directory is
+    created when its parent exists (so a recipe can name a fresh directory of the checkout)."""
+    base = Path(d).expanduser()
+    try:
+        base.mkdir()
+    except FileExistsError:
+        pass
+    except OSError as e:  # no parent, or a parent we may not enter or write
+        raise ConfigError(
+            f"nvme_dirs[{i}]", d, f"{base} does not exist and cannot be created: {e.strerror}"
+        ) from None
+    check = oio.check_direct(base)
+    if not check.ok:
+        raise ConfigError(f"nvme_dirs[{i}]", d, check.reason)
+
+
+def _run_dir(d: str) -> Path:
+    """This run's own subdirectory of d: two runs sharing a drive never share a file."""
+    run = Path(d).expanduser() / f"offload-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    run.mkdir()
+    return run
