@@ -1,0 +1,71 @@
+"""``offload plan RECIPE [--set key=value ...] [--json]``: the recipe's placement plan, bytes per
+kind of state and tier against the budgets, computed on the meta device (nothing is allocated).
+Exits 1 when the plan does not fit, naming per tier the need, the budget and what would fit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from offload.cli import CliError
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("plan", help="print a recipe's placement plan", description=__doc__)
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set offload.budgets.host_bytes=64GiB",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--no-detect",
+        dest="detect",
+        action="store_false",
+        help="budgets left null are unbounded (default: read them from this machine)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from offload.config import ConfigError
+    from offload.model.discovery import UnsupportedModelError
+    from offload.model.hf import build_on_meta
+    from offload.plan import make_plan
+    from offload.train import load_recipe
+    from offload.train.recipe import build_hf_config
+    from offload.train.tokenizer import load_tokenizer
+
+    path = Path(args.recipe)
+    if not path.exists():
+        raise CliError(f"recipe {path} does not exist")
+    try:
+        recipe = load_recipe(path, args.overrides)
+        tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.model.path)
+        model = build_on_meta(build_hf_config(recipe.model, tokenizer.vocab_size, eos_id=tokenizer.eos_id))
+        t = recipe.train
+        plan = make_plan(
+            model,
+            recipe.offload,
+            batch_size=t.batch_size,
+            seq_len=t.seq_len,
+            grad_accum=t.grad_accum,
+            detect=args.detect,
+        )
+    except (ConfigError, UnsupportedModelError, ValueError) as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(plan.table())
+    if not plan.fits:
+        for problem in plan.problems:
+            print(f"offload plan: does not fit: {problem}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,116 @@
+"""Plan: the bytes a configuration will allocate per kind of state and tier, against the budgets.
+
+Built by :func:`offload.plan.make_plan`; read as a table (``offload plan``) or as JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from offload.cli._table import format_table
+from offload.config import Tier
+from offload.plan.shape import ModelShape
+from offload.plan.tally import KINDS, STORE_KINDS, TIERS
+from offload.utils.sizes import format_bytes
+
+GiB = float(1 << 30)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Per-rank bytes of each (kind, tier), the predicted peaks and what does not fit."""
+
+    shape: ModelShape
+    dtype: str
+    batch_size: int
+    seq_len: int
+    grad_accum: int
+    world_size: int
+    placement: dict[str, Tier]
+    """The tier each kind of state gets, with "auto" and not-yet-built tiers resolved."""
+    device_blocks: int
+    """Blocks whose whole state is on the compute device (placement.device_blocks, capped at the
+    number of blocks)."""
+    bytes: dict[tuple[str, Tier], int]
+    """Bytes one rank allocates per (kind, tier); missing pairs are 0."""
+    pinned_bytes: int
+    """Capacity of one rank's pinned pool (the wire copies and gradients of the streamed records)."""
+    needed: dict[Tier, int]
+    """Predicted peak per tier for all ranks on this host (the gpu figure is per device)."""
+    budgets: dict[Tier, int | None]
+    """The budget each tier was checked against; None: unbounded."""
+    problems: tuple[str, ...]
+    """One line per tier over its budget: needed, budget, and the smallest changes that fit."""
+    notes: tuple[str, ...] = ()
+    """What the plan assumed (a tier not built yet, what "auto" chose, a device that is the CPU)."""
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def get(self, kind: str, tier: Tier) -> int:
+        return self.bytes.get((kind, tier), 0)
+
+    def store_bytes(self, tier: Tier) -> int:
+        """Bytes of the store's records on tier: what ``BlockRecord.state_bytes`` adds up over the
+        records (host and gpu), or what the nvme tier's files hold."""
+        return sum(self.get(kind, tier) for kind in STORE_KINDS)
+
+    def total(self, tier: Tier) -> int:
+        return sum(self.get(kind, tier) for kind in KINDS)
+
+    def table(self) -> str:
+        """A readable table: kind x tier in GiB, totals, then needed against budget per tier."""
+        s = self.shape
+        head = (
+            f"plan: {s.params / 1e9:.3f}B params, {s.blocks} blocks ({self.device_blocks} on the device), "
+            f"{self.dtype}, batch {self.batch_size} x seq {self.seq_len}"
+            + (f" x accum {self.grad_accum}" if self.grad_accum > 1 else "")
+            + (f", {self.world_size} ranks" if self.world_size > 1 else "")
+        )
+        place = "placement: " + ", ".join(f"{k} {v}" for k, v in self.placement.items())
+        rows: list[list[object]] = [
+            [kind, *(self.get(kind, t) / GiB for t in TIERS)]
+            for kind in KINDS
+            if any(self.get(kind, t) for t in TIERS)
+        ]
+        rows.append(["total per rank", *(self.total(t) / GiB for t in TIERS)])
+        kinds = format_table(["kind", *(f"{t} GiB" for t in TIERS)], rows)
+        peaks = format_table(
+            ["tier", "needed GiB", "budget GiB", "fits"],
+            [
+                [
+                    str(t),
+                    self.needed[t] / GiB,
+                    None if self.budgets[t] is None else self.budgets[t] / GiB,  # type: ignore[operator]
+                    "yes" if self.budgets[t] is None or self.needed[t] <= self.budgets[t] else "NO",  # type: ignore[operator]
+                ]
+                for t in TIERS
+            ],
+        )
+        pinned = f"pinned: {format_bytes(self.pinned_bytes)} per rank (the store's pool, inside host)"
+        lines = [head, place, "", kinds, "", peaks, pinned]
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"does not fit: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.shape.to_json(),
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "grad_accum": self.grad_accum,
+            "world_size": self.world_size,
+            "placement": {k: str(v) for k, v in self.placement.items()},
+            "device_blocks": self.device_blocks,
+            "bytes": {kind: {str(t): self.get(kind, t) for t in TIERS} for kind in KINDS},
+            "total_per_rank": {str(t): self.total(t) for t in TIERS},
+            "pinned_bytes": self.pinned_bytes,
+            "needed": {str(t): n for t, n in self.needed.items()},
+            "budgets": {str(t): b for t, b in self.budgets.items()},
+            "fits": self.fits,
+            "problems": list(self.problems),
+            "notes": list(self.notes),
+        }

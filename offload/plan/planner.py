@@ -1,0 +1,237 @@
+"""make_plan: where each kind of state goes and how many bytes each tier needs, without allocating.
+
+The model is only read (it may live on the meta device). The planner applies the runtime's current
+placement rules: the first ``placement.device_blocks`` blocks keep all their state on the compute
+device; the other blocks stream, with the fp32 master in host RAM and the wire copy and gradient in
+the pinned pool; Adam's m and v of the streamed blocks sit in host RAM or, with
+``optimizer_state: nvme``, in files (plus three blocks of staging in RAM). ``optimizer_state:
+auto`` takes host when it fits the host budget, else nvme. A tier over its budget becomes a
+problem that names the need, the budget and the smallest changes that would fit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+
+from torch import nn
+
+from offload.config import Config, Tier
+from offload.plan.plan import Plan
+from offload.plan.shape import ModelShape, model_shape
+from offload.plan.tally import Settings, Tally, tally
+from offload.utils.sizes import format_bytes
+
+_ITEM = {"bfloat16": 2, "float16": 2, "float32": 4}
+# The tier the runtime actually uses for each kind today, whatever the config asks (docs/design.md).
+_BUILT = {"master": Tier.HOST, "gradients": Tier.HOST, "activations": Tier.GPU}
+
+
+def make_plan(
+    model: nn.Module,
+    cfg: Config,
+    *,
+    batch_size: int,
+    seq_len: int,
+    world_size: int = 1,
+    grad_accum: int = 1,
+    blocks: str | None = None,
+    detect: bool = False,
+) -> Plan:
+    """The placement plan of model (meta device is enough) under cfg.
+
+    world_size: ranks on this host, each with a full replica (host and nvme needs multiply; the
+    gpu need is per device). detect: budgets left None are read from the machine (host RAM, free
+    space under nvme_dirs, the CUDA device's memory); without it None is unbounded.
+    """
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
+        if value < 1:
+            raise ValueError(f"{name} = {value}: must be >= 1")
+    shape = model_shape(model, blocks)
+    budgets = _budgets(cfg, detect)
+    on_cpu = cfg.resolve_device() == "cpu"
+    notes: list[str] = []
+    base = Settings(
+        item=_ITEM[cfg.dtype],
+        slots=cfg.slots,
+        device_blocks=cfg.placement.device_blocks,
+        optimizer=Tier.HOST,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        grad_accum=grad_accum,
+    )
+    need = _needs(shape, world_size, on_cpu)
+    settings = base.but(optimizer=_optimizer_tier(cfg, base, need, budgets, notes))
+    placement = _placement(cfg, settings, notes)
+    if on_cpu:
+        notes.append("the compute device is the CPU: the gpu column lives in host RAM and counts there")
+    if shape.hidden_size is None:
+        notes.append("the model's config has no hidden_size: activations are not counted")
+    t = tally(shape, settings)
+    needed = need(settings)
+    problems = [
+        _problem(tier, needed[tier], budget, _fixes(tier, shape, settings, cfg, need, budgets))
+        for tier, budget in budgets.items()
+        if budget is not None and needed[tier] > budget
+    ]
+    return Plan(
+        shape=shape,
+        dtype=cfg.dtype,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        grad_accum=grad_accum,
+        world_size=world_size,
+        placement=placement,
+        device_blocks=min(cfg.placement.device_blocks, shape.blocks),
+        bytes=dict(t.bytes),
+        pinned_bytes=t.pinned,
+        needed=needed,
+        budgets=budgets,
+        problems=tuple(problems),
+        notes=tuple(notes),
+    )
+
+
+Needs = Callable[[Settings], dict[Tier, int]]
+
+
+def _needs(shape: ModelShape, world_size: int, on_cpu: bool) -> Needs:
+    """A function from settings to the predicted peak of each tier (all ranks on the host)."""
+
+    def need(s: Settings) -> dict[Tier, int]:
+        t: Tally = tally(shape, s)
+        gpu = t.column(Tier.GPU)
+        host = t.column(Tier.HOST) + (t.pinned - t.pooled) + (gpu if on_cpu else 0)
+        return {
+            Tier.GPU: 0 if on_cpu else gpu,
+            Tier.HOST: world_size * host,
+            Tier.CXL: world_size * t.column(Tier.CXL),
+            Tier.NVME: world_size * t.column(Tier.NVME),
+        }
+
+    return need
+
+
+def _optimizer_tier(
+    cfg: Config, s: Settings, need: Needs, budgets: dict[Tier, int | None], notes: list[str]
+) -> Tier:
+    asked = cfg.placement.optimizer_state
+    if asked is Tier.NVME:
+        return Tier.NVME
+    if asked is Tier.AUTO:
+        host = budgets[Tier.HOST]
+        if host is None or need(s.but(optimizer=Tier.HOST))[Tier.HOST] <= host:
+            notes.append("optimizer_state auto: host (it fits the host budget)")
+            return Tier.HOST
+        if not cfg.nvme_dirs:
+            notes.append("optimizer_state auto: host, as no nvme_dirs are named (it does not fit there)")
+            return Tier.HOST
+        notes.append("optimizer_state auto: nvme (host would not fit its budget)")
+        return Tier.NVME
+    if asked is not Tier.HOST:
+        notes.append(f"optimizer_state {asked} is not built: the runtime keeps it in host RAM")
+    return Tier.HOST
+
+
+def _placement(cfg: Config, s: Settings, notes: list[str]) -> dict[str, Tier]:
+    out = {}
+    for kind, built in _BUILT.items():
+        asked = getattr(cfg.placement, kind)
+        if asked not in (built, Tier.AUTO):
+            notes.append(f"{kind} {asked} is not built: the runtime keeps it on {built}")
+        out[kind] = built
+    out["optimizer_state"] = s.optimizer
+    return out
+
+
+def _budgets(cfg: Config, detect: bool) -> dict[Tier, int | None]:
+    b = cfg.budgets
+    out: dict[Tier, int | None] = {
+        Tier.GPU: b.gpu_bytes,
+        Tier.HOST: b.host_bytes,
+        Tier.CXL: b.cxl_bytes,
+        Tier.NVME: b.nvme_bytes,
+    }
+    if not detect:
+        return out
+    if out[Tier.HOST] is None:
+        import psutil
+
+        out[Tier.HOST] = psutil.virtual_memory().total
+    if out[Tier.NVME] is None and cfg.nvme_dirs:
+        out[Tier.NVME] = _free_disk(cfg.nvme_dirs)
+    if out[Tier.GPU] is None and cfg.resolve_device().startswith("cuda"):
+        import torch
+
+        out[Tier.GPU] = torch.cuda.get_device_properties(torch.device(cfg.resolve_device())).total_memory
+    return out
+
+
+def _free_disk(dirs: list[str]) -> int:
+    """Free bytes over the distinct filesystems of dirs (a missing dir: its nearest parent)."""
+    free: dict[int, int] = {}
+    for d in dirs:
+        p = os.path.abspath(os.path.expanduser(d))
+        while not os.path.exists(p):
+            p = os.path.dirname(p)
+        free[os.stat(p).st_dev] = shutil.disk_usage(p).free
+    return sum(free.values())
+
+
+# ---- what would fit --------------------------------------------------------------------------------
+
+
+def _fits(need: dict[Tier, int], budgets: dict[Tier, int | None]) -> bool:
+    return all(b is None or need[t] <= b for t, b in budgets.items())
+
+
+def _fixes(
+    tier: Tier,
+    shape: ModelShape,
+    s: Settings,
+    cfg: Config,
+    need: Needs,
+    budgets: dict[Tier, int | None],
+) -> list[str]:
+    """Changes that would make the whole plan fit, the plainest first."""
+    budget = budgets[tier]
+    assert budget is not None
+    fixes = [f"raise budgets.{tier}_bytes by {format_bytes(need(s)[tier] - budget)}"]
+    n_dev = min(s.device_blocks, shape.blocks)
+    if tier is Tier.HOST and s.optimizer is Tier.HOST and n_dev < shape.blocks:
+        alt = need(s.but(optimizer=Tier.NVME))
+        if alt[Tier.HOST] <= budget:
+            extra = "" if cfg.nvme_dirs else " and name nvme_dirs"
+            fixes.append(f"put optimizer_state on nvme (needs {format_bytes(alt[Tier.NVME])} of nvme{extra})")
+    if tier is Tier.NVME and s.optimizer is Tier.NVME and _fits(need(s.but(optimizer=Tier.HOST)), budgets):
+        fixes.append("put optimizer_state on host")
+    if tier is Tier.HOST and budgets[Tier.GPU] is not None:
+        k = next(
+            (k for k in range(n_dev + 1, shape.blocks + 1) if _fits(need(s.but(device_blocks=k)), budgets)),
+            None,
+        )
+        if k is not None:
+            fixes.append(f"raise placement.device_blocks to {k}")
+    if tier is Tier.GPU:
+        k = next((k for k in range(n_dev - 1, -1, -1) if _fits(need(s.but(device_blocks=k)), budgets)), None)
+        if k is not None:
+            fixes.append(f"lower placement.device_blocks to {k}")
+        if s.slots > 2 and _fits(need(s.but(slots=2)), budgets):
+            fixes.append("lower slots to 2")
+        b = next(
+            (b for b in range(s.batch_size - 1, 0, -1) if _fits(need(s.but(batch_size=b)), budgets)), None
+        )
+        if b is not None:
+            fixes.append(f"lower train.batch_size to {b}")
+    return fixes
+
+
+def _problem(tier: Tier, needed: int, budget: int, fixes: list[str]) -> str:
+    return (
+        f"{tier}: needs {format_bytes(needed)}, budget {format_bytes(budget)} "
+        f"(over by {format_bytes(needed - budget)}): " + ", or ".join(fixes)
+    )
+
+
+__all__ = ["make_plan"]

@@ -1,0 +1,135 @@
+"""Bytes per kind of state and per tier, for one rank, from a ModelShape and the placement.
+
+Each formula mirrors an allocation of the runtime (``offload/engine/runtime.py``,
+``offload/engine/executor.py``, ``offload/store/tiers/``); docs/plan.md lists them. This module is
+pure arithmetic, so the planner can try a changed placement (optimizer state on nvme, fewer device
+blocks) by calling :func:`tally` again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from offload.config import Tier
+from offload.plan.shape import ModelShape
+
+TIERS = (Tier.GPU, Tier.HOST, Tier.CXL, Tier.NVME)
+KINDS = (
+    "master",
+    "optimizer",
+    "wire",
+    "gradients",
+    "grad_accum",
+    "activations",
+    "device_buffers",
+    "nvme_staging",
+    "overhead",
+)
+"""Rows of the plan: the store's per-record state first (master, optimizer, wire, gradients: what
+``BlockRecord.state_bytes`` counts), then the rest of what the runtime allocates."""
+
+STORE_KINDS = ("master", "optimizer", "wire", "gradients")
+
+HOST_OVERHEAD_BYTES = 2 << 30
+"""Host memory of the process besides the store: the Python interpreter, torch's and CUDA's
+libraries and the CUDA context's host side, the tokenized data. About 1.5 to 2 GiB of RSS for a
+CUDA process in practice; a fixed, documented guess rather than a measurement."""
+
+PAGE = 4096  # the store's pinned pool gives each buffer an arena of whole pages (Runtime._make_pool)
+NVME_ALIGN = 4096  # NvmeTier pads m and v each to O_DIRECT's alignment
+NVME_STAGED_BLOCKS = 3  # NvmeTier's staging leases: read-ahead, current, write-behind
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the bytes depend on besides the model's shape."""
+
+    item: int
+    """Bytes per element of the compute dtype."""
+    slots: int
+    device_blocks: int
+    optimizer: Tier
+    """Where the streamed blocks' m and v live: Tier.HOST or Tier.NVME (already resolved)."""
+    batch_size: int
+    seq_len: int
+    grad_accum: int = 1
+
+    def but(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
+class Tally:
+    """Bytes of each (kind, tier), and the pinned pool's exact capacity."""
+
+    bytes: dict[tuple[str, Tier], int] = field(default_factory=dict)
+    pinned: int = 0
+    pooled: int = 0
+    """Bytes of the buffers in the pinned pool before page rounding (pinned - pooled is padding)."""
+
+    def add(self, kind: str, tier: Tier, nbytes: int) -> None:
+        if nbytes:
+            self.bytes[(kind, tier)] = self.bytes.get((kind, tier), 0) + nbytes
+
+    def column(self, tier: Tier) -> int:
+        return sum(n for (_, t), n in self.bytes.items() if t is tier)
+
+
+def nvme_half_bytes(numel: int) -> int:
+    """Bytes of m (and of v) in one block's NVMe file: fp32, padded to 4096 (NvmeTier)."""
+    return -(-max(numel, 1) * 4 // NVME_ALIGN) * NVME_ALIGN
+
+
+def _page(nbytes: int) -> int:
+    return -(-max(nbytes, 1) // PAGE) * PAGE
+
+
+def tally(shape: ModelShape, s: Settings) -> Tally:
+    """Bytes one rank allocates for shape under settings s."""
+    t = Tally()
+    n_dev = min(s.device_blocks, shape.blocks)
+    streamed = shape.blocks - n_dev
+    n, rn = shape.block_numel, shape.resident_numel
+    for _ in range(streamed):
+        _host_record(t, n, s, s.optimizer)
+    if rn:
+        _host_record(t, rn, s, Tier.HOST)  # the residents' m and v always stay in RAM
+    for _ in range(n_dev):
+        _device_record(t, n, s)
+    if s.grad_accum > 1:  # an fp32 sum per record, made on the first accumulation
+        t.add("grad_accum", Tier.HOST, 4 * (streamed * n + rn))
+        t.add("grad_accum", Tier.GPU, 4 * n_dev * n)
+    hidden = shape.hidden_size or 0
+    t.add("activations", Tier.GPU, shape.blocks * s.batch_size * s.seq_len * hidden * s.item)
+    # Weight slots, double-buffered gradient staging (Executor), the residents' device copy, their
+    # .grad, and the staging buffer that gathers those into the resident record.
+    working = (s.slots + 2) * n * s.item + (2 * rn + shape.resident_trainable) * s.item
+    t.add("device_buffers", Tier.GPU, working)
+    if s.optimizer is Tier.NVME and streamed:
+        t.add("nvme_staging", Tier.HOST, NVME_STAGED_BLOCKS * 2 * nvme_half_bytes(n))
+    t.add("overhead", Tier.HOST, HOST_OVERHEAD_BYTES)
+    return t
+
+
+def _host_record(t: Tally, numel: int, s: Settings, optimizer: Tier) -> None:
+    """Runtime._host_record: pageable fp32 master, wire and gradient in the pinned pool; in
+    float32 the master is itself the pool buffer the device copies from (no separate wire)."""
+    t.add("master", Tier.HOST, 4 * numel)
+    if s.item != 4:
+        t.add("wire", Tier.HOST, numel * s.item)
+    t.add("gradients", Tier.HOST, numel * s.item)
+    if optimizer is Tier.NVME:
+        t.add("optimizer", Tier.NVME, 2 * nvme_half_bytes(numel))
+    else:
+        t.add("optimizer", Tier.HOST, 8 * numel)
+    t.pinned += 2 * _page(numel * s.item)
+    t.pooled += 2 * numel * s.item
+
+
+def _device_record(t: Tally, numel: int, s: Settings) -> None:
+    """Runtime._device_record: master, m, v, wire (unless float32) and gradient on the device."""
+    t.add("master", Tier.GPU, 4 * numel)
+    t.add("optimizer", Tier.GPU, 8 * numel)
+    if s.item != 4:
+        t.add("wire", Tier.GPU, numel * s.item)
+    t.add("gradients", Tier.GPU, numel * s.item)

@@ -1,0 +1,227 @@
+"""The placement planner (offload/plan) and ``offload plan``: bytes equal what offload.wrap
+allocates on tiny models, the shipped recipes' plans, refusal with numbers and a fix, JSON, errors.
+Every model here is tiny or on the meta device; budgets are always explicit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import offload
+from offload.cli import CliError
+from offload.cli import plan as plan_cli
+from offload.config import Config, Tier, load_config
+from offload.model.hf import build_on_meta
+from offload.plan import Plan, make_plan
+from offload.train import load_recipe
+from offload.train.recipe import build_hf_config
+from tests.models import tiny
+
+REPO = Path(__file__).resolve().parent.parent
+GiB = 1 << 30
+
+
+def plan_and_wrap(**overrides: object) -> tuple[Plan, offload.OffloadedModel]:
+    model = tiny("llama", layers=4)
+    cfg = load_config(None, device="cpu", **overrides)
+    plan = make_plan(model, cfg, batch_size=2, seq_len=16)
+    wrapped, _ = offload.wrap(model, cfg)
+    return plan, wrapped
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("device_blocks", [0, 2])
+def test_bytes_equal_what_wrap_allocates(dtype: str, device_blocks: int) -> None:
+    plan, wrapped = plan_and_wrap(dtype=dtype, placement={"device_blocks": device_blocks})
+    rt = wrapped.runtime
+    host = sum(r.state_bytes() for r in rt.records() if not r.on_device)
+    device = sum(r.state_bytes() for r in rt.records() if r.on_device)
+    assert plan.store_bytes(Tier.HOST) == host
+    assert plan.store_bytes(Tier.GPU) == device
+    assert (device > 0) == (device_blocks > 0)
+    assert plan.pinned_bytes == rt.pool.config.capacity
+    item = torch.finfo(rt.dtype).bits // 8
+    assert rt.resident_flat is not None and rt.resident is not None
+    allocated = (
+        rt.executor.slots.nbytes()
+        + sum(s.numel() * s.element_size() for s in rt.executor.staging)
+        + rt.resident_flat.numel() * item
+    )
+    # The rest of device_buffers (the residents' .grad and their gather buffer) exists only in backward.
+    transient = (rt.resident.numel + plan.shape.resident_trainable) * item
+    assert plan.get("device_buffers", Tier.GPU) == allocated + transient
+
+
+def test_optimizer_on_nvme_equals_the_files_and_staging(disk_dir: Path) -> None:
+    plan, wrapped = plan_and_wrap(
+        dtype="bfloat16", placement={"optimizer_state": "nvme"}, nvme_dirs=[str(disk_dir)]
+    )
+    rt = wrapped.runtime
+    try:
+        assert plan.placement["optimizer_state"] is Tier.NVME
+        assert plan.get("optimizer", Tier.NVME) == rt.state_tier.stored_bytes()
+        assert plan.store_bytes(Tier.HOST) == sum(r.state_bytes() for r in rt.records())
+        assert plan.get("optimizer", Tier.HOST) == 8 * plan.shape.resident_numel  # residents stay in RAM
+        assert plan.get("nvme_staging", Tier.HOST) == rt.state_tier._pool.config.capacity
+        assert plan.pinned_bytes == rt.pool.config.capacity
+    finally:
+        rt.close()
+
+
+def test_meta_model_plans_like_the_real_one() -> None:
+    model = tiny("qwen2", layers=3)  # tied embeddings: counted once
+    cfg = Config(device="cpu")
+    meta = build_on_meta(model.config)
+    assert make_plan(meta, cfg, batch_size=2, seq_len=8) == make_plan(model, cfg, batch_size=2, seq_len=8)
+    assert make_plan(meta, cfg, batch_size=2, seq_len=8).shape.params == sum(
+        p.numel() for p in model.parameters()
+    )
+
+
+def recipe_plan(name: str, *overrides: str, **kwargs: object) -> Plan:
+    recipe = load_recipe(REPO / "recipes" / name, overrides)
+    model = build_on_meta(build_hf_config(recipe.model, 259))
+    t = recipe.train
+    return make_plan(model, recipe.offload, batch_size=t.batch_size, seq_len=t.seq_len, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "device_blocks"), [("llama-3b.yaml", 3.43e9, 12), ("llama-7b.yaml", 6.74e9, 10)]
+)
+def test_recipe_state_is_16_bytes_per_param_split_gpu_host(
+    name: str, params: float, device_blocks: int
+) -> None:
+    plan = recipe_plan(name)
+    assert plan.shape.params == pytest.approx(params, rel=2e-3)
+    state = plan.store_bytes(Tier.GPU) + plan.store_bytes(Tier.HOST)
+    # 4 (fp32 master) + 8 (Adam m, v) + 2 (bf16 wire) + 2 (bf16 gradient); padding is < 0.01 %.
+    assert state == pytest.approx(16 * plan.shape.params, rel=1e-4)
+    assert plan.device_blocks == device_blocks
+    assert plan.store_bytes(Tier.GPU) == 16 * device_blocks * plan.shape.block_numel
+    assert plan.store_bytes(Tier.NVME) == 0
+    hidden = plan.shape.hidden_size
+    assert plan.get("activations", Tier.GPU) == plan.shape.blocks * 4 * 2048 * hidden * 2  # type: ignore[operator]
+    assert plan.fits  # no budgets given: unbounded
+
+
+def test_recipe_with_optimizer_on_nvme_moves_m_and_v() -> None:
+    host = recipe_plan("llama-7b.yaml")
+    nvme = recipe_plan("llama-7b.yaml", "offload.placement.optimizer_state=nvme", "offload.nvme_dirs=[/x]")
+    streamed = host.shape.blocks - host.device_blocks
+    assert nvme.get("optimizer", Tier.NVME) == streamed * 8 * host.shape.block_numel  # already 4096-aligned
+    assert (
+        host.get("optimizer", Tier.HOST) - nvme.get("optimizer", Tier.HOST)
+        == streamed * 8 * host.shape.block_numel
+    )
+    assert nvme.get("nvme_staging", Tier.HOST) == 3 * 8 * host.shape.block_numel
+
+
+def test_auto_optimizer_state_takes_host_when_it_fits_else_nvme() -> None:
+    roomy = recipe_plan(
+        "llama-7b.yaml", "offload.placement.optimizer_state=auto", "offload.budgets.host_bytes=512GiB"
+    )
+    assert roomy.placement["optimizer_state"] is Tier.HOST and roomy.fits
+    tight = recipe_plan(
+        "llama-7b.yaml",
+        "offload.placement.optimizer_state=auto",
+        "offload.budgets.host_bytes=48GiB",
+        "offload.nvme_dirs=[/x]",
+    )
+    assert tight.placement["optimizer_state"] is Tier.NVME and tight.fits
+    assert tight.needed[Tier.HOST] <= 48 * GiB
+
+
+def test_world_size_multiplies_host_and_nvme_not_gpu() -> None:
+    one = recipe_plan("llama-3b.yaml")
+    two = recipe_plan("llama-3b.yaml", world_size=2)
+    assert two.needed[Tier.HOST] == 2 * one.needed[Tier.HOST]
+    assert two.needed[Tier.GPU] == one.needed[Tier.GPU]
+
+
+def test_gpu_over_budget_suggests_fewer_device_blocks() -> None:
+    plan = recipe_plan("llama-3b.yaml", "offload.budgets.gpu_bytes=16GiB")
+    assert not plan.fits
+    (problem,) = plan.problems
+    assert problem.startswith("gpu: needs 25.5 GiB, budget 16 GiB (over by 9.5 GiB): raise budgets.gpu_bytes")
+    k = int(problem.split("lower placement.device_blocks to ")[1].split(",")[0])
+    assert recipe_plan(
+        "llama-3b.yaml", "offload.budgets.gpu_bytes=16GiB", f"offload.placement.device_blocks={k}"
+    ).fits
+    assert not recipe_plan(
+        "llama-3b.yaml", "offload.budgets.gpu_bytes=16GiB", f"offload.placement.device_blocks={k + 1}"
+    ).fits
+
+
+# ---- offload plan ---------------------------------------------------------------------------------
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    plan_cli.add_parser(parser.add_subparsers())
+    return plan_cli.run(parser.parse_args(["plan", *argv]))
+
+
+def test_cli_refuses_a_plan_that_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli(
+        str(REPO / "recipes" / "llama-7b.yaml"),
+        "--no-detect",
+        "--set",
+        "offload.budgets.host_bytes=64GiB",
+        "--set",
+        "offload.budgets.gpu_bytes=80GiB",
+    )
+    assert code == 1
+    out = capsys.readouterr()
+    assert re.search(r"host +72\.25 +64\.00 +NO", out.out)
+    assert (
+        "does not fit: host: needs 72.3 GiB, budget 64 GiB (over by 8.3 GiB): raise budgets.host_bytes by "
+        "8.3 GiB, or put optimizer_state on nvme (needs 33.2 GiB of nvme and name nvme_dirs), or raise placement.device_blocks to 13"
+    ) in out.err
+
+
+def test_cli_prints_a_table_and_succeeds_when_it_fits(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        cli(
+            str(REPO / "recipes" / "llama-3b.yaml"),
+            "--no-detect",
+            "--set",
+            "offload.budgets.host_bytes=64GiB",
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "26 blocks (12 on the device)" in out and "total per rank" in out and "pinned:" in out
+
+
+def test_cli_json_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(str(REPO / "recipes" / "tiny.yaml"), "--no-detect", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is True and data["placement"]["optimizer_state"] == "nvme"
+    assert data["bytes"]["optimizer"]["nvme"] > 0 and data["budgets"]["host"] is None
+    assert sum(data["bytes"][k]["host"] for k in data["bytes"]) == data["total_per_rank"]["host"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("offload.placement.device_blocks=-1", "offload.placement.device_blocks = -1: must be >= 0"),
+        ("offload.budgets.host_bytes=lots", "offload.budgets.host_bytes = 'lots': invalid size"),
+        (
+            "offload.placement.optimizer_state=tape",
+            "offload.placement.optimizer_state = 'tape': expected one of",
+        ),
+    ],
+)
+def test_cli_bad_recipe_field_names_it(override: str, message: str) -> None:
+    with pytest.raises(CliError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        cli(str(REPO / "recipes" / "llama-3b.yaml"), "--no-detect", "--set", override)
+
+
+def test_cli_missing_recipe() -> None:
+    with pytest.raises(CliError, match="does not exist"):
+        cli("no-such-recipe.yaml")
