@@ -1,0 +1,114 @@
+"""``offload ckpt ls ROOT | inspect PATH | verify PATH``: look at checkpoints without loading them.
+
+``ls`` lists the committed steps under a root with their sizes and which one ``latest`` names;
+``inspect`` prints a checkpoint's summary and tensors; ``verify`` checks every tensor's crc32 and
+the manifest, exits 0 when all is well and 1 naming each bad file and tensor otherwise. None of
+them imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from offload.cli import CliError
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("ckpt", help="list, inspect and verify checkpoints", description=__doc__)
+    sub = p.add_subparsers(dest="ckpt_command", metavar="ACTION")
+    ls = sub.add_parser("ls", help="committed steps under a root, sizes, the latest marker")
+    ls.add_argument("root", help="checkpoint root (the directory given to offload.save)")
+    inspect = sub.add_parser("inspect", help="a checkpoint's tensors, dtypes, bytes and config summary")
+    inspect.add_argument("path", help="a step directory, or a root (then its latest step)")
+    inspect.add_argument("--limit", type=int, default=50, help="tensors to list (default 50; 0: all)")
+    verify = sub.add_parser("verify", help="check every tensor's crc32 and the manifest")
+    verify.add_argument("path", help="a step directory, or a root (then its latest step)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from offload.checkpoint.format import CheckpointError
+
+    action = {"ls": _ls, "inspect": _inspect, "verify": _verify}.get(args.ckpt_command)
+    if action is None:
+        raise CliError("offload ckpt needs an action: ls, inspect or verify")
+    try:
+        return action(args)
+    except CheckpointError as e:
+        raise CliError(str(e)) from None
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from offload.checkpoint.format import dir_bytes, latest_marker, list_checkpoints
+    from offload.cli._table import format_table
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise CliError(f"{root} is not a directory")
+    found = list_checkpoints(root)
+    if not found:
+        print(f"{root}: no committed checkpoints")
+        return 0
+    latest = latest_marker(root)
+    rows = [(step, p.name, _size(dir_bytes(p)), "latest" if p.name == latest else "") for step, p in found]
+    print(format_table(["step", "directory", "size", ""], rows))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from offload.checkpoint.format import read_manifest, resolve
+    from offload.cli._table import format_table
+
+    path = resolve(args.path)
+    m = read_manifest(path)
+    tensors = m.get("tensors", {})
+    total = sum(t["nbytes"] for t in tensors.values())
+    cfg = m.get("config", {})
+    groups = m.get("optimizer", {}).get("param_groups", [])
+    print(f"checkpoint {path}")
+    print(
+        f"  step {m.get('step')}, format {m.get('format_version')}, written by offload {m.get('offload_version')}"
+    )
+    print(
+        f"  model {m.get('model_class')}, {len(m.get('params', {}))} parameters, {len(tensors)} tensors, {_size(total)}"
+    )
+    print(f"  device {cfg.get('device')}, dtype {cfg.get('dtype')}, placement {cfg.get('placement')}")
+    for i, g in enumerate(groups):
+        opts = ", ".join(f"{k}={g[k]}" for k in ("lr", "betas", "eps", "weight_decay") if k in g)
+        print(f"  param group {i}: {opts}")
+    print(
+        f"  scheduler {'saved' if m.get('scheduler') is not None else 'none'}, extra keys {sorted(m.get('extra') or {})}"
+    )
+    shown = list(tensors.items()) if args.limit <= 0 else list(tensors.items())[: args.limit]
+    rows = [
+        (k, t["file"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", t["nbytes"]) for k, t in shown
+    ]
+    print(format_table(["tensor", "file", "dtype", "shape", "bytes"], rows))
+    if len(shown) < len(tensors):
+        print(f"... {len(tensors) - len(shown)} more (--limit 0 lists all)")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from offload.checkpoint.format import resolve
+    from offload.checkpoint.integrity import verify
+
+    path = resolve(args.path)
+    problems = verify(path)
+    if problems:
+        for p in problems:
+            print(f"BAD {path / p.file}: {p.tensor or '-'}: {p.message}")
+        print(f"{path}: {len(problems)} problem(s)")
+        return 1
+    print(f"{path}: OK")
+    return 0
+
+
+def _size(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{nbytes} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
