@@ -13,7 +13,19 @@ from typing import Any
 
 from offload._version import __version__
 
-_SUBMODULES = ("io", "memory", "cli", "utils", "config", "model", "engine", "store", "train")
+_SUBMODULES = (
+    "io",
+    "memory",
+    "cli",
+    "utils",
+    "config",
+    "model",
+    "engine",
+    "store",
+    "train",
+    "plan",
+    "checkpoint",
+)
 # Public names and the module each comes from.
 _API = {
     "wrap": "offload.api",
@@ -21,6 +33,8 @@ _API = {
     "OffloadedModel": "offload.api",
     "Config": "offload.config",
     "load_config": "offload.config",
+    "save": "offload.checkpoint",
+    "load": "offload.checkpoint",
 }
 
 __all__ = ["__version__", *_API, *_SUBMODULES]
