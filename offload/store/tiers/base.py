@@ -36,7 +36,8 @@ class StateTier(Protocol):
         """Frees the tier's memory and files; the tier is unusable afterwards."""
 
     def stored_bytes(self) -> int:
-        """Bytes of optimizer state this tier keeps outside RAM (files on disk)."""
+        """Bytes of optimizer state this tier keeps outside the records (files on disk, memory
+        mapped on CXL nodes); ``BlockRecord.state_bytes`` counts the records' own memory."""
         ...
 
 
