@@ -225,3 +225,15 @@ def test_cli_bad_recipe_field_names_it(override: str, message: str) -> None:
 def test_cli_missing_recipe() -> None:
     with pytest.raises(CliError, match="does not exist"):
         cli("no-such-recipe.yaml")
+
+
+def test_optimizer_on_cxl_equals_the_bound_leases() -> None:
+    plan, wrapped = plan_and_wrap(dtype="bfloat16", placement={"optimizer_state": "cxl"}, cxl_nodes=[0])
+    rt = wrapped.runtime
+    try:
+        assert plan.placement["optimizer_state"] is Tier.CXL
+        assert plan.get("optimizer", Tier.CXL) == rt.state_tier.stored_bytes()
+        assert plan.store_bytes(Tier.HOST) == sum(r.state_bytes() for r in rt.records())
+        assert not any("cxl" in note and "not built" in note for note in plan.notes)
+    finally:
+        rt.close()

@@ -117,8 +117,8 @@ def _optimizer_tier(
     cfg: Config, s: Settings, need: Needs, budgets: dict[Tier, int | None], notes: list[str]
 ) -> Tier:
     asked = cfg.placement.optimizer_state
-    if asked is Tier.NVME:
-        return Tier.NVME
+    if asked in (Tier.NVME, Tier.CXL):
+        return asked
     if asked is Tier.AUTO:
         host = budgets[Tier.HOST]
         if host is None or need(s.but(optimizer=Tier.HOST))[Tier.HOST] <= host:

@@ -49,7 +49,7 @@ class Settings:
     slots: int
     device_blocks: int
     optimizer: Tier
-    """Where the streamed blocks' m and v live: Tier.HOST or Tier.NVME (already resolved)."""
+    """Where the streamed blocks' m and v live: Tier.HOST, Tier.CXL or Tier.NVME (already resolved)."""
     batch_size: int
     seq_len: int
     grad_accum: int = 1
@@ -120,6 +120,8 @@ def _host_record(t: Tally, numel: int, s: Settings, optimizer: Tier) -> None:
     t.add("gradients", Tier.HOST, numel * s.item)
     if optimizer is Tier.NVME:
         t.add("optimizer", Tier.NVME, 2 * nvme_half_bytes(numel))
+    elif optimizer is Tier.CXL:  # CxlTier: m and v each in a page-rounded lease on a CXL node
+        t.add("optimizer", Tier.CXL, 2 * _page(4 * numel))
     else:
         t.add("optimizer", Tier.HOST, 8 * numel)
     t.pinned += 2 * _page(numel * s.item)
