@@ -25,6 +25,7 @@ from offload.checkpoint import (
     save,
     verify,
 )
+from offload.checkpoint.export import export_hf
 from offload.cli import CliError, ckpt
 from offload.store.tiers import NvmeTier
 from tests.models import batches, tiny
@@ -282,3 +283,154 @@ def test_cli_verify(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert f"BAD {path / 'block.1.safetensors'}: {KEY}: file truncated" in out
     assert cli(["ckpt", "verify", str(root / "missing")]) == 2
     assert cli(["ckpt"]) == 2
+
+
+# ---- retention --------------------------------------------------------------------------------
+
+
+def steps_of(root: Path) -> list[int]:
+    return [s for s, _ in list_checkpoints(root)]
+
+
+def test_save_prunes_by_retention(tmp_path: Path) -> None:
+    model, opt, _ = make()
+    root = tmp_path / "ckpt"
+    for step in range(1, 8):
+        save(model, opt, root, step=step, keep_last=2, keep_every=3)
+        assert steps_of(root)[-1] == step  # never the one just written
+    assert steps_of(root) == [3, 6, 7]
+    assert (root / "latest").read_text() == "step_000007\n"
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name]
+    save(model, opt, root, step=8, keep_last=1)
+    assert steps_of(root) == [8]
+    model.runtime.close()
+
+
+def test_retention_refuses_bad_values(tmp_path: Path) -> None:
+    from offload.checkpoint import Retention
+
+    with pytest.raises(ValueError, match="keep_last = 0"):
+        Retention(keep_last=0)
+    with pytest.raises(ValueError, match="keep_every = -1"):
+        Retention(keep_last=1, keep_every=-1)
+    model, opt, _ = make()
+    with pytest.raises(ValueError, match="keep_every = 5 needs keep_last"):
+        save(model, opt, tmp_path, step=1, keep_every=5)
+    with pytest.raises(ValueError, match="keep_last = 0"):
+        save(model, opt, tmp_path, step=1, keep_last=0)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_prune_spares_latest(root: Path) -> None:
+    from offload.checkpoint import Retention, prune
+
+    (root / "latest").write_text("step_000001\n")  # e.g. a step rolled back to by hand
+    assert prune(root, Retention(keep_last=1)) == [root / "step_000002"]
+    assert steps_of(root) == [1, 3]
+
+
+def test_cli_prune(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["ckpt", "prune", str(root), "--keep-last", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would delete {root / 'step_000001'}" in out and "would delete 2 step(s)" in out
+    assert steps_of(root) == [1, 2, 3]
+    assert cli(["ckpt", "prune", str(root), "--keep-last", "1", "--keep-every", "2"]) == 0
+    assert "deleted 1 step(s)" in capsys.readouterr().out
+    assert steps_of(root) == [2, 3]
+    assert cli(["ckpt", "prune", str(root), "--keep-last", "0"]) == 2
+    assert "keep_last = 0" in capsys.readouterr().out
+
+
+# ---- export, diff -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype", "atol"),
+    [("llama", "float32", 1e-5), ("qwen2", "float32", 1e-5), ("qwen2", "bfloat16", 0.1)],
+)
+def test_export_hf_logits_match(tmp_path: Path, family: str, dtype: str, atol: float) -> None:
+    """The exported directory loads in transformers and gives the offload model's logits: to float32
+    rounding (the same ops on the same weights), or bfloat16's (weights rounded to 8 bits of mantissa;
+    logits of this tiny model are O(1), so 0.1 absolute)."""
+    from transformers import AutoModelForCausalLM
+
+    model, opt = offload.wrap(tiny(family), device="cpu", dtype="float32", optimizer=OPT)
+    train(model, opt, None, batches(2))
+    path = save(model, opt, tmp_path / "ckpt", step=2).wait()
+    ids = batches(1, seed=5)[0]
+    with torch.no_grad():
+        expect = model(input_ids=ids).logits
+    model.runtime.close()
+    seen: list[tuple[int, int, str]] = []
+    out = export_hf(path, tmp_path / "hf", dtype=dtype, progress=lambda *a: seen.append(a))
+    assert seen[-1][0] == seen[-1][1] == len(seen)
+    names = [name for _, _, name in seen]
+    assert ("lm_head.weight" in names) == (family == "llama")  # tied: written once
+    hf = AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        got = hf(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, expect, atol=atol, rtol=0)
+
+
+def test_export_refusals(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dtype = 'int8'"):
+        export_hf(root, tmp_path / "x", dtype="int8")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(CheckpointError, match="taken already exists"):
+        export_hf(root, tmp_path / "taken")
+    manifest = root / "step_000003" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "model_config": None}))
+    with pytest.raises(CheckpointError, match="without a Hugging Face model config"):
+        export_hf(root, tmp_path / "y")
+    assert not (tmp_path / "y").exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_cli_export(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "hf"
+    assert cli(["ckpt", "export", str(root), "--to", "hf", str(out), "--dtype", "bfloat16"]) == 0
+    captured = capsys.readouterr()
+    assert (
+        "wrote" in captured.out
+        and f"export {len(load_file(str(out / 'model.safetensors')))}/" in captured.err
+    )
+    weights = load_file(str(out / "model.safetensors"))
+    master = load_file(str(root / "step_000003" / "block.0.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(weights[name], master[f"master/{name}"].to(torch.bfloat16))
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_diff(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from offload.checkpoint.diff import diff
+
+    same = diff(root / "step_000002", root / "step_000002")
+    assert {d.max_abs for d in same} == {0.0}
+    moved = {d.key: d.max_abs for d in diff(root / "step_000001", root)}
+    name = "master/model.layers.0.mlp.up_proj.weight"
+    a = safe_tensor(root / "step_000001", name)
+    b = safe_tensor(root / "step_000003", name)
+    assert moved[name] == pytest.approx((a.double() - b.double()).abs().max().item())
+    assert cli(["ckpt", "diff", str(root / "step_000001"), str(root)]) == 0
+    out = capsys.readouterr().out
+    assert name in out and f"{len(moved)} tensors compared" in out
+
+
+def test_diff_other_model(root: Path, tmp_path: Path) -> None:
+    from offload.checkpoint.diff import diff
+
+    model, opt = offload.wrap(tiny("llama", layers=2), device="cpu", dtype="float32")
+    other = save(model, opt, tmp_path / "other", step=1).wait()
+    model.runtime.close()
+    notes = {d.key: d.note for d in diff(root, other) if d.max_abs is None}
+    assert notes["master/model.layers.2.mlp.up_proj.weight"] == "only in A"
+    assert len(notes) == 3 * 9  # one layer's 9 parameters, 3 tensors each
+
+
+def safe_tensor(path: Path, key: str) -> torch.Tensor:
+    manifest = json.loads((path / "manifest.json").read_text())
+    from safetensors.torch import load_file
+
+    return load_file(str(path / manifest["tensors"][key]["file"]))[key]

@@ -21,6 +21,8 @@ _API = {
     "Problem": "offload.checkpoint.format",
     "list_checkpoints": "offload.checkpoint.format",
     "resolve": "offload.checkpoint.format",
+    "Retention": "offload.checkpoint.retention",
+    "prune": "offload.checkpoint.retention",
 }
 
 __all__ = list(_API)

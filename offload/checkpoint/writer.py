@@ -35,6 +35,7 @@ from offload.checkpoint.format import (
     step_dirname,
     tensor_key,
 )
+from offload.checkpoint.retention import Retention, prune
 from offload.config import config_to_dict
 
 SAFETENSORS_DTYPES = {
@@ -76,9 +77,18 @@ def save(
     step: int,
     scheduler: Any = None,
     extra: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+    keep_every: int | None = None,
 ) -> SaveHandle:
     """Saves masters, Adam state, step counts, param-group options, the scheduler's state, RNG
-    states and extra (plain JSON data, e.g. the data stream's state_dict) as ``root/step_<step>``."""
+    states and extra (plain JSON data, e.g. the data stream's state_dict) as ``root/step_<step>``.
+    With keep_last, older committed steps are pruned after the commit (retention.py): the newest
+    keep_last and every step divisible by keep_every stay, and never the one just written."""
+    retention = None
+    if keep_last is not None:
+        retention = Retention(keep_last=keep_last, keep_every=keep_every)
+    elif keep_every is not None:
+        raise ValueError(f"keep_every = {keep_every!r} needs keep_last")
     rt = state.runtime_of(model, optimizer)
     sched = _plain("scheduler.state_dict()", scheduler.state_dict()) if scheduler is not None else None
     extra = _plain("extra", extra if extra is not None else {})
@@ -116,6 +126,9 @@ def save(
         raise
     _write_file(root / LATEST, f"{final.name}\n".encode(), atomic=True)
     _fsync_dir(root)
+    if retention is not None:
+        prune(root, retention, protect=[final])  # after latest moved: the old one may go too
+        _fsync_dir(root)
     return SaveHandle(final)
 
 

@@ -1,9 +1,11 @@
-"""``offload ckpt ls ROOT | inspect PATH | verify PATH``: look at checkpoints without loading them.
+"""``offload ckpt ls | inspect | verify | prune``: look at checkpoints without loading them.
 
 ``ls`` lists the committed steps under a root with their sizes and which one ``latest`` names;
 ``inspect`` prints a checkpoint's summary and tensors; ``verify`` checks every tensor's crc32 and
 the manifest, exits 0 when all is well and 1 naming each bad file and tensor otherwise. None of
-them imports torch.
+them imports torch. ``prune`` deletes old steps by a retention rule (retention.py); ``export
+--to hf`` writes a Hugging Face directory (export.py, imports torch); ``diff`` prints each tensor's
+largest absolute difference between two checkpoints (diff.py, NumPy).
 """
 
 from __future__ import annotations
@@ -24,18 +26,41 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("--limit", type=int, default=50, help="tensors to list (default 50; 0: all)")
     verify = sub.add_parser("verify", help="check every tensor's crc32 and the manifest")
     verify.add_argument("path", help="a step directory, or a root (then its latest step)")
+    prune = sub.add_parser("prune", help="delete old committed steps (never the latest)")
+    prune.add_argument("root", help="checkpoint root")
+    prune.add_argument("--keep-last", type=int, required=True, help="keep the newest K steps")
+    prune.add_argument("--keep-every", type=int, default=None, help="also keep steps divisible by N")
+    prune.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
+    export = sub.add_parser("export", help="write the weights as a Hugging Face model directory")
+    export.add_argument("path", help="a step directory, or a root (then its latest step)")
+    export.add_argument("--to", choices=["hf"], required=True, help="the format (hf: Hugging Face)")
+    export.add_argument("out", help="the directory to create")
+    export.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], default="float32", help="(default float32)"
+    )
+    diff = sub.add_parser("diff", help="per-tensor max abs difference of two checkpoints")
+    diff.add_argument("a", help="a step directory or root")
+    diff.add_argument("b", help="a step directory or root")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from offload.checkpoint.format import CheckpointError
 
-    action = {"ls": _ls, "inspect": _inspect, "verify": _verify}.get(args.ckpt_command)
+    actions = {
+        "ls": _ls,
+        "inspect": _inspect,
+        "verify": _verify,
+        "prune": _prune,
+        "export": _export,
+        "diff": _diff,
+    }
+    action = actions.get(args.ckpt_command)
     if action is None:
-        raise CliError("offload ckpt needs an action: ls, inspect or verify")
+        raise CliError(f"offload ckpt needs an action: {', '.join(actions)}")
     try:
         return action(args)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         raise CliError(str(e)) from None
 
 
@@ -102,6 +127,47 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"{path}: {len(problems)} problem(s)")
         return 1
     print(f"{path}: OK")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from offload.checkpoint.retention import Retention, prune
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise CliError(f"{root} is not a directory")
+    retention = Retention(keep_last=args.keep_last, keep_every=args.keep_every)
+    victims = prune(root, retention, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for path in victims:
+        print(f"{verb} {path}")
+    print(f"{root}: {verb} {len(victims)} step(s)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import sys
+
+    from offload.checkpoint.export import export_hf
+
+    def progress(done: int, total: int, name: str) -> None:
+        end = "\n" if done == total else ""
+        print(f"\rexport {done}/{total} {name}\033[K", end=end, file=sys.stderr, flush=True)
+
+    out = export_hf(args.path, args.out, dtype=args.dtype, progress=progress)
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} ({args.dtype})")
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from offload.checkpoint.diff import diff
+    from offload.cli._table import format_table
+
+    diffs = diff(args.a, args.b)
+    rows = [(d.key, "-" if d.max_abs is None else f"{d.max_abs:.3g}", d.note) for d in diffs]
+    print(format_table(["tensor", "max abs diff", ""], rows))
+    compared = [d.max_abs for d in diffs if d.max_abs is not None]
+    print(f"{len(compared)} tensors compared, max abs diff {max(compared, default=0.0):.3g}")
     return 0
 
 

@@ -1,0 +1,67 @@
+"""Retention: which committed steps to keep, and pruning the rest.
+
+``Retention(keep_last=3, keep_every=1000)`` keeps the three newest steps and every step divisible
+by 1000; ``prune(root, retention)`` deletes the others, never the step ``latest`` names nor a
+protected one (``save`` protects the step it just committed). A step is taken out of the listing
+first, by renaming it to ``step_N.tmp-del-<uuid>`` (atomic: a reader sees the whole step or
+none), then deleted; a prune killed halfway leaves only such a directory, never a half step.
+Torch-free, so ``offload ckpt prune`` stays light.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from offload.checkpoint.format import latest_marker, list_checkpoints
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Retention:
+    """Which committed steps survive a prune."""
+
+    keep_last: int
+    """The newest this many steps are kept (at least 1)."""
+    keep_every: int | None = None
+    """Also keep every step divisible by this (milestones); None: none beyond keep_last."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keep_last, int) or isinstance(self.keep_last, bool) or self.keep_last < 1:
+            raise ValueError(f"keep_last = {self.keep_last!r}: must be an int >= 1")
+        every = self.keep_every
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(f"keep_every = {every!r}: must be an int >= 1 or None")
+
+    def keeps(self, step: int, newest: list[int]) -> bool:
+        """Whether step survives, newest being the keep_last newest steps."""
+        return step in newest or (self.keep_every is not None and step % self.keep_every == 0)
+
+
+def doomed(root: str | os.PathLike[str], retention: Retention, protect: Iterable[Path] = ()) -> list[Path]:
+    """The committed steps under root that a prune deletes, oldest first."""
+    root = Path(root)
+    found = list_checkpoints(root)
+    newest = [s for s, _ in found[-retention.keep_last :]]
+    spared = {Path(p).name for p in protect}
+    marker = latest_marker(root)
+    if marker is not None:
+        spared.add(marker)
+    return [p for s, p in found if not retention.keeps(s, newest) and p.name not in spared]
+
+
+def prune(
+    root: str | os.PathLike[str], retention: Retention, *, protect: Iterable[Path] = (), dry_run: bool = False
+) -> list[Path]:
+    """Deletes the committed steps retention does not keep (see doomed()); returns them."""
+    victims = doomed(root, retention, protect)
+    if dry_run:
+        return victims
+    for path in victims:
+        gone = path.with_name(f"{path.name}.tmp-del-{uuid.uuid4().hex}")
+        os.rename(path, gone)  # out of the listing at once; the delete below may be slow
+        shutil.rmtree(gone)
+    return victims
