@@ -4,8 +4,6 @@ bitwise (the same kernels on the same numbers, only the memory holding m and v d
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
@@ -13,25 +11,13 @@ import offload
 from offload.config import ConfigError
 from offload.memory.numa import MPOL_BIND, SYSFS_NODES, verify_binding
 from offload.store.tiers import CxlTier
-from tests.models import batches, tiny
+from tests.models import tiny
+from tests.test_tiers import train  # the same run as the NVMe tier's tests
 
 STEPS = 4
 PAGE = 4096
 
 needs_numa = pytest.mark.skipif(not (SYSFS_NODES / "node0").is_dir(), reason="kernel exposes no NUMA nodes")
-
-
-def train(dtype: str, **overrides: Any) -> tuple[Any, list[float], dict[str, torch.Tensor]]:
-    model = tiny("llama", layers=4)
-    wrapped, opt = offload.wrap(model, device="cpu", dtype=dtype, optimizer={"lr": 3e-3}, **overrides)
-    losses = []
-    for ids in batches(STEPS):
-        loss = wrapped(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return wrapped, losses, offload.state_dict(wrapped)
 
 
 def _page(nbytes: int) -> int:
