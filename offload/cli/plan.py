@@ -7,22 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from offload.cli import CliError
+from offload.cli._recipe import add_recipe_arguments, read_recipe
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("plan", help="print a recipe's placement plan", description=__doc__)
-    p.add_argument("recipe", help="recipe YAML")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set offload.budgets.host_bytes=64GiB",
-    )
+    add_recipe_arguments(p, example="--set offload.budgets.host_bytes=64GiB")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(
         "--no-detect",
@@ -38,15 +30,11 @@ def run(args: argparse.Namespace) -> int:
     from offload.model.discovery import UnsupportedModelError
     from offload.model.hf import build_on_meta
     from offload.plan import make_plan
-    from offload.train import load_recipe
     from offload.train.recipe import build_hf_config
     from offload.train.tokenizer import load_tokenizer
 
-    path = Path(args.recipe)
-    if not path.exists():
-        raise CliError(f"recipe {path} does not exist")
+    recipe = read_recipe(args)
     try:
-        recipe = load_recipe(path, args.overrides)
         tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.model.path)
         model = build_on_meta(build_hf_config(recipe.model, tokenizer.vocab_size, eos_id=tokenizer.eos_id))
         t = recipe.train

@@ -7,38 +7,25 @@ import argparse
 from pathlib import Path
 
 from offload.cli import CliError
+from offload.cli._recipe import add_recipe_arguments, read_recipe
 
 DEFAULT = Path(__file__).resolve().parent.parent.parent / "recipes" / "tiny.yaml"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("train", help="run a training recipe", description=__doc__)
-    p.add_argument("recipe", nargs="?", default=str(DEFAULT), help=f"recipe YAML (default: {DEFAULT.name})")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set train.steps=20 --set offload.device=cpu",
-    )
+    add_recipe_arguments(p, DEFAULT, "--set train.steps=20 --set offload.device=cpu")
     p.add_argument("--trace", default=None, metavar="PATH", help="write a Chrome-trace JSON timeline to PATH")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from offload.config import ConfigError
-    from offload.train import load_recipe
     from offload.train.data import DataError
     from offload.train.trainer import train
 
+    recipe = read_recipe(args)
     path = Path(args.recipe)
-    if not path.exists():
-        raise CliError(f"recipe {path} does not exist")
-    try:
-        recipe = load_recipe(path, args.overrides)
-    except (ConfigError, DataError) as e:
-        raise CliError(str(e)) from None
     print(
         f"offload train: {recipe.name} ({path}), {recipe.train.steps} steps on {recipe.offload.resolve_device()}"
     )
