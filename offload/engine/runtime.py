@@ -26,7 +26,7 @@ from offload.memory import PinnedPool
 from offload.model.discovery import BlockStack
 from offload.model.init import Materialize, materialize_outside, materialize_tree
 from offload.model.layout import FlatLayout
-from offload.store.record import BlockRecord, _ranges_without
+from offload.store.record import BlockRecord
 from offload.store.tiers import HostTier, StateTier, make_state_tier
 
 
@@ -154,8 +154,7 @@ class Runtime:
             k for k, slot in enumerate(layout.params) if not tensors[slot.source].requires_grad
         )
         if frozen:
-            rec.frozen = frozen
-            rec.update_ranges = _ranges_without(layout, frozen)
+            rec.freeze(frozen)
         for k, slot in enumerate(layout.params):
             for nm in slot.names:
                 self.names[prefix + nm] = (rec, k)

@@ -61,6 +61,11 @@ class BlockRecord:
             tensors.append(self.grad_acc)
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def freeze(self, slots: frozenset[int]) -> None:
+        """Marks layout slots as frozen (requires_grad=False) and derives the ranges to update."""
+        self.frozen = slots
+        self.update_ranges = _ranges_without(self.layout, slots)
+
     def zero_grad(self) -> None:
         self.grad_count = 0
         self.folded = False
