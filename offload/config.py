@@ -400,6 +400,15 @@ class PlacementConfig:
     gradients) on the compute device instead of streaming: spare device memory as the fastest
     tier. Their updates run on the device during backward, so the CPU optimizer has fewer blocks
     to update and the next forward starts without waiting for it. 0: every block streams."""
+    device_residents: bool | None = None
+    """Whether the resident parameters (embeddings, final norm, head) keep all their state on
+    the compute device too, updated there right after backward instead of by the CPU between
+    backward and the next forward (where nothing else overlaps it). None: when device_blocks > 0
+    (spare device memory was offered)."""
+
+    @property
+    def residents_on_device(self) -> bool:
+        return self.device_blocks > 0 if self.device_residents is None else self.device_residents
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's benchmark session (see README "Results"): build, then one phase per call so
 # each stays inside the device tool's 10-minute command limit. Results land in $OUT.
-#   bash scripts/gpu_bench.sh io|train3b|train-more
+#   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more   (train3b: DEVICE_BLOCKS=12, RUN=1)
 # DeepSpeed's wheels and libaio come from .bench/deps (../shared/baselines/fetch_deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +17,13 @@ deepspeed_env() {
 case "${1:?phase}" in
   io)
     for size in 1GiB 4GiB; do python3 scripts/bench_io.py --dir /tmp --size "$size" --out "$OUT" | tail -12; done ;;
+  gpu-tests)
+    python3 -m pytest -q -x tests/test_wrap_gpu.py tests/test_pool.py 2>&1 | tail -4 ;;
   train3b)
     deepspeed_env
-    python3 scripts/bench_train.py --size 3b --systems gpu,deepspeed,offload --device-blocks 8 \
-      --trace "$OUT/trace_3b.json" --out "$OUT/train_3b.json" 2>&1 | grep -vi warn | tail -12 ;;
+    db=${DEVICE_BLOCKS:-12}
+    python3 scripts/bench_train.py --size 3b --systems gpu,deepspeed,offload --device-blocks "$db" \
+      --trace "$OUT/trace_3b_d$db.json" --out "$OUT/train_3b_d${db}_run${RUN:-1}.json" 2>&1 | grep -vi warn | tail -12 ;;
   train-more)
     for db in 12 0; do
       python3 scripts/bench_train.py --size 3b --systems offload --device-blocks $db \

@@ -35,25 +35,31 @@ def plan_and_wrap(**overrides: object) -> tuple[Plan, offload.OffloadedModel]:
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("device_blocks", [0, 2])
-def test_bytes_equal_what_wrap_allocates(dtype: str, device_blocks: int) -> None:
-    plan, wrapped = plan_and_wrap(dtype=dtype, placement={"device_blocks": device_blocks})
+@pytest.mark.parametrize(("device_blocks", "device_residents"), [(0, None), (2, None), (2, False), (0, True)])
+def test_bytes_equal_what_wrap_allocates(
+    dtype: str, device_blocks: int, device_residents: bool | None
+) -> None:
+    plan, wrapped = plan_and_wrap(
+        dtype=dtype, placement={"device_blocks": device_blocks, "device_residents": device_residents}
+    )
     rt = wrapped.runtime
+    assert rt.resident is not None
+    assert rt.resident.on_device == (device_blocks > 0 if device_residents is None else device_residents)
     host = sum(r.state_bytes() for r in rt.records() if not r.on_device)
     device = sum(r.state_bytes() for r in rt.records() if r.on_device)
     assert plan.store_bytes(Tier.HOST) == host
     assert plan.store_bytes(Tier.GPU) == device
-    assert (device > 0) == (device_blocks > 0)
+    assert (device > 0) == (device_blocks > 0 or rt.resident.on_device)
     assert plan.pinned_bytes == rt.pool.config.capacity
     item = torch.finfo(rt.dtype).bits // 8
-    assert rt.resident_flat is not None and rt.resident is not None
+    assert rt.resident_flat is not None
+    # A device resident record's wire copy is the parameters' buffer: counted as store state.
+    copy = 0 if rt.resident.on_device else rt.resident_flat.numel() * item
     allocated = (
-        rt.executor.slots.nbytes()
-        + sum(s.numel() * s.element_size() for s in rt.executor.staging)
-        + rt.resident_flat.numel() * item
+        rt.executor.slots.nbytes() + sum(s.numel() * s.element_size() for s in rt.executor.staging) + copy
     )
     # The rest of device_buffers (the residents' .grad and their gather buffer) exists only in backward.
-    transient = (rt.resident.numel + plan.shape.resident_trainable) * item
+    transient = (copy // item + plan.shape.resident_trainable) * item
     assert plan.get("device_buffers", Tier.GPU) == allocated + transient
 
 
@@ -102,7 +108,9 @@ def test_recipe_state_is_16_bytes_per_param_split_gpu_host(
     # 4 (fp32 master) + 8 (Adam m, v) + 2 (bf16 wire) + 2 (bf16 gradient); padding is < 0.01 %.
     assert state == pytest.approx(16 * plan.shape.params, rel=1e-4)
     assert plan.device_blocks == device_blocks
-    assert plan.store_bytes(Tier.GPU) == 16 * device_blocks * plan.shape.block_numel
+    # The residents (embeddings, norm, head) join the device blocks on the device by default.
+    on_device = device_blocks * plan.shape.block_numel + plan.shape.resident_numel
+    assert plan.store_bytes(Tier.GPU) == 16 * on_device
     assert plan.store_bytes(Tier.NVME) == 0
     hidden = plan.shape.hidden_size
     assert plan.get("activations", Tier.GPU) == plan.shape.blocks * 4 * 2048 * hidden * 2  # type: ignore[operator]
@@ -147,7 +155,9 @@ def test_gpu_over_budget_suggests_fewer_device_blocks() -> None:
     plan = recipe_plan("llama-3b.yaml", "offload.budgets.gpu_bytes=16GiB")
     assert not plan.fits
     (problem,) = plan.problems
-    assert problem.startswith("gpu: needs 25.5 GiB, budget 16 GiB (over by 9.5 GiB): raise budgets.gpu_bytes")
+    assert problem.startswith(
+        "gpu: needs 27.8 GiB, budget 16 GiB (over by 11.8 GiB): raise budgets.gpu_bytes"
+    )
     k = int(problem.split("lower placement.device_blocks to ")[1].split(",")[0])
     assert recipe_plan(
         "llama-3b.yaml", "offload.budgets.gpu_bytes=16GiB", f"offload.placement.device_blocks={k}"
@@ -177,10 +187,10 @@ def test_cli_refuses_a_plan_that_does_not_fit(capsys: pytest.CaptureFixture[str]
     )
     assert code == 1
     out = capsys.readouterr()
-    assert re.search(r"host +72\.25 +64\.00 +NO", out.out)
+    assert re.search(r"host +68\.35 +64\.00 +NO", out.out)
     assert (
-        "does not fit: host: needs 72.3 GiB, budget 64 GiB (over by 8.3 GiB): raise budgets.host_bytes by "
-        "8.3 GiB, or put optimizer_state on nvme (needs 33.2 GiB of nvme and name nvme_dirs), or raise placement.device_blocks to 13"
+        "does not fit: host: needs 68.3 GiB, budget 64 GiB (over by 4.3 GiB): raise budgets.host_bytes by "
+        "4.3 GiB, or put optimizer_state on nvme (needs 33.2 GiB of nvme and name nvme_dirs), or raise placement.device_blocks to 12"
     ) in out.err
 
 

@@ -36,9 +36,13 @@ def train_reference(model, data, accum, lr, wd, clip, fused):
     return losses
 
 
-def train_offload(model, data, accum, lr, wd, clip):
+def train_offload(model, data, accum, lr, wd, clip, placement):
     wrapped, opt = offload.wrap(
-        model, device="cpu", dtype="float32", optimizer={"lr": lr, "weight_decay": wd, "max_grad_norm": clip}
+        model,
+        device="cpu",
+        dtype="float32",
+        optimizer={"lr": lr, "weight_decay": wd, "max_grad_norm": clip},
+        placement=placement,
     )
     losses = []
     for step in range(STEPS):
@@ -58,7 +62,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def assert_same_training(family, accum=1, lr=3e-3, wd=0.0, clip=None, dropout=0.0):
+def assert_same_training(family, accum=1, lr=3e-3, wd=0.0, clip=None, dropout=0.0, placement=None):
     ref = tiny(family, dropout=dropout)
     fused_ref, plain_ref, ours = copy.deepcopy(ref), copy.deepcopy(ref), copy.deepcopy(ref)
     data = batches(STEPS * accum)
@@ -67,7 +71,7 @@ def assert_same_training(family, accum=1, lr=3e-3, wd=0.0, clip=None, dropout=0.
     torch.manual_seed(123)
     plain_losses = train_reference(plain_ref, data, accum, lr, wd, clip, fused=False)
     torch.manual_seed(123)
-    losses, state = train_offload(ours, data, accum, lr, wd, clip)
+    losses, state = train_offload(ours, data, accum, lr, wd, clip, placement or {})
     assert losses == fused_losses  # bitwise
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), rtol=1e-5, atol=0)
     fused_state, plain_state = fused_ref.state_dict(), plain_ref.state_dict()
@@ -88,6 +92,16 @@ def test_matches_adamw(family: str) -> None:
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_matches_with_accumulation_clipping_decay(family: str) -> None:
     assert_same_training(family, accum=3, wd=0.1, clip=0.5)
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [{"device_residents": True}, {"device_blocks": 1}, {"device_blocks": 1, "device_residents": False}],
+)
+def test_matches_with_state_on_the_device(placement: dict) -> None:
+    """Residents and/or blocks whose whole state lives on the compute device (here the CPU):
+    torch's fused kernel updates them in place, tied embeddings included."""
+    assert_same_training("qwen2", accum=2, wd=0.1, clip=0.5, placement=placement)
 
 
 def test_matches_with_clipping_only() -> None:

@@ -81,12 +81,16 @@ class Runtime:
         )
         n_dev = min(cfg.placement.device_blocks, len(stack.blocks))
         streamed = len(stack.blocks) - n_dev
-        rt._make_pool([layout.numel] * streamed + ([res_layout.numel] if resident else []))
+        res_on_device = cfg.placement.residents_on_device
+        pooled_residents = [res_layout.numel] if resident and not res_on_device else []
+        rt._make_pool([layout.numel] * streamed + pooled_residents)
         rt.state_tier = make_state_tier(cfg, layout.numel)
         try:
             rt._pack(stack, layout, n_dev, materialize)
             if resident:
-                rt.resident = rt._record(-1, "resident", res_layout, [p for _, p in resident], "")
+                rt.resident = rt._record(
+                    -1, "resident", res_layout, [p for _, p in resident], "", on_device=res_on_device
+                )
         except BaseException:
             rt.state_tier.close()  # no files left behind by a wrap that failed
             raise
@@ -239,7 +243,14 @@ class Runtime:
         proxies = [BlockProxy(self.executor, i, build.proxy_attrs(b)) for i, b in enumerate(stack.blocks)]
         setattr(stack.owner, stack.attr, nn.ModuleList(proxies))
         if self.resident is not None:
-            self.resident_flat = torch.zeros(self.resident.numel, dtype=self.dtype, device=dev)
+            # Kept on the device, the record's wire copy is the parameters' buffer itself: its
+            # update refreshes them in place, on the compute stream.
+            on_device = self.resident.on_device
+            self.resident_flat = (
+                self.resident.wire
+                if on_device
+                else torch.zeros(self.resident.numel, dtype=self.dtype, device=dev)
+            )
             views = self.resident.layout.views(self.resident_flat)
             self.resident_params = [resident[slot.source][1] for slot in self.resident.layout.params]
             for p, v in zip(self.resident_params, views):
@@ -266,8 +277,9 @@ class Runtime:
         rec.updated.wait()  # host wait: the pipelined update of the resident record
         self.check_update()
         assert self.resident_flat is not None
-        # Copied on the compute stream, so the kernels that read the parameters are ordered after it.
-        self.resident_flat.copy_(rec.wire, non_blocking=True)
+        if not rec.on_device:
+            # Copied on the compute stream, so the kernels that read the parameters are ordered after it.
+            self.resident_flat.copy_(rec.wire, non_blocking=True)
         self.resident_version = rec.version
         # Warm the pipeline: the first blocks' weights start copying while the prologue computes.
         self.executor.prefetch(0)
@@ -279,10 +291,14 @@ class Runtime:
         grads = [p.grad for p in self.resident_params]
         if all(g is None for g in grads):
             return
-        staging = torch.zeros(rec.numel, dtype=self.dtype, device=self.device.torch)
+        if rec.on_device:
+            staging = rec.grad.zero_()  # padding and parameters without a gradient read as zero
+        else:
+            staging = torch.zeros(rec.numel, dtype=self.dtype, device=self.device.torch)
         pairs = [(v, g) for v, g in zip(rec.layout.views(staging), grads) if g is not None]
         torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
-        rec.grad.copy_(staging)  # synchronous: small, and needed before the update starts
+        if staging is not rec.grad:
+            rec.grad.copy_(staging)  # synchronous: small, and needed before the update starts
         rec.grad_count, rec.folded = 1, False
 
     def zero_resident_grads(self) -> None:

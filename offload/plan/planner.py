@@ -56,6 +56,7 @@ def make_plan(
         item=_ITEM[cfg.dtype],
         slots=cfg.slots,
         device_blocks=cfg.placement.device_blocks,
+        device_residents=cfg.placement.device_residents,
         optimizer=Tier.HOST,
         batch_size=batch_size,
         seq_len=seq_len,

@@ -53,6 +53,12 @@ class Settings:
     batch_size: int
     seq_len: int
     grad_accum: int = 1
+    device_residents: bool | None = None
+    """placement.device_residents (None: on the device when device_blocks > 0)."""
+
+    @property
+    def residents_on_device(self) -> bool:
+        return self.device_blocks > 0 if self.device_residents is None else self.device_residents
 
     def but(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -92,18 +98,22 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
     n, rn = shape.block_numel, shape.resident_numel
     for _ in range(streamed):
         _host_record(t, n, s, s.optimizer)
-    if rn:
-        _host_record(t, rn, s, Tier.HOST)  # the residents' m and v always stay in RAM
+    res_dev = bool(rn) and s.residents_on_device
+    if rn and res_dev:
+        _device_record(t, rn, s)
+    elif rn:
+        _host_record(t, rn, s, Tier.HOST)  # host residents' m and v always stay in RAM
     for _ in range(n_dev):
         _device_record(t, n, s)
     if s.grad_accum > 1:  # an fp32 sum per record, made on the first accumulation
-        t.add("grad_accum", Tier.HOST, 4 * (streamed * n + rn))
-        t.add("grad_accum", Tier.GPU, 4 * n_dev * n)
+        t.add("grad_accum", Tier.HOST, 4 * (streamed * n + (0 if res_dev else rn)))
+        t.add("grad_accum", Tier.GPU, 4 * (n_dev * n + (rn if res_dev else 0)))
     hidden = shape.hidden_size or 0
     t.add("activations", Tier.GPU, shape.blocks * s.batch_size * s.seq_len * hidden * s.item)
-    # Weight slots, double-buffered gradient staging (Executor), the residents' device copy, their
-    # .grad, and the staging buffer that gathers those into the resident record.
-    working = (s.slots + 2) * n * s.item + (2 * rn + shape.resident_trainable) * s.item
+    # Weight slots, double-buffered gradient staging (Executor), the residents' .grad, and for
+    # host residents their device copy and the staging buffer that gathers the .grad for the host
+    # (a device resident record's wire and grad are those buffers).
+    working = (s.slots + 2) * n * s.item + ((0 if res_dev else 2 * rn) + shape.resident_trainable) * s.item
     t.add("device_buffers", Tier.GPU, working)
     if s.optimizer is Tier.NVME and streamed:
         t.add("nvme_staging", Tier.HOST, NVME_STAGED_BLOCKS * 2 * nvme_half_bytes(n))
