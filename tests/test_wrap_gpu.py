@@ -79,11 +79,15 @@ def train_stack(model: torch.nn.Module, step, steps: int = 6) -> list[float]:
 
 class HostAdamW:
     """The reference's optimizer, placed as offload places it: torch's fused AdamW on fp32 host
-    copies, except for the parameters of the first device_blocks layers, updated on the GPU (the
-    two kernels round differently, so the reference must use the same one for each)."""
+    copies, except for the parameters of the first device_blocks layers and then (the
+    device_residents default) those outside the layers too, updated on the GPU (the two kernels
+    round differently, so the reference must use the same one for each)."""
 
     def __init__(self, model: Stack, lr: float, device_blocks: int = 0) -> None:
         on_device = {id(p) for layer in model.layers[:device_blocks] for p in layer.parameters()}
+        if device_blocks:
+            layers = {id(p) for p in model.layers.parameters()}
+            on_device |= {id(p) for p in model.parameters() if id(p) not in layers}
         self.params = [p for p in model.parameters() if id(p) not in on_device]
         self.host = [p.detach().cpu().clone().requires_grad_(True) for p in self.params]
         self.opt = torch.optim.AdamW(self.host, lr=lr, weight_decay=0.0, fused=True)
