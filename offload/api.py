@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from offload.config import Config, load_config
 from offload.engine.device import Device
+from offload.engine.dist import Collective
 from offload.engine.optimizer import OffloadAdamW
 from offload.engine.runtime import Runtime
 from offload.model.discovery import discover
@@ -77,7 +78,7 @@ def wrap(
     cfg = load_config(config, **overrides)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    device = Device(cfg.resolve_device())
+    device = Device(_rank_device(cfg.resolve_device()))
     stack = discover(model, blocks)
     keys = list(model.state_dict().keys())
     materialize = materializer(model, init)
@@ -89,17 +90,32 @@ def wrap(
     return OffloadedModel(model, runtime, keys), OffloadAdamW(runtime)
 
 
+def _rank_device(spec: str) -> str:
+    """Under torchrun, "cuda" means this rank's GPU (LOCAL_RANK)."""
+    if spec == "cuda" and Collective.detect() is not None:
+        return f"cuda:{Collective.local_rank()}"
+    return spec
+
+
 def state_dict(model: OffloadedModel) -> dict[str, torch.Tensor]:
     """The full fp32 state dict (parameters from the master store, buffers from the model),
-    with the original model's keys in its order."""
+    with the original model's keys in its order. Multi-rank it is a collective: every rank
+    calls it, and every rank gets the whole dict."""
     rt = model.runtime
     rt.wait_updates()
+    masters: dict[int, torch.Tensor] = {}
+    for rec in rt.records():
+        if rec.shard is not None and rt.group is not None:  # the ranks' shards put together
+            masters[id(rec)] = rt.group.gather_full(
+                rec.master, rt.group.shard(rec.layout.numel), rt.device.torch
+            )
+        else:
+            masters[id(rec)] = rec.master
     params: dict[str, torch.Tensor] = {}
     for name, (rec, k) in rt.names.items():
         slot = rec.layout.params[k]
-        params[name] = (
-            rec.master[slot.offset : slot.offset + slot.numel].view(slot.shape).to("cpu", copy=True)
-        )
+        flat = masters[id(rec)]
+        params[name] = flat[slot.offset : slot.offset + slot.numel].view(slot.shape).to("cpu", copy=True)
     buffers = dict(model.module.named_buffers())
     template = rt.executor.template
     block_buffers = dict(template.named_buffers())

@@ -6,6 +6,11 @@ host on a side stream while the next (earlier) block computes, and returns the i
 While block i computes, block i+1's weights (i-1's in backward) copy host-to-device into the other
 slot on a side stream. Each copy first waits, on the host, for the optimizer update of that block:
 the previous step's update is pipelined into this forward.
+
+Multi-rank (offload/engine/dist.py): a streamed record holds this rank's shard; its upload copies
+the shard to the device and all-gathers the block into the slot, and its gradient is
+reduce-scattered (then divided by the world size) before the shard goes to host. Both
+collectives run on the side stream of the copy they extend.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from offload.engine.device import Device
+from offload.engine.dist import Collective
 from offload.engine.slots import WeightSlots
 from offload.engine.trace import Tracer
 from offload.store.record import BlockRecord
@@ -36,8 +42,10 @@ class Executor:
         slots: int,
         tracer: Tracer,
         check_update: Callable[[], None],
+        group: Collective | None = None,
     ) -> None:
         self.device = device
+        self.group = group
         self.blocks = blocks
         self.template = template
         self.bindings = bindings
@@ -45,15 +53,22 @@ class Executor:
         self.tracer = tracer
         self.check_update = check_update  # raises if the optimizer's worker failed
         layout = blocks[0].layout
-        self.slots = WeightSlots(device, layout, dtype, slots)
+        # Multi-rank: flat buffers padded so every rank's shard has the same size.
+        padded = layout.numel if group is None else group.shard(layout.numel).padded
+        self.slots = WeightSlots(device, layout, dtype, slots, padded)
         # Streamed blocks take the slots in turn; blocks kept on the device use their own buffers.
         self.streamed = [r.index for r in blocks if not r.on_device]
         self.slot_of = {index: k % slots for k, index in enumerate(self.streamed)}
         self.device_views = {r.index: layout.views(r.wire) for r in blocks if r.on_device}
         # Gradient staging on the device, double-buffered so one block's copy to host overlaps
         # the next block's backward. Padding stays zero, so norms and updates never see it.
-        self.staging = [torch.zeros(layout.numel, dtype=dtype, device=device.torch) for _ in range(2)]
+        self.staging = [torch.zeros(padded, dtype=dtype, device=device.torch) for _ in range(2)]
         self.staging_views = [layout.views(s) for s in self.staging]
+        # Multi-rank: this rank's shard on the device, per slot (the all-gather's input) and per
+        # staging buffer (the reduce-scatter's output).
+        part = 0 if group is None else group.shard(layout.numel).numel
+        self.gather_parts = [torch.empty(part, dtype=dtype, device=device.torch) for _ in range(slots)]
+        self.grad_parts = [torch.empty(part, dtype=dtype, device=device.torch) for _ in range(2)]
         self.staging_free: list[Any] = [None, None]
         self.next_staging = 0
         # Per-block squared gradient norms computed on the device (see grad_norms_sq()).
@@ -85,10 +100,24 @@ class Executor:
             # The slot's previous block may still be computing: wait for its compute to finish.
             dev.wait(dev.h2d, self.slots.free[s])
             with self.tracer.device_span("h2d", dev.h2d, block=index):
-                self.slots.buffers[s].copy_(rec.wire, non_blocking=True)
+                if self.group is None:
+                    self.slots.buffers[s].copy_(rec.wire, non_blocking=True)
+                else:
+                    self._gather_weights(s, rec)
             self.slots.ready[s] = dev.event(dev.h2d)
         self.slots.holds[s] = (index, rec.version)
         return s
+
+    def _gather_weights(self, s: int, rec: BlockRecord) -> None:
+        """Multi-rank upload, on the h2d stream: this rank's shard to the device, then every
+        rank's shard into slot s."""
+        assert self.group is not None
+        part = self.gather_parts[s]
+        part.copy_(rec.wire, non_blocking=True)
+        # The collective's stream waits for the copy above (issued on the current stream) and
+        # work.wait() makes the h2d stream wait for the collective, so the ready event recorded
+        # after it covers the whole block. On the CPU (gloo) wait() blocks until it is done.
+        self.group.all_gather(self.slots.buffers[s], part).wait()
 
     def acquire(self, index: int) -> tuple[int | None, list[torch.Tensor]]:
         """Slot of block index (None if kept on the device) and the views its weights are in,
@@ -185,37 +214,59 @@ class Executor:
         compute = dev.compute_stream()
         # The staging buffer's previous copy to host must be done before we overwrite it.
         dev.wait(compute, self.staging_free[g])
-        self._gather(index, self.staging_views[g], self.staging[g], grads)
+        self._gather(self.staging_views[g], grads)
+        if self.group is None:
+            self._norm(index, self.staging[g])
         ready = dev.event(compute)
         with dev.stream(dev.d2h):
             # The copy to host must not start before the gradients are in the staging buffer.
             dev.wait(dev.d2h, ready)
             with self.tracer.device_span("d2h", dev.d2h, block=index):
-                rec.grad.copy_(self.staging[g], non_blocking=True)
+                out = self.staging[g] if self.group is None else self._reduce_grad(index, g)
+                rec.grad.copy_(out, non_blocking=True)
             rec.d2h_done = dev.event(dev.d2h)
         self.staging_free[g] = rec.d2h_done
         rec.grad_count += 1
         if self.on_grad is not None:
             self.on_grad(rec)
 
+    def _reduce_grad(self, index: int, g: int) -> torch.Tensor:
+        """Multi-rank, on the d2h stream: the sum over ranks of this rank's shard of staging
+        buffer g, divided by the world size (the mean over the global batch)."""
+        assert self.group is not None
+        part = self.grad_parts[g]
+        # Ordered after the staging buffer's fill (the caller's event wait) and, through
+        # work.wait(), before the division and the copy to host queued next on this stream.
+        self.group.reduce_scatter(part, self.staging[g]).wait()
+        part.div_(self.group.world)
+        self._norm(index, part)  # this rank's part of the block's squared norm
+        return part
+
     def _keep_grad(self, rec: BlockRecord, grads: list[torch.Tensor | None]) -> None:
-        """A block kept on the device: its gradient goes straight into its record."""
+        """A block kept on the device: its gradient goes straight into its record (multi-rank:
+        averaged over the ranks, each of which holds the whole block)."""
         rec.fold_grad()  # a no-op unless a previous micro-batch's gradient is there
-        self._gather(rec.index, rec.layout.views(rec.grad), rec.grad, grads)
+        self._gather(rec.layout.views(rec.grad), grads)
+        if self.group is not None:
+            self.group.all_reduce(rec.grad)
+            rec.grad.div_(self.group.world)
+        self._norm(rec.index, rec.grad)
         rec.grad_count += 1
         if self.on_grad is not None:
             self.on_grad(rec)
 
-    def _gather(
-        self, index: int, views: list[torch.Tensor], flat: torch.Tensor, grads: list[torch.Tensor | None]
-    ) -> None:
+    @staticmethod
+    def _gather(views: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
         """Copies a block's parameter gradients into the flat buffer whose views are given
-        (zeros where a parameter got none) and takes its squared norm on the device."""
+        (zeros where a parameter got none)."""
         pairs = [(v, x) for v, x in zip(views, grads) if x is not None]
         for v, x in zip(views, grads):
             if x is None:
                 v.zero_()
         torch._foreach_copy_([v for v, _ in pairs], [x for _, x in pairs])
+
+    def _norm(self, index: int, flat: torch.Tensor) -> None:
+        """Block index's squared gradient norm, taken on the device (see grad_norms_sq())."""
         self.norm_sq[index] = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
 
     def finish_backward(self) -> None:
@@ -223,7 +274,13 @@ class Executor:
         for rec in self.blocks:
             self.device.sync_event(rec.d2h_done)
 
-    def grad_norms_sq(self) -> list[torch.Tensor]:
+    def grad_norms_sq(self, sharded: bool | None = None) -> list[torch.Tensor]:
         """Per-block squared gradient norms computed on the device, valid when every block saw
-        exactly one backward since zero_grad() (otherwise norms are taken on the host)."""
-        return [n for n in self.norm_sq if n is not None]
+        exactly one backward since zero_grad() (otherwise norms are taken on the host).
+        Multi-rank, a sharded block's is this rank's part; sharded picks those (True) or the
+        replicated blocks' (False); None: all."""
+        return [
+            n
+            for n, rec in zip(self.norm_sq, self.blocks)
+            if n is not None and (sharded is None or (rec.shard is not None) == sharded)
+        ]

@@ -34,11 +34,13 @@ class OffloadAdamW(torch.optim.Optimizer):
         groups: list[dict[str, Any]] = [{"params": [], **defaults}]
         for spec in runtime.group_specs:
             groups.append({"params": [], **defaults, **spec.options, "patterns": list(spec.patterns)})
+        matched: set[int] = set()
         for rec in runtime.records():
-            for g, start, end in rec.layout.group_ranges:
+            matched.update(g for g, _, _ in rec.layout.group_ranges)
+            for g, start, end in rec.group_ranges():  # this rank's part, when sharded
                 groups[g]["params"].append(rec.master[start:end])
         for i, group in enumerate(groups):
-            if not group["params"]:
+            if i not in matched:
                 raise ValueError(
                     f"param group {i} ({group.get('patterns', 'default')}) matched no parameters"
                 )
@@ -212,7 +214,9 @@ class OffloadAdamW(torch.optim.Optimizer):
             self.last_grad_norm = None
             return None
         rt = self.runtime
-        if rt.device.cuda and all(r.grad_count == 1 and not r.folded for r in rt.blocks):
+        if rt.group is not None:
+            total = self._sharded_norm(work)
+        elif rt.device.cuda and all(r.grad_count == 1 and not r.folded for r in rt.blocks):
             total = self._device_norm(work)
         else:
             total = self._host_norm(work)
@@ -241,6 +245,28 @@ class OffloadAdamW(torch.optim.Optimizer):
             if grad_fn is not None and rec.index < 0:
                 total = total + torch.linalg.vector_norm(grad_fn(), dtype=torch.float32).square().cpu()
         return total.sqrt()
+
+    def _sharded_norm(
+        self, work: list[tuple[BlockRecord, Callable[[], torch.Tensor] | None]]
+    ) -> torch.Tensor:
+        """Multi-rank: the squared norms of this rank's shards, summed over the ranks, plus those
+        of the replicated records (residents, device blocks), counted once."""
+        rt = self.runtime
+        assert rt.group is not None
+        dev = rt.device.torch
+        parts = torch.zeros(2, dtype=torch.float32, device=dev)  # [sharded, replicated]
+        on_device = rt.device.cuda and all(r.grad_count == 1 and not r.folded for r in rt.blocks)
+        if on_device:  # the blocks' were taken on the device during backward
+            for k, sharded in enumerate((True, False)):
+                norms = rt.executor.grad_norms_sq(sharded=sharded)
+                if norms:
+                    parts[k] += torch.stack(norms).sum()
+        for rec, grad_fn in work:
+            if grad_fn is not None and not (on_device and rec.index >= 0):
+                sq = torch.linalg.vector_norm(grad_fn(), dtype=torch.float32).square().to(dev)
+                parts[0 if rec.shard is not None else 1] += sq
+        rt.group.all_reduce(parts[:1])
+        return parts.sum().sqrt().cpu()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for rec in self.runtime.records():

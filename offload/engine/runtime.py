@@ -18,6 +18,7 @@ from torch import nn
 from offload.config import Config
 from offload.engine import build
 from offload.engine.device import Device
+from offload.engine.dist import Collective
 from offload.engine.executor import Executor
 from offload.engine.function import BlockProxy
 from offload.engine.trace import Tracer
@@ -50,6 +51,8 @@ class Runtime:
         self.executor: Executor
         self.pool: PinnedPool
         self.updater = Updater(self.tracer)
+        # Multi-rank (torchrun): streamed blocks are sharded over the ranks (offload/engine/dist.py).
+        self.group: Collective | None = None
         # Adam state of the streamed blocks lives on state_tier (placement.optimizer_state); the
         # residents' and the device blocks' stays in the record's own tensors.
         self.state_tier: StateTier = HostTier()
@@ -68,6 +71,7 @@ class Runtime:
         materialize: Materialize | None = None,
     ) -> Runtime:
         rt = cls(cfg, device, cfg.torch_dtype)
+        rt.group = Collective.detect()
         if materialize is not None:  # everything but the blocks now; each block when packed
             materialize_outside(model, materialize, stack.blocks)
         rt.group_specs = build.parse_param_groups(param_groups)
@@ -83,8 +87,9 @@ class Runtime:
         streamed = len(stack.blocks) - n_dev
         res_on_device = cfg.placement.residents_on_device
         pooled_residents = [res_layout.numel] if resident and not res_on_device else []
-        rt._make_pool([layout.numel] * streamed + pooled_residents)
-        rt.state_tier = make_state_tier(cfg, layout.numel)
+        block_numel = layout.numel if rt.group is None else rt.group.shard(layout.numel).numel
+        rt._make_pool([block_numel] * streamed + pooled_residents)
+        rt.state_tier = make_state_tier(cfg, block_numel)
         try:
             rt._pack(stack, layout, n_dev, materialize)
             if resident:
@@ -168,16 +173,24 @@ class Runtime:
         self, index: int, name: str, layout: FlatLayout, tensors: Sequence[torch.Tensor]
     ) -> BlockRecord:
         """A streamed record: fp32 master and Adam state in host memory, the wire copy and the
-        gradient in pinned pool memory (they are what the device copies from and to)."""
+        gradient in pinned pool memory (they are what the device copies from and to). Multi-rank,
+        a block's record holds this rank's shard; the residents' stay whole (replicated)."""
         leases: list[Any] = []
-        n = layout.numel
+        shard = self.group.shard(layout.numel) if self.group is not None and index >= 0 else None
+        n = layout.numel if shard is None else shard.numel
         if self.dtype == torch.float32:
             master = self._lease(n, torch.float32, "master+wire", leases)
             wire = master  # the compute copy is the master itself: no second copy
         else:
             master = torch.empty(n, dtype=torch.float32)
             wire = self._lease(n, self.dtype, "wire", leases)
-        layout.pack([t.detach().float() for t in tensors], master)
+        values = [t.detach().float() for t in tensors]
+        if shard is None:
+            layout.pack(values, master)
+        else:  # one block at a time, whole, then this rank's part of it
+            full = torch.zeros(shard.padded, dtype=torch.float32)
+            layout.pack(values, full[: layout.numel])
+            master.copy_(full[shard.lo : shard.hi])
         if wire is not master:
             wire.copy_(master)
         grad = self._lease(n, self.dtype, "grad", leases)
@@ -193,6 +206,7 @@ class Runtime:
             grad=grad,
             step=torch.zeros((), dtype=torch.float32),
             leases=leases,
+            shard=None if shard is None else (shard.lo, shard.hi),
         )
 
     def _device_record(
@@ -239,6 +253,7 @@ class Runtime:
             self.cfg.slots,
             self.tracer,
             self.check_update,
+            self.group,
         )
         proxies = [BlockProxy(self.executor, i, build.proxy_attrs(b)) for i, b in enumerate(stack.blocks)]
         setattr(stack.owner, stack.attr, nn.ModuleList(proxies))
@@ -297,6 +312,9 @@ class Runtime:
             staging = torch.zeros(rec.numel, dtype=self.dtype, device=self.device.torch)
         pairs = [(v, g) for v, g in zip(rec.layout.views(staging), grads) if g is not None]
         torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
+        if self.group is not None:  # replicated on every rank: the mean over the global batch
+            self.group.all_reduce(staging)
+            staging.div_(self.group.world)
         if staging is not rec.grad:
             rec.grad.copy_(staging)  # synchronous: small, and needed before the update starts
         rec.grad_count, rec.folded = 1, False

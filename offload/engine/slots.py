@@ -15,10 +15,15 @@ from offload.model.layout import FlatLayout
 
 
 class WeightSlots:
-    def __init__(self, device: Device, layout: FlatLayout, dtype: torch.dtype, k: int) -> None:
+    def __init__(
+        self, device: Device, layout: FlatLayout, dtype: torch.dtype, k: int, numel: int | None = None
+    ) -> None:
+        """numel: elements per buffer when more than the layout's (multi-rank: the padding that
+        makes the ranks' shards equal)."""
         self.device = device
         self.k = k
-        self.buffers = [torch.zeros(layout.numel, dtype=dtype, device=device.torch) for _ in range(k)]
+        size = layout.numel if numel is None else numel
+        self.buffers = [torch.zeros(size, dtype=dtype, device=device.torch) for _ in range(k)]
         self.views = [layout.views(b) for b in self.buffers]
         self.holds: list[tuple[int, int] | None] = [None] * k  # (block index, version)
         self.ready: list[Any] = [None] * k  # event: the upload into the slot has landed

@@ -41,14 +41,22 @@ class BlockRecord:
     updated: threading.Event = field(default_factory=threading.Event)
     d2h_done: Any = None  # device event: the last gradient copy to host has landed
     leases: list[Any] = field(default_factory=list)
+    # Multi-rank: the [lo, hi) elements of the layout's flat buffer this rank owns; the record's
+    # flat tensors (master, m, v, wire, grad) hold just those. None: the whole buffer.
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.updated.set()
-        self.update_ranges = _ranges_without(self.layout, self.frozen)
+        self.update_ranges = _ranges_without(self.layout, self.frozen, self.shard)
 
     @property
     def numel(self) -> int:
-        return self.layout.numel
+        """Elements of the record's flat tensors (its shard's, when sharded)."""
+        return self.layout.numel if self.shard is None else self.shard[1] - self.shard[0]
+
+    def group_ranges(self) -> tuple[tuple[int, int, int], ...]:
+        """The layout's (group, start, end) ranges in the record's own element indices."""
+        return _clip(self.layout.group_ranges, self.shard)
 
     def state_bytes(self) -> int:
         """Bytes of state this record holds in memory (on the host, or on the device if on_device);
@@ -64,7 +72,7 @@ class BlockRecord:
     def freeze(self, slots: frozenset[int]) -> None:
         """Marks layout slots as frozen (requires_grad=False) and derives the ranges to update."""
         self.frozen = slots
-        self.update_ranges = _ranges_without(self.layout, slots)
+        self.update_ranges = _ranges_without(self.layout, slots, self.shard)
 
     def zero_grad(self) -> None:
         self.grad_count = 0
@@ -112,9 +120,11 @@ class BlockRecord:
         return summed
 
 
-def _ranges_without(layout: FlatLayout, frozen: frozenset[int]) -> tuple[tuple[int, int, int], ...]:
+def _ranges_without(
+    layout: FlatLayout, frozen: frozenset[int], shard: tuple[int, int] | None = None
+) -> tuple[tuple[int, int, int], ...]:
     if not frozen:
-        return layout.group_ranges
+        return _clip(layout.group_ranges, shard)
     out: list[tuple[int, int, int]] = []
     ends = [p.offset + -(-p.numel // ALIGN) * ALIGN for p in layout.params]
     for k, p in enumerate(layout.params):
@@ -124,4 +134,14 @@ def _ranges_without(layout: FlatLayout, frozen: frozenset[int]) -> tuple[tuple[i
             out[-1] = (p.group, out[-1][1], ends[k])
         else:
             out.append((p.group, p.offset, ends[k]))
-    return tuple(out)
+    return _clip(tuple(out), shard)
+
+
+def _clip(
+    ranges: tuple[tuple[int, int, int], ...], shard: tuple[int, int] | None
+) -> tuple[tuple[int, int, int], ...]:
+    """ranges cut to the shard [lo, hi) and shifted by -lo (empty pieces dropped)."""
+    if shard is None:
+        return ranges
+    lo, hi = shard
+    return tuple((g, max(a, lo) - lo, min(b, hi) - lo) for g, a, b in ranges if min(b, hi) > max(a, lo))

@@ -1,0 +1,56 @@
+"""One rank of a multi-rank test run (tests/test_dist.py launches it with torchrun).
+
+Trains a tiny model through offload.wrap on this rank's share of each global batch, then rank 0
+writes the per-step global losses (JSON) and the final weights (safetensors)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+import offload
+from tests.models import batches, tiny
+
+
+def main(spec: dict) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        model = tiny(spec["family"], layers=spec.get("layers", 3))
+        wrapped, opt = offload.wrap(model, device="cpu", dtype="float32", **spec["wrap"])
+        per_rank = spec["batch"] // world
+        losses = []
+        for step in range(spec["steps"]):
+            total = torch.zeros(())
+            for micro in range(spec.get("accum", 1)):
+                ids = batches(1, batch=spec["batch"], seed=100 + step * 10 + micro)[0]
+                mine = ids[rank * per_rank : (rank + 1) * per_rank]
+                loss = wrapped(input_ids=mine, labels=mine).loss / spec.get("accum", 1)
+                loss.backward()
+                total += loss.detach()
+            opt.step()
+            opt.zero_grad()
+            dist.all_reduce(total)
+            losses.append(float(total) / world)
+        rt = wrapped.runtime
+        streamed = [r for r in rt.blocks if not r.on_device]
+        mine = torch.tensor([sum(r.numel for r in streamed), sum(r.layout.numel for r in streamed)])
+        held = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(held, mine)
+        state = offload.state_dict(wrapped)  # a collective: every rank takes part
+        if rank == 0:
+            out = Path(spec["out"])
+            save_file({k: v.contiguous() for k, v in state.items()}, str(out / "state.safetensors"))
+            (out / "losses.json").write_text(json.dumps(losses))
+            (out / "held.json").write_text(json.dumps([h.tolist() for h in held]))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
