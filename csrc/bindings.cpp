@@ -9,8 +9,10 @@
 #include "core/adamw.h"
 #include "core/arena.h"
 #include "core/engine.h"
+#include "core/erasure.h"
 #include "core/errors.h"
 #include "core/file.h"
+#include "core/gf256.h"
 
 namespace py = pybind11;
 using namespace offload;
@@ -46,6 +48,14 @@ std::vector<std::shared_ptr<RequestState>> submit(Engine& engine, const std::vec
     reqs.push_back({is_write ? Op::Write : Op::Read, file, reinterpret_cast<char*>(addr), nbytes, offset});
   py::gil_scoped_release release;
   return engine.submit(reqs);
+}
+
+// Erasure codec: addresses from the facade (0 for none) as typed pointers.
+template <class T>
+std::vector<T*> as_pointers(const std::vector<uintptr_t>& addrs) {
+  std::vector<T*> out(addrs.size());
+  for (size_t i = 0; i < addrs.size(); ++i) out[i] = reinterpret_cast<T*>(addrs[i]);
+  return out;
 }
 
 }  // namespace
@@ -143,4 +153,49 @@ PYBIND11_MODULE(_C, m) {
       py::arg("param_ptr"), py::arg("exp_avg_ptr"), py::arg("exp_avg_sq_ptr"), py::arg("grad_ptr"),
       py::arg("grad_is_bf16"), py::arg("wire_ptr"), py::arg("n"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
       py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("grad_scale"), py::arg("threads"), Release());
+
+  // ---- Erasure codec (offload.snapshot.codec): buffers arrive as addresses, 0 for a lost chunk.
+  m.def("ec_isas", []() {
+    py::list out;
+    for (const IsaSupport& s : isa_support()) out.append(py::make_tuple(s.name, s.available));
+    return out;
+  });
+  m.def(
+      "ec_resolve_isa", [](const std::string& isa) { return std::string(isa_name(resolve_isa(parse_isa(isa)))); },
+      py::arg("isa"));
+  m.def(
+      "ec_parity_matrix",
+      [](int k, int m) {
+        const std::vector<uint8_t> p = ec_parity_matrix(k, m);
+        return py::bytes(reinterpret_cast<const char*>(p.data()), p.size());
+      },
+      py::arg("k"), py::arg("m"));
+  m.def(
+      "ec_encode",
+      [](const std::vector<uintptr_t>& data, const std::vector<uintptr_t>& parity, size_t nbytes,
+         const std::string& isa, int threads) {
+        const auto in = as_pointers<const uint8_t>(data);
+        const auto out = as_pointers<uint8_t>(parity);
+        ec_encode(in.data(), static_cast<int>(in.size()), out.data(), static_cast<int>(out.size()), nbytes,
+                  parse_isa(isa), threads);
+      },
+      py::arg("data_ptrs"), py::arg("parity_ptrs"), py::arg("nbytes"), py::arg("isa"), py::arg("threads"), Release());
+  m.def(
+      "ec_decode",
+      [](const std::vector<uintptr_t>& chunks, int k, int m, const std::vector<uintptr_t>& data_out, size_t nbytes,
+         const std::string& isa, int threads) {
+        if (chunks.size() != static_cast<size_t>(k) + m || data_out.size() != static_cast<size_t>(k))
+          throw std::invalid_argument("ec_decode: need k + m chunk addresses and k output addresses");
+        const auto in = as_pointers<const uint8_t>(chunks);
+        const auto out = as_pointers<uint8_t>(data_out);
+        ec_decode(in.data(), k, m, out.data(), nbytes, parse_isa(isa), threads);
+      },
+      py::arg("chunk_ptrs"), py::arg("k"), py::arg("m"), py::arg("out_ptrs"), py::arg("nbytes"), py::arg("isa"),
+      py::arg("threads"), Release());
+  m.def("gf_tables", []() {
+    const gf256::Tables& t = gf256::tables();
+    return py::make_tuple(py::bytes(reinterpret_cast<const char*>(t.mul), sizeof t.mul),
+                          py::bytes(reinterpret_cast<const char*>(t.inv), sizeof t.inv));
+  });
+  // ---- end of the erasure codec
 }

@@ -31,9 +31,10 @@ import statistics
 import sys
 import sysconfig
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ class IsaL:
         lib.gf_gen_cauchy1_matrix.argtypes = [Bytes, ctypes.c_int, ctypes.c_int]
         lib.gf_invert_matrix.argtypes = [Bytes, Bytes, ctypes.c_int]
         lib.gf_invert_matrix.restype = ctypes.c_int
-        self.variants: dict[str, Callable[..., None]] = {"dispatch": lib.ec_encode_data}
+        self.variants: dict[str, Any] = {"dispatch": lib.ec_encode_data}
         # Per-ISA entry points that take ec_init_tables' layout (a GFNI build's tables differ).
         for isa in ("avx2", "avx512"):
             fn = getattr(lib, f"ec_encode_data_{isa}", None)
@@ -99,25 +100,28 @@ class IsaL:
         return out
 
 
-def _ptr(a: np.ndarray) -> ctypes._Pointer:  # type: ignore[type-arg]
+def _ptr(a: np.ndarray) -> Any:
     return a.ctypes.data_as(Bytes)
 
 
-def _ptrs(arrays: list[np.ndarray]) -> ctypes.Array:  # type: ignore[type-arg]
+def _ptrs(arrays: list[np.ndarray]) -> Any:
     return (ctypes.c_void_p * len(arrays))(*(a.ctypes.data for a in arrays))
+
+
+def isal_candidates() -> Iterator[str]:
+    name = ctypes.util.find_library("isal")
+    if name:
+        yield name
+    for folder in ("/usr/lib/*-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"):
+        yield from sorted(glob.glob(f"{folder}/libisal.so*"))
+    # pyeclib's manylinux wheel carries its own libisal next to liberasurecode.
+    yield from sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "*.libs", "libisal*.so*")))
 
 
 def find_isal() -> tuple[IsaL | None, str]:
     """ISA-L and where it came from, or None and why not."""
-    candidates = []
-    name = ctypes.util.find_library("isal")
-    if name:
-        candidates.append(name)
-    candidates += sorted(glob.glob("/usr/lib*/**/libisal.so*", recursive=True))
-    site = sysconfig.get_paths()["purelib"]
-    candidates += sorted(glob.glob(os.path.join(site, "*.libs", "libisal*.so*")))
     tried = []
-    for path in candidates:
+    for path in isal_candidates():
         try:
             lib = ctypes.CDLL(path)
             lib.ec_encode_data  # noqa: B018  (raises AttributeError when missing)
@@ -125,7 +129,7 @@ def find_isal() -> tuple[IsaL | None, str]:
         except (OSError, AttributeError) as e:
             tried.append(f"{path}: {e}")
     why = "; ".join(tried) or "no libisal.so* on this system or in pyeclib's wheel"
-    return None, f"ISA-L not found ({why}): apt-get install libisal2, or pip install pyeclib"
+    return None, f"not found ({why}): apt-get install libisal2, or pip install pyeclib"
 
 
 def median_seconds(fn: Callable[[], object]) -> float:
@@ -166,8 +170,10 @@ def bench_case(k: int, m: int, nbytes: int, isal: IsaL | None, isas: list[str]) 
         rows.append(Row(k, m, nbytes / 2**20, op, impl, isa, seconds, k * nbytes / seconds / 1e9))
 
     for isa in isas:
-        row("encode", "offload", isa, median_seconds(lambda: codec.encode(data, m, out=parity, isa=isa)))
-        row("decode", "offload", isa, median_seconds(lambda: codec.decode(chunks, k, m, out=rebuilt, isa=isa)))
+        encode = lambda isa=isa: codec.encode(data, m, out=parity, isa=isa)  # noqa: E731
+        decode = lambda isa=isa: codec.decode(chunks, k, m, out=rebuilt, isa=isa)  # noqa: E731
+        row("encode", "offload", isa, median_seconds(encode))
+        row("decode", "offload", isa, median_seconds(decode))
         if any(not np.array_equal(rebuilt[i], data[i]) for i in lost):
             raise SystemExit(f"k={k} m={m} {isa}: decode did not restore the data")
     if isal is None:
@@ -177,7 +183,9 @@ def bench_case(k: int, m: int, nbytes: int, isal: IsaL | None, isas: list[str]) 
     gftbls = isal.tables(matrix)
     data_ptrs, parity_ptrs = _ptrs(data), _ptrs(parity)
     survivors = [c for c in chunks if c is not None][:k]
-    generator = np.vstack([np.eye(k, dtype=np.uint8), matrix])[[i for i, c in enumerate(chunks) if c is not None][:k]]
+    generator = np.vstack([np.eye(k, dtype=np.uint8), matrix])[
+        [i for i, c in enumerate(chunks) if c is not None][:k]
+    ]
     in_ptrs, out_ptrs = _ptrs(survivors), _ptrs(rebuilt[:m])
 
     for name, fn in isal.variants.items():
@@ -228,12 +236,20 @@ def parse_config(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", type=parse_config, nargs="+", default=[(8, 2), (4, 2), (10, 4)], help="k,m")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--configs", type=parse_config, nargs="+", default=[(8, 2), (4, 2), (10, 4)], help="k,m"
+    )
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 8, 64], help="chunk sizes in MiB")
-    parser.add_argument("--isa", nargs="+", default=None, help="our paths to time (default: all this CPU has)")
+    parser.add_argument(
+        "--isa", nargs="+", default=None, help="our paths to time (default: all this CPU has)"
+    )
     parser.add_argument("--no-isal", action="store_true", help="do not look for ISA-L")
-    parser.add_argument("--out", type=Path, default=None, help=f"JSON file (default {RESULTS}/codec_<date>_<cpu>.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"JSON file (default {RESULTS}/codec_<date>_<cpu>.json)"
+    )
     args = parser.parse_args(argv)
 
     info = codec.info()
@@ -245,11 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     for k, m in args.configs:
         for mib in args.sizes:
             rows += bench_case(k, m, int(mib * 2**20), isal, isas)
-            print(render([r for r in rows if (r.k, r.m, r.chunk_mib) == (k, m, mib)]).split("\n", 2)[-1], flush=True)
+            print(
+                render([r for r in rows if (r.k, r.m, r.chunk_mib) == (k, m, mib)]).split("\n", 2)[-1],
+                flush=True,
+            )
     now = dt.datetime.now(dt.timezone.utc)
     result = {
         "date": now.isoformat(timespec="seconds"),
-        "command": " ".join(["python", "scripts/bench_codec.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python", "scripts/bench_codec.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "host": {"cpu": cpu_model(), "cores": os.cpu_count(), "kernel": platform.release()},
         "threads": 1,
         "gbps": "data bytes (k x chunk) per second / 1e9, median of runs",
