@@ -6,6 +6,11 @@ everything on the GPU, same Llama shape, same batch (default 4 x 2048 tokens).
 offload runs in this process; the baselines run as subprocesses of the scripts in
 ../shared/baselines (copied to .bench/ for the GPU machine, see its README), each in its own
 process so host and device memory are measured separately. Prints a table and writes JSON.
+
+Under torchrun (``torchrun --nproc-per-node 2 scripts/bench_train.py --systems offload ...``)
+offload runs data-parallel with its store sharded over the ranks: each rank trains on its own
+batch of --batch x --seq tokens, tokens/s counts all ranks, host memory sums over the ranks,
+and rank 0 writes the JSON.
 """
 
 from __future__ import annotations
@@ -48,6 +53,34 @@ def llama_config(size: str, seq: int):  # type: ignore[no-untyped-def]
     )
 
 
+def init_ranks(device: str) -> tuple[int, int]:
+    """(rank, world) of a torchrun launch, the process group initialised (NCCL, or gloo for a
+    CPU check run); (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def per_rank(value: float, world: int) -> list[float]:
+    """value from every rank, in rank order."""
+    if world == 1:
+        return [value]
+    import torch
+    import torch.distributed as dist
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    parts = [torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(world)]
+    dist.all_gather(parts, torch.tensor([value], dtype=torch.float64, device=dev))
+    return [float(p.item()) for p in parts]
+
+
 def run_offload(a: argparse.Namespace) -> dict:
     import psutil
     import torch
@@ -55,6 +88,8 @@ def run_offload(a: argparse.Namespace) -> dict:
 
     import offload
 
+    rank, world = init_ranks(a.device)
+    cuda = a.device == "cuda"
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(a.size, a.seq))
@@ -62,7 +97,7 @@ def run_offload(a: argparse.Namespace) -> dict:
     model, opt = offload.wrap(
         model,
         init="random",
-        device="cuda",
+        device=a.device,
         dtype="bfloat16",
         slots=a.slots,
         placement={"device_blocks": a.device_blocks},
@@ -70,11 +105,13 @@ def run_offload(a: argparse.Namespace) -> dict:
         trace=a.trace,
     )
     init_s = time.perf_counter() - t0
-    print(f"offload: {nparams / 1e9:.2f}B params, init {init_s:.1f}s", flush=True)
-    x = torch.randint(0, 32000, (a.batch, a.seq), device="cuda")
+    print(f"offload: {nparams / 1e9:.2f}B params, rank {rank} of {world}, init {init_s:.1f}s", flush=True)
+    g = torch.Generator().manual_seed(rank)  # each rank its own batch
+    x = torch.randint(0, 32000, (a.batch, a.seq), generator=g).to(a.device)
     times, losses = [], []
     for s in range(a.steps):
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -82,16 +119,21 @@ def run_offload(a: argparse.Namespace) -> dict:
         opt.zero_grad()
         losses.append(loss.item())  # syncs the device; the optimizer's updates run on
         times.append(time.perf_counter() - t)
-        print(f"step {s} {times[-1]:.3f}s loss {losses[-1]:.3f}", flush=True)
+        if rank == 0:
+            print(f"step {s} {times[-1]:.3f}s loss {losses[-1]:.3f}", flush=True)
     rt = model.runtime
     rt.wait_updates()
     steady = times[2:] if len(times) > 3 else times[1:]
     step_s = sorted(steady)[len(steady) // 2]
-    tokens = a.batch * a.seq
-    state = sum(r.state_bytes() for r in rt.records())
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tokens = a.batch * a.seq * world
+    held = sum(r.state_bytes() for r in rt.records()) + rt.state_tier.stored_bytes()
+    state_ranks = per_rank(held, world)
+    rss_peaks = per_rank(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, world)
+    state, rss_peak = sum(state_ranks), sum(rss_peaks)
+    rss_now = sum(per_rank(psutil.Process().memory_info().rss, world))
     out = dict(
         system="offload",
+        ranks=world,
         device_blocks=a.device_blocks,
         size=a.size,
         params_B=nparams / 1e9,
@@ -102,11 +144,13 @@ def run_offload(a: argparse.Namespace) -> dict:
         steps=times,
         losses=losses,
         init_s=init_s,
-        peak_gpu_GiB=torch.cuda.max_memory_allocated() / 2**30,
-        rss_GiB=psutil.Process().memory_info().rss / 2**30,
+        peak_gpu_GiB=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        rss_GiB=rss_now / 2**30,
         rss_peak_GiB=rss_peak / 2**30,
         state_GiB=state / 2**30,
         rss_over_state=rss_peak / state,
+        state_per_rank_GiB=[b / 2**30 for b in state_ranks],
+        rss_peak_per_rank_GiB=[b / 2**30 for b in rss_peaks],
         pool=rt.pool.stats().table(),
     )
     if a.trace:
@@ -156,6 +200,9 @@ def main() -> None:
     )
     ap.add_argument("--device-blocks", type=int, default=0, help="blocks whose state stays on the GPU")
     ap.add_argument("--systems", default="offload,gpu,deepspeed")
+    ap.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a check run of the script"
+    )
     ap.add_argument("--trace", default=None, help="Chrome-trace JSON path for the offload run")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -178,11 +225,18 @@ def main() -> None:
         )
     if "offload" in systems:
         results["offload"] = run_offload(a)
+        if results["offload"]["ranks"] > 1:
+            import torch.distributed as dist
+
+            rank = dist.get_rank()
+            dist.destroy_process_group()
+            if rank != 0:
+                return
     import torch
 
     report = {
         "date": date.today().isoformat(),
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "host": platform.node(),
         "size": a.size,
         "batch": a.batch,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU machine's benchmark session (see README "Results"): build, then one phase per call so
 # each stays inside the device tool's 10-minute command limit. Results land in $OUT.
-#   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more   (train3b: DEVICE_BLOCKS=12, RUN=1)
+#   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more|dist7b|dist13b
+#   (train3b: DEVICE_BLOCKS=12, RUN=1; dist7b and dist13b need 2 GPUs: kind nvidia-h200-x2)
 # DeepSpeed's wheels and libaio come from .bench/deps (../shared/baselines/fetch_deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,15 @@ case "${1:?phase}" in
     db=${DEVICE_BLOCKS:-12}
     python3 scripts/bench_train.py --size 3b --systems gpu,deepspeed,offload --device-blocks "$db" \
       --trace "$OUT/trace_3b_d$db.json" --out "$OUT/train_3b_d${db}_run${RUN:-1}.json" 2>&1 | grep -vi warn | tail -12 ;;
+  dist7b)
+    python3 -m pytest -q -x tests/test_dist.py 2>&1 | tail -3
+    python3 scripts/bench_train.py --size 7b --systems offload --device-blocks 10 --steps 6 \
+      --out "$OUT/train_7b_1rank.json" 2>&1 | grep -vi warn | tail -3
+    torchrun --standalone --nproc-per-node 2 scripts/bench_train.py --size 7b --systems offload \
+      --device-blocks 10 --steps 6 --out "$OUT/train_7b_2rank.json" 2>&1 | grep -vi warn | tail -3 ;;
+  dist13b)
+    torchrun --standalone --nproc-per-node 2 scripts/bench_train.py --size 13b --systems offload \
+      --device-blocks "${DEVICE_BLOCKS:-8}" --steps 5 --out "$OUT/train_13b_2rank.json" 2>&1 | grep -vi warn | tail -4 ;;
   train-more)
     for db in 12 0; do
       python3 scripts/bench_train.py --size 3b --systems offload --device-blocks $db \

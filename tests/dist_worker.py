@@ -6,6 +6,7 @@ writes the per-step global losses (JSON) and the final weights (safetensors)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,11 +19,14 @@ from tests.models import batches, tiny
 
 
 def main(spec: dict) -> None:
-    dist.init_process_group("gloo")
+    device = spec.get("device", "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         model = tiny(spec["family"], layers=spec.get("layers", 3))
-        wrapped, opt = offload.wrap(model, device="cpu", dtype="float32", **spec["wrap"])
+        wrapped, opt = offload.wrap(model, device=device, dtype="float32", **spec["wrap"])
         per_rank = spec["batch"] // world
         losses = []
         for step in range(spec["steps"]):
@@ -32,16 +36,18 @@ def main(spec: dict) -> None:
                 mine = ids[rank * per_rank : (rank + 1) * per_rank]
                 loss = wrapped(input_ids=mine, labels=mine).loss / spec.get("accum", 1)
                 loss.backward()
-                total += loss.detach()
+                total += loss.detach().cpu()
             opt.step()
             opt.zero_grad()
+            total = total.to(wrapped.runtime.device.torch)
             dist.all_reduce(total)
             losses.append(float(total) / world)
         rt = wrapped.runtime
         streamed = [r for r in rt.blocks if not r.on_device]
-        mine = torch.tensor([sum(r.numel for r in streamed), sum(r.layout.numel for r in streamed)])
-        held = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(held, mine)
+        dev = wrapped.runtime.device.torch
+        counts = [sum(r.numel for r in streamed), sum(r.layout.numel for r in streamed)]
+        held = [torch.zeros(2, dtype=torch.int64, device=dev) for _ in range(world)]
+        dist.all_gather(held, torch.tensor(counts, device=dev))
         state = offload.state_dict(wrapped)  # a collective: every rank takes part
         if rank == 0:
             out = Path(spec["out"])

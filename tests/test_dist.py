@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 def one_rank(spec: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The reference: the same loop in this process, every global batch on one rank."""
     wrapped, opt = offload.wrap(
-        tiny(spec["family"], layers=spec.get("layers", 3)), device="cpu", dtype="float32", **spec["wrap"]
+        tiny(spec["family"], layers=spec.get("layers", 3)),
+        device=spec.get("device", "cpu"),
+        dtype="float32",
+        **spec["wrap"],
     )
     losses = []
     for step in range(spec["steps"]):
@@ -70,13 +73,13 @@ def assert_matches(world: int, spec: dict, tmp_path: Path) -> None:
         torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_match_one_rank(world: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("world", "overlap"), [(2, False), (3, True)])
+def test_ranks_match_one_rank(world: int, overlap: bool, tmp_path: Path) -> None:
     spec = {
         "family": "llama",
         "batch": 6,
         "steps": 4,
-        "wrap": {"optimizer": {"lr": 3e-3, "weight_decay": 0.1}},
+        "wrap": {"optimizer": {"lr": 3e-3, "weight_decay": 0.1, "overlap_backward": overlap}},
     }
     assert_matches(world, spec, tmp_path)
 
@@ -88,5 +91,19 @@ def test_two_ranks_with_clipping_accumulation_device_blocks_and_tied_weights(tmp
         "steps": 3,
         "accum": 2,
         "wrap": {"optimizer": {"lr": 3e-3, "max_grad_norm": 0.05}, "placement": {"device_blocks": 1}},
+    }
+    assert_matches(2, spec, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_gpus_match_one_gpu(tmp_path: Path) -> None:
+    """NCCL: the all-gather and reduce-scatter run on the engine's side streams."""
+    spec = {
+        "family": "llama",
+        "device": "cuda",
+        "batch": 4,
+        "steps": 4,
+        "wrap": {"optimizer": {"lr": 3e-3, "overlap_backward": True}, "placement": {"device_blocks": 1}},
     }
     assert_matches(2, spec, tmp_path)

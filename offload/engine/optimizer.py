@@ -48,7 +48,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.last_grad_norm: float | None = None
         # Leave cores to the threads that launch device work and run autograd: a starved launch
         # thread idles the GPU.
-        self.threads = opt.threads or max(1, (os.cpu_count() or 2) - 2)
+        # Under torchrun the ranks on this host share its cores.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if runtime.group is not None else 1
+        self.threads = opt.threads or max(1, (os.cpu_count() or 2) // local - 2)
         if self.overlap_backward:
             runtime.executor.on_grad = self._on_block_grad
         runtime.updater.prefetch = self.prefetch
