@@ -5,14 +5,16 @@
 For each k,m and chunk size (MiB): encode (m parity chunks from k data chunks) and decode (the
 first m data chunks lost, rebuilt from the other k - m data chunks and the m parity chunks, decode
 matrix included), for each path of ``offload.snapshot.codec`` this CPU has and for ISA-L, each
-with threads=1 into buffers allocated and touched beforehand. GB/s is data bytes (k x chunk) per
-second, the median over repeats.
+with threads=1 into buffers allocated and touched beforehand. GB/s is data bytes (k x chunk) over
+the fastest of the runs (other work on the machine only ever slows a run; the median is kept in
+the JSON too).
 
-ISA-L is libisal loaded with ctypes: the system's (Debian's libisal2) or the copy in pyeclib's
-wheel (``pip install pyeclib``); without either it is skipped with a message. It is given our
-parity matrix (``ec_init_tables``) and its parity is checked equal to ours; our matrix is checked
-to be its ``gf_gen_cauchy1_matrix`` with columns scaled to a first row of ones. Where libisal
-exports its per-ISA entry points (ec_encode_data_avx2, ...) those are timed too.
+ISA-L is libisal loaded with ctypes: every copy found, the system's (Debian's libisal2) and the one
+in pyeclib's wheel (``pip install pyeclib``, a newer ISA-L with GFNI kernels); without either it is
+skipped with a message. It is given our parity matrix (``ec_init_tables``) and its parity is
+checked equal to ours; our matrix is checked to be its ``gf_gen_cauchy1_matrix`` with columns
+scaled to a first row of ones. The per-ISA entry points a library exports (ec_encode_data_avx2,
+...) are timed too, where this CPU has that ISA.
 Prints a table and writes JSON (default benchmarks/results/codec_<date>_<cpu>.json).
 """
 
@@ -58,34 +60,56 @@ class Row:
     op: str  # encode or decode
     impl: str  # offload or isa-l
     isa: str
-    seconds: float
-    gbps: float  # data bytes (k x chunk) per second / 1e9
+    seconds: float  # fastest run
+    median_seconds: float
+    gbps: float  # data bytes (k x chunk) / fastest run / 1e9
 
 
 class IsaL:
     """libisal through ctypes: the erasure-code entry points the benchmark calls."""
 
-    def __init__(self, lib: ctypes.CDLL, path: str) -> None:
+    def __init__(self, lib: ctypes.CDLL, path: str, cpu_has: list[str]) -> None:
         self.lib, self.path = lib, path
-        lib.ec_init_tables.argtypes = [ctypes.c_int, ctypes.c_int, Bytes, Bytes]
+        self.version = isal_version(path)
         lib.gf_gen_cauchy1_matrix.argtypes = [Bytes, ctypes.c_int, ctypes.c_int]
         lib.gf_invert_matrix.argtypes = [Bytes, Bytes, ctypes.c_int]
         lib.gf_invert_matrix.restype = ctypes.c_int
-        self.variants: dict[str, Any] = {"dispatch": lib.ec_encode_data}
-        # Per-ISA entry points that take ec_init_tables' layout (a GFNI build's tables differ).
-        for isa in ("avx2", "avx512"):
-            fn = getattr(lib, f"ec_encode_data_{isa}", None)
-            if fn is not None:
-                self.variants[isa] = fn
-        for fn in self.variants.values():
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, Bytes, ctypes.c_void_p, ctypes.c_void_p]
+        base_init = getattr(lib, "ec_init_tables_base", lib.ec_init_tables)
+        # name -> (encode entry point, the table builder whose layout it reads, our path it needs):
+        # the per-ISA entry points are exported by the library, not chosen by the CPU, so each is
+        # only called where this CPU has that ISA.
+        wanted = {
+            "dispatch": ("ec_encode_data", lib.ec_init_tables, "scalar"),
+            "avx2": ("ec_encode_data_avx2", base_init, "avx2"),
+            "avx512": ("ec_encode_data_avx512", base_init, "avx512"),
+            "avx512_gfni": ("ec_encode_data_avx512_gfni", getattr(lib, "ec_init_tables_gfni", None), "gfni"),
+        }
+        self.variants: dict[str, tuple[Any, Any]] = {}
+        for name, (symbol, init, needs) in wanted.items():
+            encode = getattr(lib, symbol, None)
+            if encode is None or init is None or needs not in cpu_has:
+                continue
+            encode.argtypes = [
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_int,
+                Bytes,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+            ]
+            init.argtypes = [ctypes.c_int, ctypes.c_int, Bytes, Bytes]
+            self.variants[name] = (encode, init)
 
-    def tables(self, rows: np.ndarray) -> np.ndarray:
-        """ec_init_tables for the rows x k coefficient matrix ``rows``."""
+    @property
+    def label(self) -> str:
+        return f"isa-l {self.version}"
+
+    def tables(self, variant: str, rows: np.ndarray) -> np.ndarray:
+        """The variant's table builder (ec_init_tables or a per-ISA one) for the coefficients ``rows``."""
         n_rows, k = rows.shape
         rows = np.ascontiguousarray(rows)
-        gftbls = np.zeros(k * n_rows * 32, dtype=np.uint8)
-        self.lib.ec_init_tables(k, n_rows, _ptr(rows), _ptr(gftbls))
+        gftbls = np.zeros(k * n_rows * 32, dtype=np.uint8)  # 32 bytes a coefficient at most (GFNI: 8)
+        self.variants[variant][1](k, n_rows, _ptr(rows), _ptr(gftbls))
         return gftbls
 
     def cauchy1(self, k: int, m: int) -> np.ndarray:
@@ -95,7 +119,8 @@ class IsaL:
 
     def invert(self, a: np.ndarray) -> np.ndarray:
         out = np.zeros_like(a)
-        if self.lib.gf_invert_matrix(_ptr(np.ascontiguousarray(a)), _ptr(out), a.shape[0]) != 0:
+        work = a.copy()  # gf_invert_matrix reduces its input in place
+        if self.lib.gf_invert_matrix(_ptr(work), _ptr(out), a.shape[0]) != 0:
             raise ValueError("singular matrix")
         return out
 
@@ -109,37 +134,57 @@ def _ptrs(arrays: list[np.ndarray]) -> Any:
 
 
 def isal_candidates() -> Iterator[str]:
-    name = ctypes.util.find_library("isal")
-    if name:
-        yield name
     for folder in ("/usr/lib/*-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"):
         yield from sorted(glob.glob(f"{folder}/libisal.so*"))
     # pyeclib's manylinux wheel carries its own libisal next to liberasurecode.
     yield from sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "*.libs", "libisal*.so*")))
+    name = ctypes.util.find_library("isal")  # elsewhere on the loader's path
+    if name:
+        yield name
 
 
-def find_isal() -> tuple[IsaL | None, str]:
-    """ISA-L and where it came from, or None and why not."""
+def isal_version(path: str) -> str:
+    """From the build path compiled into the library (isa-l-2.32.0), else the file name (.so.2.0.30)."""
+    try:
+        resolved = ctypes.util.find_library(path) or path
+        found = re.search(rb"isa-l-(\d+\.\d+(?:\.\d+)?)", Path(os.path.realpath(resolved)).read_bytes())
+        if found:
+            return found.group(1).decode()
+    except OSError:
+        pass
+    tail = re.search(r"\.so\.(\d+)\.\d+\.(\d+)$", os.path.realpath(path))
+    return f"{tail.group(1)}.{tail.group(2)}" if tail else "?"
+
+
+def find_isal(cpu_has: list[str]) -> tuple[list[IsaL], str]:
+    """Every distinct ISA-L found (the system's, pyeclib's), and a line saying what was found."""
+    found: dict[int | None, IsaL] = {}  # by the address of ec_encode_data: one entry per loaded library
     tried = []
     for path in isal_candidates():
         try:
             lib = ctypes.CDLL(path)
-            lib.ec_encode_data  # noqa: B018  (raises AttributeError when missing)
-            return IsaL(lib, path), path
+            address = ctypes.cast(lib.ec_encode_data, ctypes.c_void_p).value
         except (OSError, AttributeError) as e:
             tried.append(f"{path}: {e}")
+            continue
+        if address not in found:
+            found[address] = IsaL(lib, path, cpu_has)
+    libs = list(found.values())
+    if libs:
+        return libs, "; ".join(f"{f.label} at {f.path} ({', '.join(f.variants)})" for f in libs)
     why = "; ".join(tried) or "no libisal.so* on this system or in pyeclib's wheel"
-    return None, f"not found ({why}): apt-get install libisal2, or pip install pyeclib"
+    return [], f"not found ({why}): apt-get install libisal2, or pip install pyeclib"
 
 
-def median_seconds(fn: Callable[[], object]) -> float:
+def time_runs(fn: Callable[[], object]) -> tuple[float, float]:
+    """(fastest, median) seconds of fn over at least 3 runs and MIN_SECONDS."""
     fn()  # warm-up: first touch of the outputs, branch predictors
     times: list[float] = []
     while len(times) < 3 or (sum(times) < MIN_SECONDS and len(times) < MAX_RUNS):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times), statistics.median(times)
 
 
 def check_against_isal(isal: IsaL, k: int, m: int, data: list[np.ndarray], parity: list[np.ndarray]) -> None:
@@ -149,14 +194,14 @@ def check_against_isal(isal: IsaL, k: int, m: int, data: list[np.ndarray], parit
     mul, _ = codec.field_tables()
     if not (mul[ours, cauchy[0][None, :]] == cauchy).all():
         raise SystemExit(f"k={k} m={m}: our matrix is not gf_gen_cauchy1_matrix with scaled columns")
-    for name, fn in isal.variants.items():
+    for name, (encode, _) in isal.variants.items():
         theirs = [np.empty_like(p) for p in parity]
-        fn(len(data[0]), k, m, _ptr(isal.tables(ours)), _ptrs(data), _ptrs(theirs))
+        encode(len(data[0]), k, m, _ptr(isal.tables(name, ours)), _ptrs(data), _ptrs(theirs))
         if not all(np.array_equal(a, b) for a, b in zip(parity, theirs)):
-            raise SystemExit(f"k={k} m={m}: ISA-L's parity ({name}) differs from ours")
+            raise SystemExit(f"k={k} m={m}: {isal.label} {name} computes other parity than ours")
 
 
-def bench_case(k: int, m: int, nbytes: int, isal: IsaL | None, isas: list[str]) -> list[Row]:
+def bench_case(k: int, m: int, nbytes: int, isals: list[IsaL], isas: list[str]) -> list[Row]:
     rng = np.random.default_rng(k * 1000 + m)
     data = [np.frombuffer(rng.bytes(nbytes), dtype=np.uint8).copy() for _ in range(k)]
     parity = [np.ones(nbytes, dtype=np.uint8) for _ in range(m)]
@@ -166,40 +211,42 @@ def bench_case(k: int, m: int, nbytes: int, isal: IsaL | None, isas: list[str]) 
     chunks: list[np.ndarray | None] = [None if i in lost else c for i, c in enumerate(data + parity)]
     rows: list[Row] = []
 
-    def row(op: str, impl: str, isa: str, seconds: float) -> None:
-        rows.append(Row(k, m, nbytes / 2**20, op, impl, isa, seconds, k * nbytes / seconds / 1e9))
+    def row(op: str, impl: str, isa: str, times: tuple[float, float]) -> None:
+        fastest, median = times
+        rows.append(Row(k, m, nbytes / 2**20, op, impl, isa, fastest, median, k * nbytes / fastest / 1e9))
 
     for isa in isas:
         encode = lambda isa=isa: codec.encode(data, m, out=parity, isa=isa)  # noqa: E731
         decode = lambda isa=isa: codec.decode(chunks, k, m, out=rebuilt, isa=isa)  # noqa: E731
-        row("encode", "offload", isa, median_seconds(encode))
-        row("decode", "offload", isa, median_seconds(decode))
+        row("encode", "offload", isa, time_runs(encode))
+        row("decode", "offload", isa, time_runs(decode))
         if any(not np.array_equal(rebuilt[i], data[i]) for i in lost):
             raise SystemExit(f"k={k} m={m} {isa}: decode did not restore the data")
-    if isal is None:
-        return rows
-    check_against_isal(isal, k, m, data, parity)
-    matrix = codec.parity_matrix(k, m)
-    gftbls = isal.tables(matrix)
+
+    # ISA-L's decode: the rows of the survivors' generator matrix, inverted; the lost data's rows
+    # of the inverse are the coefficients, applied to the survivors.
+    alive = [i for i, c in enumerate(chunks) if c is not None][:k]
+    generator = np.vstack([np.eye(k, dtype=np.uint8), codec.parity_matrix(k, m)])[alive]
     data_ptrs, parity_ptrs = _ptrs(data), _ptrs(parity)
-    survivors = [c for c in chunks if c is not None][:k]
-    generator = np.vstack([np.eye(k, dtype=np.uint8), matrix])[
-        [i for i, c in enumerate(chunks) if c is not None][:k]
-    ]
-    in_ptrs, out_ptrs = _ptrs(survivors), _ptrs(rebuilt[:m])
+    in_ptrs, out_ptrs = _ptrs([data[i] if i < k else parity[i - k] for i in alive]), _ptrs(rebuilt[:m])
+    for isal in isals:
+        check_against_isal(isal, k, m, data, parity)
+        for name, (encode_fn, _) in isal.variants.items():
+            gftbls = isal.tables(name, codec.parity_matrix(k, m))
 
-    for name, fn in isal.variants.items():
+            def isal_encode(fn: Any = encode_fn, tables: np.ndarray = gftbls) -> None:
+                fn(nbytes, k, m, _ptr(tables), data_ptrs, parity_ptrs)
 
-        def isal_encode(fn: Callable[..., None] = fn) -> None:
-            fn(nbytes, k, m, _ptr(gftbls), data_ptrs, parity_ptrs)
+            def isal_decode(fn: Any = encode_fn, name: str = name, isal: IsaL = isal) -> None:
+                tables = isal.tables(
+                    name, isal.invert(generator)[lost]
+                )  # per loss pattern, as a decoder does
+                fn(nbytes, k, m, _ptr(tables), in_ptrs, out_ptrs)
 
-        def isal_decode(fn: Callable[..., None] = fn) -> None:
-            # As a decoder does per loss pattern: invert the survivors' rows, take the lost rows.
-            rows_lost = isal.invert(generator)[lost]
-            fn(nbytes, k, m, _ptr(isal.tables(rows_lost)), in_ptrs, out_ptrs)
-
-        row("encode", "isa-l", name, median_seconds(isal_encode))
-        row("decode", "isa-l", name, median_seconds(isal_decode))
+            row("encode", isal.label, name, time_runs(isal_encode))
+            row("decode", isal.label, name, time_runs(isal_decode))
+            if any(not np.array_equal(rebuilt[i], data[i]) for i in lost):
+                raise SystemExit(f"k={k} m={m}: {isal.label} {name} decode did not restore the data")
     return rows
 
 
@@ -214,14 +261,14 @@ def cpu_model() -> str:
 
 
 def render(rows: list[Row]) -> str:
-    head = f"{'k':>3} {'m':>2} {'chunk':>8}  {'impl':<8} {'isa':<12} {'encode GB/s':>11} {'decode GB/s':>11}"
+    head = f"{'k':>3} {'m':>2} {'chunk':>8}  {'impl':<11} {'isa':<12} {'encode GB/s':>11} {'decode GB/s':>11}"
     lines = [head, "-" * len(head)]
     cells: dict[tuple[int, int, float, str, str], dict[str, float]] = {}
     for r in rows:
         cells.setdefault((r.k, r.m, r.chunk_mib, r.impl, r.isa), {})[r.op] = r.gbps
     for (k, m, mib, impl, isa), ops in cells.items():
         lines.append(
-            f"{k:>3} {m:>2} {mib:>5g} MiB  {impl:<8} {isa:<12}"
+            f"{k:>3} {m:>2} {mib:>5g} MiB  {impl:<11} {isa:<12}"
             f" {ops.get('encode', float('nan')):>11.2f} {ops.get('decode', float('nan')):>11.2f}"
         )
     return "\n".join(lines)
@@ -254,13 +301,13 @@ def main(argv: list[str] | None = None) -> int:
 
     info = codec.info()
     isas = args.isa or info["available"]
-    isal, isal_note = (None, "skipped (--no-isal)") if args.no_isal else find_isal()
+    isals, isal_note = ([], "skipped (--no-isal)") if args.no_isal else find_isal(info["available"])
     print(f"offload codec paths: {', '.join(isas)} (this CPU has {', '.join(info['available'])})")
-    print(f"ISA-L: {isal_note}" + (f"; entry points: {', '.join(isal.variants)}" if isal else ""))
+    print(f"ISA-L: {isal_note}")
     rows: list[Row] = []
     for k, m in args.configs:
         for mib in args.sizes:
-            rows += bench_case(k, m, int(mib * 2**20), isal, isas)
+            rows += bench_case(k, m, int(mib * 2**20), isals, isas)
             print(
                 render([r for r in rows if (r.k, r.m, r.chunk_mib) == (k, m, mib)]).split("\n", 2)[-1],
                 flush=True,
@@ -273,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "host": {"cpu": cpu_model(), "cores": os.cpu_count(), "kernel": platform.release()},
         "threads": 1,
-        "gbps": "data bytes (k x chunk) per second / 1e9, median of runs",
+        "gbps": "data bytes (k x chunk) / fastest run / 1e9 (median_seconds kept too)",
         "offload": info,
-        "isal": {"path": isal.path, "entry_points": list(isal.variants)} if isal else {"skipped": isal_note},
+        "isal": [{"version": f.version, "path": f.path, "entry_points": list(f.variants)} for f in isals]
+        or {"skipped": isal_note},
         "results": [asdict(r) for r in rows],
     }
     print(render(rows))

@@ -90,32 +90,41 @@ void scalar_xor(const Plan& p, size_t begin, size_t end) {
 
 #ifdef OFFLOAD_EC_X86
 
-// Each SIMD kernel keeps R accumulators in registers, loads each input vector once, multiplies it
-// by the R coefficients of its column and leaves the bytes past the last whole vector to the
-// scalar loop (only the end of the last range has any).
-
-__attribute__((target("avx2"))) inline __m256i nibble_mul256(const uint8_t* t, __m256i lo, __m256i hi) {
-  const __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
-  const __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16)));
-  return _mm256_xor_si256(_mm256_shuffle_epi8(tl, lo), _mm256_shuffle_epi8(th, hi));
-}
+// Each SIMD kernel keeps 2 x R accumulators in registers (two vectors of each of R rows), loads
+// each input's two vectors once, multiplies them by the R coefficients of its column (one table or
+// matrix load serves both vectors) and leaves the bytes past the last pair of vectors to the scalar
+// loop (only the end of the last range has any). Two vectors a pass measured 10-25% faster than one.
 
 template <int R>
 __attribute__((target("avx2"))) void avx2_group(const Plan& p, int r0, size_t begin, size_t end) {
   const __m256i mask = _mm256_set1_epi8(0x0f);
   const size_t stride = static_cast<size_t>(p.n_out) * 32;
   size_t i = begin;
-  for (; i + 32 <= end; i += 32) {
-    __m256i acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+  for (; i + 64 <= end; i += 64) {
+    __m256i acc[2][R];
+    for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_si256();
     const uint8_t* t = p.nibbles.data() + static_cast<size_t>(r0) * 32;
     for (int j = 0; j < p.n_in; ++j, t += stride) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.in[j] + i));
-      const __m256i lo = _mm256_and_si256(x, mask);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi64(x, 4), mask);
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_xor_si256(acc[r], nibble_mul256(t + 32 * r, lo, hi));
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.in[j] + i));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.in[j] + i + 32));
+      const __m256i lo0 = _mm256_and_si256(x0, mask);
+      const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi64(x0, 4), mask);
+      const __m256i lo1 = _mm256_and_si256(x1, mask);
+      const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi64(x1, 4), mask);
+      for (int r = 0; r < R; ++r) {
+        const __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 * r)));
+        const __m256i th =
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 * r + 16)));
+        acc[0][r] =
+            _mm256_xor_si256(acc[0][r], _mm256_xor_si256(_mm256_shuffle_epi8(tl, lo0), _mm256_shuffle_epi8(th, hi0)));
+        acc[1][r] =
+            _mm256_xor_si256(acc[1][r], _mm256_xor_si256(_mm256_shuffle_epi8(tl, lo1), _mm256_shuffle_epi8(th, hi1)));
+      }
     }
-    for (int r = 0; r < R; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.out[r0 + r] + i), acc[r]);
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.out[r0 + r] + i), acc[0][r]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.out[r0 + r] + i + 32), acc[1][r]);
+    }
   }
   scalar_rows(p, r0, R, i, end);
 }
@@ -131,28 +140,35 @@ __attribute__((target("avx2"))) void avx2_xor(const Plan& p, size_t begin, size_
   scalar_xor(p, i, end);
 }
 
-__attribute__((target("avx512f,avx512bw"))) inline __m512i nibble_mul512(const uint8_t* t, __m512i lo, __m512i hi) {
-  const __m512i tl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
-  const __m512i th = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16)));
-  return _mm512_xor_si512(_mm512_shuffle_epi8(tl, lo), _mm512_shuffle_epi8(th, hi));
-}
-
 template <int R>
 __attribute__((target("avx512f,avx512bw"))) void avx512_group(const Plan& p, int r0, size_t begin, size_t end) {
   const __m512i mask = _mm512_set1_epi8(0x0f);
   const size_t stride = static_cast<size_t>(p.n_out) * 32;
   size_t i = begin;
-  for (; i + 64 <= end; i += 64) {
-    __m512i acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+  for (; i + 128 <= end; i += 128) {
+    __m512i acc[2][R];
+    for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_si512();
     const uint8_t* t = p.nibbles.data() + static_cast<size_t>(r0) * 32;
     for (int j = 0; j < p.n_in; ++j, t += stride) {
-      const __m512i x = _mm512_loadu_si512(p.in[j] + i);
-      const __m512i lo = _mm512_and_si512(x, mask);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi64(x, 4), mask);
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_xor_si512(acc[r], nibble_mul512(t + 32 * r, lo, hi));
+      const __m512i x0 = _mm512_loadu_si512(p.in[j] + i);
+      const __m512i x1 = _mm512_loadu_si512(p.in[j] + i + 64);
+      const __m512i lo0 = _mm512_and_si512(x0, mask);
+      const __m512i hi0 = _mm512_and_si512(_mm512_srli_epi64(x0, 4), mask);
+      const __m512i lo1 = _mm512_and_si512(x1, mask);
+      const __m512i hi1 = _mm512_and_si512(_mm512_srli_epi64(x1, 4), mask);
+      for (int r = 0; r < R; ++r) {
+        const __m512i tl = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 * r)));
+        const __m512i th = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32 * r + 16)));
+        acc[0][r] =
+            _mm512_ternarylogic_epi64(acc[0][r], _mm512_shuffle_epi8(tl, lo0), _mm512_shuffle_epi8(th, hi0), 0x96);
+        acc[1][r] =
+            _mm512_ternarylogic_epi64(acc[1][r], _mm512_shuffle_epi8(tl, lo1), _mm512_shuffle_epi8(th, hi1), 0x96);
+      }
     }
-    for (int r = 0; r < R; ++r) _mm512_storeu_si512(p.out[r0 + r] + i, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_si512(p.out[r0 + r] + i, acc[0][r]);
+      _mm512_storeu_si512(p.out[r0 + r] + i + 64, acc[1][r]);
+    }
   }
   scalar_rows(p, r0, R, i, end);
 }
@@ -170,17 +186,23 @@ __attribute__((target("avx512f,avx512bw"))) void avx512_xor(const Plan& p, size_
 template <int R>
 __attribute__((target("avx512f,avx512bw,gfni"))) void gfni_group(const Plan& p, int r0, size_t begin, size_t end) {
   size_t i = begin;
-  for (; i + 64 <= end; i += 64) {
-    __m512i acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+  for (; i + 128 <= end; i += 128) {
+    __m512i acc[2][R];
+    for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_si512();
     const uint64_t* a = p.affine.data() + r0;
     for (int j = 0; j < p.n_in; ++j, a += p.n_out) {
-      const __m512i x = _mm512_loadu_si512(p.in[j] + i);
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm512_xor_si512(acc[r],
-                                  _mm512_gf2p8affine_epi64_epi8(x, _mm512_set1_epi64(static_cast<long long>(a[r])), 0));
+      const __m512i x0 = _mm512_loadu_si512(p.in[j] + i);
+      const __m512i x1 = _mm512_loadu_si512(p.in[j] + i + 64);
+      for (int r = 0; r < R; ++r) {
+        const __m512i mat = _mm512_set1_epi64(static_cast<long long>(a[r]));
+        acc[0][r] = _mm512_xor_si512(acc[0][r], _mm512_gf2p8affine_epi64_epi8(x0, mat, 0));
+        acc[1][r] = _mm512_xor_si512(acc[1][r], _mm512_gf2p8affine_epi64_epi8(x1, mat, 0));
+      }
     }
-    for (int r = 0; r < R; ++r) _mm512_storeu_si512(p.out[r0 + r] + i, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_si512(p.out[r0 + r] + i, acc[0][r]);
+      _mm512_storeu_si512(p.out[r0 + r] + i + 64, acc[1][r]);
+    }
   }
   scalar_rows(p, r0, R, i, end);
 }
@@ -193,7 +215,8 @@ __attribute__((target("avx512f,avx512bw,gfni"))) void gfni_group(const Plan& p, 
 const Kernel& kernel(Isa isa) {
   static const Kernel scalar{kMaxGroup, OFFLOAD_EC_GROUPS(scalar_group), &scalar_xor, false, false};
 #ifdef OFFLOAD_EC_X86
-  // 16 ymm registers: 4 accumulators, the input, its two nibbles, the mask and two tables.
+  // 4 rows: 8 accumulators, 2 input vectors, their 4 nibble vectors, the mask and 2 tables are one more
+  // than AVX2's 16 registers; GCC keeps one accumulator on the stack, and it still beats 2 rows a pass.
   static const Kernel avx2{4, OFFLOAD_EC_GROUPS(avx2_group), &avx2_xor, true, false};
   static const Kernel avx512{kMaxGroup, OFFLOAD_EC_GROUPS(avx512_group), &avx512_xor, true, false};
   static const Kernel gfni{kMaxGroup, OFFLOAD_EC_GROUPS(gfni_group), &avx512_xor, false, true};
