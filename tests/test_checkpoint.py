@@ -80,7 +80,7 @@ def resumed(tmp: Path, first: dict[str, Any], second: dict[str, Any], schedule: 
     assert_placed(model, first)
     losses = train(model, opt, sched, data[:3])
     handle = save(model, opt, tmp / "ckpt", step=3, scheduler=sched, extra={"data": {"index": 3}})
-    assert handle.done() and handle.wait() == handle.path == tmp / "ckpt" / "step_000003"
+    assert handle.wait() == handle.path == tmp / "ckpt" / "step_000003" and handle.done()
     model.runtime.close()
 
     torch.manual_seed(999)  # load restores the generator state the save saw
@@ -137,7 +137,7 @@ def root(tmp_path: Path) -> Path:
     model, opt, _ = make()
     for step, ids in enumerate(batches(3), start=1):
         train(model, opt, None, [ids])
-        save(model, opt, tmp_path / "ckpt", step=step)
+        save(model, opt, tmp_path / "ckpt", step=step).wait()
     model.runtime.close()
     return tmp_path / "ckpt"
 
@@ -296,12 +296,12 @@ def test_save_prunes_by_retention(tmp_path: Path) -> None:
     model, opt, _ = make()
     root = tmp_path / "ckpt"
     for step in range(1, 8):
-        save(model, opt, root, step=step, keep_last=2, keep_every=3)
+        save(model, opt, root, step=step, keep_last=2, keep_every=3).wait()
         assert steps_of(root)[-1] == step  # never the one just written
     assert steps_of(root) == [3, 6, 7]
     assert (root / "latest").read_text() == "step_000007\n"
     assert not [p for p in root.iterdir() if ".tmp-" in p.name]
-    save(model, opt, root, step=8, keep_last=1)
+    save(model, opt, root, step=8, keep_last=1).wait()
     assert steps_of(root) == [8]
     model.runtime.close()
 

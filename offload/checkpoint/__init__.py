@@ -12,7 +12,8 @@ from typing import Any
 
 _API = {
     "save": "offload.checkpoint.writer",
-    "SaveHandle": "offload.checkpoint.writer",
+    "SaveHandle": "offload.checkpoint.handle",
+    "SaveStats": "offload.checkpoint.handle",
     "load": "offload.checkpoint.reader",
     "verify": "offload.checkpoint.integrity",
     "CheckpointCorrupt": "offload.checkpoint.format",

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from offload._version import __version__
 from offload.checkpoint.format import CheckpointCorrupt, CheckpointError, read_manifest, resolve, tensor_key
 from offload.checkpoint.integrity import verify
-from offload.checkpoint.writer import SAFETENSORS_DTYPES
+from offload.checkpoint.staging import SAFETENSORS_DTYPES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, name)

@@ -27,6 +27,7 @@ from offload.checkpoint.format import (
     tensor_key,
 )
 from offload.checkpoint.integrity import verify
+from offload.checkpoint.writer import drain
 
 
 def load(
@@ -35,6 +36,8 @@ def load(
     """Restores the checkpoint at path_or_root (a step directory, or a root: its ``latest``) and
     returns the ``extra`` dict it was saved with. Call it between steps (after zero_grad())."""
     rt = state.runtime_of(model, optimizer)
+    state.refuse_sharded(rt, "loaded")
+    drain(rt)  # a save in flight still reads the records this overwrites
     path = resolve(path_or_root)
     problems = verify(path)
     if problems:

@@ -47,6 +47,15 @@ def runtime_of(model: Any, optimizer: Any) -> Runtime:
     return rt
 
 
+def refuse_sharded(rt: Runtime, what: str) -> None:
+    """Checkpoints hold whole parameters; a multi-rank run's records hold shards of them."""
+    if rt.group is not None:
+        raise NotImplementedError(
+            f"checkpoints of multi-rank runs cannot be {what} yet: each rank holds a shard of every "
+            "streamed block (save from a single-process run)"
+        )
+
+
 def _same(a: object, b: object) -> bool:
     return a is b  # a function of its own: an inline `is` would narrow rt's type to the optimizer's
 
@@ -65,7 +74,8 @@ def params_of(rt: Runtime) -> list[tuple[BlockRecord, list[ParamRef]]]:
 @contextlib.contextmanager
 def optimizer_state(rt: Runtime, rec: BlockRecord) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """rec's flat (exp_avg, exp_avg_sq) wherever its tier keeps them; stored back on exit.
-    Call only while no update is running (after ``rt.wait_updates()``)."""
+    Call only while no update of rec runs or can start (after ``rt.wait_updates()``, or while a
+    capture fence holds rec's next update back)."""
     tier = rt.tier_of(rec)
     m, v = tier.acquire(rec)
     try:

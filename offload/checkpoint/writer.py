@@ -1,72 +1,111 @@
-"""save(): writes one checkpoint step and commits it atomically.
+"""save(): captures a step of a wrapped run and writes it in the background, committed atomically.
 
-The step is built in ``ROOT/step_N.tmp-<uuid>/``: one safetensors file per store record, each
-fsynced, then ``manifest.json`` (fsynced), then the directory is fsynced and renamed to
-``ROOT/step_N/`` and the root fsynced: the rename is the commit, so a reader sees either no
-step N or all of it. ``latest`` is then replaced the same way (temporary name, fsync, rename).
-A save that fails removes its temporary directory.
+``save()`` returns a SaveHandle at once; a writer thread does the rest (capture.py, staging.py):
 
-Today save() writes before it returns and hands back a finished SaveHandle; the handle is the
-API a later asynchronous writer keeps (snapshot now, write in the background, ``wait()``).
+1. At the call: the small state (config, param-group options, scheduler, RNG, extra) is taken,
+   the device records are snapshotted, and a capture fence is installed on the optimizer's worker.
+2. The writer streams each record's safetensors file into ``ROOT/step_N.tmp-<uuid>/`` through
+   the staging ring, host records in the order their next updates need them (with
+   ``optimizer.overlap_backward``: last block first, then the residents; without: residents,
+   block 0, 1, ...), releasing each record's fence as soon as its bytes are staged.
+3. Once every write has landed: each file fsynced, ``manifest.json`` written and fsynced, the
+   directory fsynced and renamed to ``ROOT/step_N/`` (the commit), the root fsynced, ``latest``
+   replaced the same way (temporary name, fsync, rename), then retention prunes.
+
+A save that fails (a full disk, EIO) removes its temporary directory, releases every fence and
+keeps the error for ``wait()``; nothing of it is ever listed as a checkpoint. A second save()
+while one is in flight first waits for it (that wait counts as the new save's stall).
+``save(...).wait()`` is the synchronous form.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import shutil
-import struct
+import threading
 import time
 import uuid
-import zlib
-from collections.abc import Iterable
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from offload import io as oio
 from offload._version import __version__
 from offload.checkpoint import state
-from offload.checkpoint.format import (
-    FORMAT_VERSION,
-    LATEST,
-    MANIFEST,
-    record_filename,
-    step_dirname,
-    tensor_key,
-)
-from offload.checkpoint.retention import Retention, prune
+from offload.checkpoint.capture import CaptureFence, snapshot
+from offload.checkpoint.format import FORMAT_VERSION, step_dirname
+from offload.checkpoint.handle import SaveHandle, SaveStats
+from offload.checkpoint.job import SaveJob, plan_record, write_order
+from offload.checkpoint.retention import Retention
+from offload.checkpoint.staging import Staging, chunk_size
 from offload.config import config_to_dict
+from offload.engine.runtime import Runtime
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+__all__ = ["SaveHandle", "SaveStats", "drain", "save"]
 
 
-class SaveHandle:
-    """A save in progress or done. ``wait()`` returns the committed directory or raises the
-    save's error; ``path`` is where the step is (or will be) committed."""
+class _Saver:
+    """Per runtime: the save in flight and the staging ring its saves reuse."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self) -> None:
+        self.current: SaveHandle | None = None
+        self.staging: Staging | None = None
+        self.direct: dict[Path, bool] = {}
 
-    def done(self) -> bool:
-        return True  # synchronous for now: save() returns after the commit
+    def wait_idle(self) -> None:
+        """Waits for the save in flight (its error stays with its handle)."""
+        if self.current is not None:
+            with contextlib.suppress(BaseException):
+                self.current.wait()
+            self.current = None
 
-    def wait(self) -> Path:
-        return self.path
+    def staging_for(self, rt: Runtime, largest: int, nbytes: int | None) -> Staging:
+        chunk = chunk_size(largest)
+        chunks = max(2, -(-(2 * largest if nbytes is None else nbytes) // chunk))
+        s = self.staging
+        if s is None or s.chunk_bytes != chunk or s.chunks != chunks:
+            if s is not None:
+                s.close()
+            self.staging = s = Staging(chunk, chunks, pin=rt.device.cuda)
+        return s
 
-    def __repr__(self) -> str:
-        return f"SaveHandle({str(self.path)!r}, done={self.done()})"
+
+_SAVERS: weakref.WeakKeyDictionary[Runtime, _Saver] = weakref.WeakKeyDictionary()
+
+
+def _saver(rt: Runtime) -> _Saver:
+    if not _SAVERS:
+        atexit.register(_drain_all)  # registered again after _drain_all emptied it: harmless
+    return _SAVERS.setdefault(rt, _Saver())
+
+
+def drain(rt: Runtime) -> None:
+    """Waits for rt's save in flight, if any (load() calls it before changing records)."""
+    saver = _SAVERS.get(rt)
+    if saver is not None:
+        saver.wait_idle()
+
+
+def _drain_all() -> None:
+    """At exit: finish the saves in flight (a checkpoint is not lost because the script ended),
+    then free the staging rings."""
+    for saver in list(_SAVERS.values()):
+        handle = saver.current
+        if handle is not None:
+            try:
+                handle.wait()
+            except BaseException as e:
+                print(f"offload: the checkpoint {handle.path} failed: {e}", flush=True)
+            saver.current = None
+        if saver.staging is not None:
+            saver.staging.close()
+            saver.staging = None
+    _SAVERS.clear()
 
 
 def save(
@@ -79,57 +118,103 @@ def save(
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
     keep_every: int | None = None,
+    staging_bytes: int | None = None,
 ) -> SaveHandle:
-    """Saves masters, Adam state, step counts, param-group options, the scheduler's state, RNG
-    states and extra (plain JSON data, e.g. the data stream's state_dict) as ``root/step_<step>``.
+    """Starts saving masters, Adam state, step counts, param-group options, the scheduler's state,
+    RNG states and extra (plain JSON data, e.g. the data stream's state_dict) as
+    ``root/step_<step>``, as of this call; returns at once. Call it after optimizer.step().
     With keep_last, older committed steps are pruned after the commit (retention.py): the newest
-    keep_last and every step divisible by keep_every stay, and never the one just written."""
+    keep_last and every step divisible by keep_every stay, and never the one just written.
+    staging_bytes bounds the staging ring (default: two records' worth)."""
+    t0 = time.perf_counter()
     retention = None
     if keep_last is not None:
         retention = Retention(keep_last=keep_last, keep_every=keep_every)
     elif keep_every is not None:
         raise ValueError(f"keep_every = {keep_every!r} needs keep_last")
+    if staging_bytes is not None and staging_bytes < 1:
+        raise ValueError(f"staging_bytes = {staging_bytes!r}: must be >= 1")
     rt = state.runtime_of(model, optimizer)
+    state.refuse_sharded(rt, "saved")
     sched = _plain("scheduler.state_dict()", scheduler.state_dict()) if scheduler is not None else None
     extra = _plain("extra", extra if extra is not None else {})
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dirname(step)
+    saver = _saver(rt)
+    saver.wait_idle()  # one save at a time: the staging ring and the fence are the runtime's
+    waited_s = time.perf_counter() - t0
     if final.exists():
         raise FileExistsError(f"checkpoint {final} already exists")
-    rt.wait_updates()  # host wait: every queued update has stored its master, m and v
-    tmp = root / f"{final.name}.tmp-{uuid.uuid4().hex}"
+    rt.check_update()  # an update that already failed: the records do not hold a step
+    with rt.tracer.span("save", "host", step=step):
+        handle = SaveHandle(final, step)
+        job = _start(rt, model, optimizer, saver, root, handle, sched, extra, retention, staging_bytes)
+    job.waited_s = waited_s
+    job.call_s = time.perf_counter() - t0
+    job.t0 = t0
+    handle._thread = threading.Thread(target=job.run, name="offload-checkpoint", daemon=True)
+    saver.current = handle
+    handle._thread.start()
+    return handle
+
+
+def _start(
+    rt: Runtime,
+    model: Any,
+    optimizer: Any,
+    saver: _Saver,
+    root: Path,
+    handle: SaveHandle,
+    sched: Any,
+    extra: Any,
+    retention: Retention | None,
+    staging_bytes: int | None,
+) -> SaveJob:
+    """Everything save() does on the caller's thread: the manifest's small state, the plans, the
+    fence and the device snapshots."""
+    base = {
+        "format_version": FORMAT_VERSION,
+        "offload_version": __version__,
+        "step": handle.step,
+        "created_unix": time.time(),
+        "model_class": type(getattr(model, "module", model)).__name__,
+        "config": config_to_dict(rt.cfg),
+        "model_config": state.model_config(model),
+        "optimizer": {"param_groups": state.param_groups_state(optimizer)},
+        "scheduler": sched,
+        "rng": state.rng_state(),
+        "extra": extra,
+    }
+    plans = [plan_record(rec, refs) for rec, refs in state.params_of(rt)]
+    staging = saver.staging_for(rt, max(p.nbytes for p in plans), staging_bytes)
+    root.mkdir(parents=True, exist_ok=True)
+    if root not in saver.direct:
+        saver.direct[root] = oio.check_direct(root).ok
+    tmp = root / f"{handle.path.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
+    host = write_order([p for p in plans if not p.rec.on_device], rt.cfg.optimizer.overlap_backward)
+    fence = CaptureFence([p.rec for p in host], rt.tracer)
+    fence.install(rt, [p.rec for p in host])
     try:
-        params, tensors = _write_records(rt, tmp)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "offload_version": __version__,
-            "step": step,
-            "created_unix": time.time(),
-            "model_class": type(getattr(model, "module", model)).__name__,
-            "config": config_to_dict(rt.cfg),
-            "model_config": state.model_config(model),
-            "optimizer": {"param_groups": state.param_groups_state(optimizer)},
-            "scheduler": sched,
-            "rng": state.rng_state(),
-            "extra": extra,
-            "params": params,
-            "tensors": tensors,
-        }
-        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
-        os.rename(tmp, final)  # the commit
-        _fsync_dir(root)
+        snaps, where = snapshot(rt, [p.rec for p in plans if p.rec.on_device])
     except BaseException:
+        fence.release(rt)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_file(root / LATEST, f"{final.name}\n".encode(), atomic=True)
-    _fsync_dir(root)
-    if retention is not None:
-        prune(root, retention, protect=[final])  # after latest moved: the old one may go too
-        _fsync_dir(root)
-    return SaveHandle(final)
+    return SaveJob(
+        rt=rt,
+        handle=handle,
+        tmp=tmp,
+        retention=retention,
+        staging=staging,
+        direct=saver.direct[root],
+        plans=host + [p for p in plans if p.rec.on_device],
+        fence=fence,
+        snaps=snaps,
+        device_copy=where,
+        manifest=base,
+        stream=torch.cuda.Stream(rt.device.torch) if rt.device.cuda else None,
+    )
 
 
 def _plain(what: str, value: Any) -> Any:
@@ -138,83 +223,3 @@ def _plain(what: str, value: Any) -> Any:
         return json.loads(json.dumps(value, allow_nan=True))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} must be plain JSON data (dicts, lists, str, numbers): {e}") from None
-
-
-def _write_records(rt: Any, tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    params: dict[str, Any] = {}
-    tensors: dict[str, Any] = {}
-    for rec, refs in state.params_of(rt):
-        file = record_filename(rec.name)
-        step = int(rec.step.item())
-        with state.optimizer_state(rt, rec) as (m, v):
-            items = []
-            for ref in refs:
-                name = ref.names[0]
-                params[name] = {"aliases": list(ref.names[1:]), "shape": list(ref.slot.shape), "step": step}
-                for kind, flat in (("master", rec.master), ("exp_avg", m), ("exp_avg_sq", v)):
-                    items.append((tensor_key(kind, name), ref.view(flat)))
-            for key, entry in write_safetensors(tmp / file, items).items():
-                tensors[key] = {"file": file, **entry}
-    return params, tensors
-
-
-def write_safetensors(path: Path, items: Iterable[tuple[str, torch.Tensor]]) -> dict[str, dict[str, Any]]:
-    """Writes a safetensors file straight from the tensors (no packed copy of the whole file),
-    fsyncs it, and returns per key {dtype, shape, offset, nbytes, crc32} (offset: from the start
-    of the file)."""
-    items = list(items)
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": f"offload {__version__}"}}
-    begin = 0
-    for key, t in items:
-        nbytes = t.numel() * t.element_size()
-        header[key] = {
-            "dtype": SAFETENSORS_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [begin, begin + nbytes],
-        }
-        begin += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors spec asks
-    start = 8 + len(raw)
-    index = {}
-    with open(path, "xb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for key, t in items:
-            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(data.data)
-            h = header[key]
-            b, e = h["data_offsets"]
-            index[key] = {
-                "dtype": h["dtype"],
-                "shape": h["shape"],
-                "offset": start + b,
-                "nbytes": e - b,
-                "crc32": zlib.crc32(data.data),
-            }
-        f.flush()
-        os.fsync(f.fileno())
-    return index
-
-
-def _write_file(path: Path, data: bytes, atomic: bool = False) -> None:
-    """Writes and fsyncs path; atomic: through a temporary name renamed over it."""
-    target = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}") if atomic else path
-    try:
-        with open(target, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if atomic:
-            os.replace(target, path)
-    except BaseException:
-        if atomic:
-            target.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

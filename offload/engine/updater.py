@@ -13,6 +13,11 @@ updated wire copy. An exception in an update is kept and re-raised on the traini
 
 Read-ahead: before running an update, the worker passes the record queued next to ``prefetch``
 (set by the optimizer), so state kept off RAM can be on its way while this update computes.
+
+Capture fence: while an asynchronous checkpoint is capturing the state as of its ``save()`` call,
+``fence`` is set (offload/checkpoint/capture.py). The worker asks it before each update
+(``hold``: wait until the record is captured, if the save still needs it as it is) and tells it
+after (``finished``: an update the save was waiting for is done).
 """
 
 from __future__ import annotations
@@ -22,12 +27,21 @@ import heapq
 import itertools
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from offload.engine.trace import Tracer
 from offload.store.record import BlockRecord
 
 Update = Callable[[], bool]  # returns whether the record's weights changed
 _FIFO = -(1 << 62)  # rank of updates run in arrival order (ahead of any block index)
+
+
+class Fence(Protocol):
+    def hold(self, rec: BlockRecord) -> None:
+        """Blocks until rec may be updated (a checkpoint in flight has captured it)."""
+
+    def finished(self, rec: BlockRecord, ok: bool) -> None:
+        """An update of rec has finished (ok: without error)."""
 
 
 class Updater:
@@ -41,6 +55,7 @@ class Updater:
         self._pending = 0
         self._stop = False
         self.prefetch: Callable[[BlockRecord], None] | None = None
+        self.fence: Fence | None = None  # set by a checkpoint while it captures records
 
     def submit(self, rec: BlockRecord, update: Update, fifo: bool = False) -> None:
         if self._thread is None:  # started on first use: importing or wrapping starts no thread
@@ -79,6 +94,10 @@ class Updater:
                 if self._error is None:
                     if following is not None and self.prefetch is not None:
                         self.prefetch(following)
+                    if (fence := self.fence) is not None:
+                        # A checkpoint is capturing the state as of its save(): an update queued
+                        # after the save must not change rec before rec is copied out.
+                        fence.hold(rec)
                     with self.tracer.span("adamw", "optimizer", block=rec.index):
                         if update():
                             rec.version += 1
@@ -86,6 +105,9 @@ class Updater:
                 self._error = e
             finally:
                 rec.updated.set()  # waiters wake and find the error, if any
+                # Read again: a save may have started while this update ran, and wait for it.
+                if (fence := self.fence) is not None:
+                    fence.finished(rec, self._error is None)
                 with self._cond:
                     self._pending -= 1
                     self._cond.notify_all()

@@ -1,0 +1,137 @@
+"""Capturing a consistent step for an asynchronous save (after DataStates-LLM).
+
+Between two optimizer updates a record's state does not change, so a checkpoint taken at a step
+boundary need not stop training: it only has to copy each record out before that record's next
+update. Two kinds of record:
+
+- **Host records** (streamed blocks, residents kept on the host) are updated on the optimizer's
+  worker thread. ``CaptureFence`` is installed on the Updater at ``save()``: an update queued
+  before the save (this step's, perhaps still pending) runs freely, and the save waits for it
+  (``wait_ready``); an update queued after the save waits in ``hold`` until the record is
+  captured. The time the worker waits there is the save's *hold* time, a stall it may pass on to
+  training (the next forward waits for a block's update before copying it).
+- **Device records** (``placement.device_blocks``, residents on the device) are updated by
+  kernels on the compute stream from inside ``optimizer.step()``, where no fence reaches; they
+  are snapshotted at ``save()`` by copies queued on the compute stream, which orders them after
+  this step's updates and before the next ones. The copy goes to spare device memory when there
+  is room (fast; written out and freed by the save), else to host memory (synchronous).
+
+Which update is "before the save": at ``install`` a record whose ``updated`` event is set has no
+update pending, so its state is the save's at once; otherwise its pending update is the last one
+before the save, and ``finished`` marks it ready. The training loop cannot queue a record's next
+update before the pending one has run (the next forward waits for it), so an update held in
+``hold`` is always one queued after the save.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from offload.engine.runtime import Runtime
+from offload.engine.trace import Tracer
+from offload.store.record import BlockRecord
+
+DEVICE_MARGIN = 1 << 30  # device bytes left free when snapshotting on the device
+
+
+class CaptureFence:
+    """The records a save still has to copy out, and the worker's wait for them."""
+
+    def __init__(self, records: list[BlockRecord], tracer: Tracer) -> None:
+        self.tracer = tracer
+        self._ready = {id(r): threading.Event() for r in records}  # its state is the save's
+        self._captured = {id(r): threading.Event() for r in records}  # copied out: may change
+        self._failed: str | None = None
+        self._lock = threading.Lock()
+        self.hold_s = 0.0  # seconds the worker waited in hold()
+
+    def install(self, rt: Runtime, records: list[BlockRecord]) -> None:
+        """Called by save() on the training thread, before any later update can be queued."""
+        rt.updater.fence = self
+        for rec in records:  # after installing: an update finishing now reports to finished()
+            if rec.updated.is_set():
+                self._ready[id(rec)].set()
+
+    def hold(self, rec: BlockRecord) -> None:
+        """Worker thread, before an update of rec: waits while the save still needs rec as it is."""
+        captured = self._captured.get(id(rec))
+        if captured is None or captured.is_set() or not self._ready[id(rec)].is_set():
+            return  # not saved, already copied out, or the update the save is waiting for
+        start = time.perf_counter()
+        with self.tracer.span("wait_capture", "optimizer", block=rec.index):
+            captured.wait()
+        with self._lock:
+            self.hold_s += time.perf_counter() - start
+
+    def finished(self, rec: BlockRecord, ok: bool) -> None:
+        """Worker thread, after an update of rec."""
+        ready = self._ready.get(id(rec))
+        if ready is None or ready.is_set():
+            return
+        if not ok:
+            self._failed = f"the optimizer update of {rec.name} failed before the checkpoint captured it"
+        ready.set()
+
+    def wait_ready(self, rec: BlockRecord) -> None:
+        """Writer thread: until rec holds the state as of the save."""
+        self._ready[id(rec)].wait()
+        if self._failed is not None:
+            raise RuntimeError(self._failed)
+
+    def captured(self, rec: BlockRecord) -> None:
+        """Writer thread: rec is copied out; its next update may run."""
+        self._captured[id(rec)].set()
+
+    def release(self, rt: Runtime) -> None:
+        """Every record captured, or the save failed: nothing waits on this save any more."""
+        if rt.updater.fence is self:
+            rt.updater.fence = None
+        for ev in (*self._ready.values(), *self._captured.values()):
+            ev.set()
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A device record's state as of save(): copies of master, m, v and the step count."""
+
+    master: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: torch.Tensor
+    ready: Any  # CUDA event recorded after the copies (None: they are done)
+
+
+def snapshot(rt: Runtime, records: list[BlockRecord]) -> tuple[dict[int, Snapshot], str]:
+    """Copies of the device records' state (by id of the record), and where they went: "device"
+    (spare device memory), "host", or "none" (no device records)."""
+    if not records:
+        return {}, "none"
+    dev = rt.device
+    need = sum(3 * r.numel * 4 + 4 for r in records)
+    where = "device" if dev.cuda and _device_room(dev.torch) > need + DEVICE_MARGIN else "host"
+    copies = {}
+    for rec in records:
+        tier = rt.tier_of(rec)
+        m, v = tier.acquire(rec)
+        try:
+            # On the caller's current (compute) stream: after this step's update kernels, before
+            # the next step's. A copy to the host is synchronous.
+            copies[id(rec)] = [
+                t.clone() if where == "device" or not dev.cuda else t.to("cpu")
+                for t in (rec.master, m, v, rec.step)
+            ]
+        finally:
+            tier.release(rec)
+    ready = dev.event(dev.compute_stream()) if where == "device" else None
+    return {k: Snapshot(m_, a, v_, st, ready) for k, (m_, a, v_, st) in copies.items()}, where
+
+
+def _device_room(device: torch.device) -> int:
+    """Device bytes a snapshot may take: free memory plus what the caching allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

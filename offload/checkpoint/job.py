@@ -1,0 +1,211 @@
+"""The writer thread of an asynchronous save: streams each record's file, then commits.
+
+Records are written in the order given (save() puts the host records first, in the order their
+next updates need them, then the device records' snapshots). A host record is read as soon as the
+capture fence says it holds the saved step (``wait_ready``), through its StateTier for Adam's m
+and v (NVMe-resident state is read back from its file), and released to the optimizer
+(``captured``) once its bytes are in the staging ring. After the last record: every write waited
+for, each file fsynced, then the commit (manifest, rename, ``latest``, retention; see writer.py).
+A failure releases the fence, lets the writes in flight finish and removes the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from offload import io as oio
+from offload.checkpoint import state
+from offload.checkpoint.capture import CaptureFence, Snapshot
+from offload.checkpoint.format import KINDS, LATEST, MANIFEST, record_filename, tensor_key
+from offload.checkpoint.handle import SaveHandle, SaveStats
+from offload.checkpoint.retention import Retention, prune
+from offload.checkpoint.staging import FileStream, Staging, safetensors_header
+from offload.engine.runtime import Runtime
+from offload.store.record import BlockRecord
+
+
+@dataclass(slots=True)
+class RecordPlan:
+    """One record's file: its parameters, header and size."""
+
+    rec: BlockRecord
+    refs: list[state.ParamRef]
+    file: str
+    header: bytes
+    index: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(e["nbytes"] for e in self.index.values())
+
+
+def write_order(plans: list[RecordPlan], overlap: bool) -> list[RecordPlan]:
+    """Host records in the order their next updates run: during backward (overlap_backward), the
+    last block first and the residents after it; at step(), the residents, then block 0, 1, ..."""
+    if overlap:
+        return sorted(plans, key=lambda p: (p.rec.index < 0, -p.rec.index))
+    return sorted(plans, key=lambda p: p.rec.index)
+
+
+def plan_record(rec: BlockRecord, refs: list[state.ParamRef]) -> RecordPlan:
+    items = [
+        (tensor_key(kind, ref.names[0]), torch.float32, ref.slot.shape) for ref in refs for kind in KINDS
+    ]
+    header, index = safetensors_header(items)
+    return RecordPlan(rec, refs, record_filename(rec.name), header, index)
+
+
+@dataclass(slots=True, kw_only=True)
+class SaveJob:
+    """The writer thread's work for one save."""
+
+    rt: Runtime
+    handle: SaveHandle
+    tmp: Path
+    retention: Retention | None
+    staging: Staging
+    direct: bool  # O_DIRECT works under the root
+    plans: list[RecordPlan]  # in the order they are written
+    fence: CaptureFence
+    snaps: dict[int, Snapshot]  # device records' copies, by id of the record
+    device_copy: str
+    manifest: dict[str, Any]  # all but params and tensors
+    stream: Any = None  # the writer's CUDA stream
+    files: list[oio.DirectFile] = field(default_factory=list)
+    current: FileStream | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, Any] = field(default_factory=dict)
+    bytes: int = 0
+    t0: float = 0.0
+    call_s: float = 0.0
+    waited_s: float = 0.0
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        try:
+            for plan in self.plans:
+                with self.rt.tracer.span("checkpoint", "io", block=plan.rec.index):
+                    self._write(plan)
+            self.fence.release(self.rt)
+            self.staging.drain()  # every chunk's write has landed (or raises its error)
+            for f in self.files:
+                f.sync()
+                f.close()
+            self._commit()
+        except BaseException as e:
+            self.handle._error = e
+            self._abandon()
+        finally:
+            self.fence.release(self.rt)
+            self.snaps.clear()
+            end = time.perf_counter()
+            self.handle._stats = SaveStats(
+                step=self.handle.step,
+                bytes=self.bytes,
+                seconds=end - self.t0,
+                write_s=end - start,
+                call_s=self.call_s,
+                waited_s=self.waited_s,
+                hold_s=self.fence.hold_s,
+                device_copy=self.device_copy,
+            )
+            self.handle._done.set()
+
+    def _write(self, plan: RecordPlan) -> None:
+        rec = plan.rec
+        f = oio.open(self.tmp / plan.file, "x", direct=self.direct, engine=self.staging.engine)
+        self.files.append(f)
+        f.allocate(plan.nbytes)  # a full disk fails here, before any byte of the file moves
+        fs = self.current = FileStream(self.staging, f, self.stream)
+        fs.put(None, torch.frombuffer(bytearray(plan.header), dtype=torch.uint8))
+        snap = self.snaps.pop(id(rec), None)
+        if snap is None:
+            self.fence.wait_ready(rec)
+            with state.optimizer_state(self.rt, rec) as (m, v):
+                step = int(rec.step.item())
+                self._put(fs, plan, rec.master, m, v)
+                fs.finish()
+            self.fence.captured(rec)
+        else:
+            if snap.ready is not None:
+                # The writer's stream reads the snapshot only after the compute stream made it. The
+                # snapshot is freed below, after this stream's copies were waited for in finish().
+                self.stream.wait_event(snap.ready)
+            with self.rt.device.stream(self.stream):
+                step = int(snap.step.to("cpu").item())
+            self._put(fs, plan, snap.master, snap.exp_avg, snap.exp_avg_sq)
+            fs.finish()
+        self.current = None
+        self.bytes += fs.bytes
+        for ref in plan.refs:
+            name = ref.names[0]
+            self.params[name] = {"aliases": list(ref.names[1:]), "shape": list(ref.slot.shape), "step": step}
+        for key, entry in plan.index.items():
+            self.tensors[key] = {"file": plan.file, **entry, "crc32": fs.crc[key]}
+
+    @staticmethod
+    def _put(
+        fs: FileStream, plan: RecordPlan, master: torch.Tensor, m: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        for ref in plan.refs:
+            for kind, flat in zip(KINDS, (master, m, v)):
+                fs.put(tensor_key(kind, ref.names[0]), ref.view(flat).reshape(-1).view(torch.uint8))
+
+    def _commit(self) -> None:
+        tmp, final = self.tmp, self.handle.path
+        root = final.parent
+        manifest = {**self.manifest, "params": self.params, "tensors": self.tensors}
+        raw = json.dumps(manifest, indent=1).encode()
+        write_file(tmp / MANIFEST, raw)
+        self.bytes += len(raw)
+        fsync_dir(tmp)
+        os.rename(tmp, final)  # the commit
+        fsync_dir(root)
+        write_file(root / LATEST, f"{final.name}\n".encode(), atomic=True)
+        fsync_dir(root)
+        if self.retention is not None:
+            prune(root, self.retention, protect=[final])  # after latest moved: the old one may go too
+            fsync_dir(root)
+
+    def _abandon(self) -> None:
+        """After a failure: unblock the worker, let every write finish, remove the directory."""
+        self.fence.release(self.rt)
+        if self.current is not None:
+            self.current.abandon()
+        self.staging.drain(raise_errors=False)
+        for f in self.files:
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_file(path: Path, data: bytes, atomic: bool = False) -> None:
+    """Writes and fsyncs path; atomic: through a temporary name renamed over it."""
+    target = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}") if atomic else path
+    try:
+        with open(target, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if atomic:
+            os.replace(target, path)
+    except BaseException:
+        if atomic:
+            target.unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

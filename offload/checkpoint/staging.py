@@ -1,0 +1,205 @@
+"""Staging: the pinned chunks checkpoint bytes pass through on their way to disk, and one
+safetensors file streamed through them.
+
+A record is copied chunk by chunk into a small ring of 4096-aligned pool leases, and each full
+chunk is written with O_DIRECT (``offload.io``) at the next file offset, a multiple of the chunk
+size, so every write but a file's last partial chunk goes direct. The copy into staging is what
+*captures* a record (after it the optimizer may change it again); the ring bounds how far capture
+runs ahead of the disk: when every chunk is in flight, taking one waits for the oldest write.
+Each tensor's crc32 is summed over the staged bytes, the very bytes that are written.
+
+Files are written whole and never read back: the safetensors header (8-byte little-endian
+length, JSON, padded with spaces to 8 bytes) is computed up front from the shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from offload import io as oio
+from offload._version import __version__
+from offload.memory import PinnedPool
+from offload.memory.arena import Lease
+
+CHUNK_BYTES = 64 << 20  # bytes per staging chunk (and per write request)
+ALIGN = 4096  # O_DIRECT's alignment; chunk sizes are multiples of it
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def safetensors_header(
+    items: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+) -> tuple[bytes, dict[str, Any]]:
+    """The header bytes of a safetensors file holding items (key, dtype, shape) in this order, and
+    per key {dtype, shape, offset, nbytes} (offset: from the start of the file)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": f"offload {__version__}"}}
+    begin = 0
+    spans = []
+    for key, dtype, shape in items:
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= int(d)
+        header[key] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": [int(d) for d in shape],
+            "data_offsets": [begin, begin + nbytes],
+        }
+        spans.append((key, begin, nbytes))
+        begin += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors spec asks
+    start = 8 + len(raw)
+    index = {
+        key: {"dtype": header[key]["dtype"], "shape": header[key]["shape"], "offset": start + b, "nbytes": n}
+        for key, b, n in spans
+    }
+    return struct.pack("<Q", len(raw)) + raw, index
+
+
+def chunk_size(largest_file: int) -> int:
+    """CHUNK_BYTES, or less for small files: the largest file rounded up to ALIGN."""
+    return min(CHUNK_BYTES, max(ALIGN, -(-largest_file // ALIGN) * ALIGN))
+
+
+class Staging:
+    """A ring of ``chunks`` pinned leases of ``chunk_bytes`` and the I/O engine that writes them.
+    Made once per runtime and reused by its saves; one save uses it at a time."""
+
+    def __init__(self, chunk_bytes: int, chunks: int, pin: bool) -> None:
+        if chunk_bytes % ALIGN or chunks < 1:
+            raise ValueError(
+                f"chunk_bytes = {chunk_bytes}, chunks = {chunks}: need a multiple of {ALIGN}, >= 1"
+            )
+        self.chunk_bytes = chunk_bytes
+        self.chunks = chunks
+        self.engine = oio.Engine()
+        self.pool = PinnedPool(chunk_bytes * chunks, arena_bytes=chunk_bytes, pin=pin, name="checkpoint")
+        self.pool.attach_io(self.engine)  # registered buffers where io_uring takes them
+        self._ring: deque[tuple[Lease, oio.IoFuture | None]] = deque(
+            (self.pool.lease(chunk_bytes, purpose="checkpoint staging"), None) for _ in range(chunks)
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self.chunk_bytes * self.chunks
+
+    def take(self) -> Lease:
+        """The least recently written chunk, once its write is done (raises that write's error)."""
+        lease, fut = self._ring.popleft()
+        if fut is not None:
+            try:
+                fut.wait()  # host wait: a chunk is refilled only after its last write has read it
+            except BaseException:
+                self._ring.appendleft((lease, None))
+                raise
+        return lease
+
+    def give(self, lease: Lease, fut: oio.IoFuture | None) -> None:
+        """Puts a chunk back with the write that is reading it."""
+        self._ring.append((lease, fut))
+
+    def drain(self, raise_errors: bool = True) -> None:
+        """Waits for every chunk's write; raises the first error unless told not to."""
+        errors: list[OSError] = []
+        for i, (lease, fut) in enumerate(self._ring):
+            if fut is not None:
+                try:
+                    fut.wait()
+                except OSError as e:
+                    errors.append(e)
+                self._ring[i] = (lease, None)
+        if errors and raise_errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        self.drain(raise_errors=False)
+        for lease, _ in self._ring:
+            lease.release()
+        self._ring.clear()
+        self.pool.detach_io(self.engine)
+        self.pool.close()
+        self.engine.close()
+
+
+class FileStream:
+    """Streams one safetensors file through the staging ring: ``put`` the header, then each
+    tensor (flat bytes, in header order), then ``finish``. Device tensors are copied on
+    ``stream`` (a CUDA stream, or None on the CPU)."""
+
+    def __init__(self, staging: Staging, file: oio.DirectFile, stream: Any = None) -> None:
+        self.staging = staging
+        self.file = file
+        self.stream = stream
+        self.crc: dict[str, int] = {}
+        self.bytes = 0
+        self._chunk: Lease | None = None
+        self._used = 0
+        self._pieces: list[tuple[str | None, int, int]] = []  # (key, begin, end) in the chunk
+
+    def put(self, key: str | None, data: torch.Tensor) -> None:
+        """Appends data (a flat uint8 tensor, CPU or CUDA) to the file; key: the tensor whose
+        crc32 it counts towards (None: the header)."""
+        if key is not None:
+            self.crc.setdefault(key, 0)
+        n, at = data.numel(), 0
+        while at < n:
+            if self._chunk is None:
+                self._chunk = self.staging.take()
+                self._used = 0
+            k = min(n - at, self.staging.chunk_bytes - self._used)
+            dst = self._chunk.tensor[self._used : self._used + k]
+            if data.is_cuda:
+                with torch.cuda.stream(self.stream):  # waited for in _write
+                    dst.copy_(data[at : at + k], non_blocking=True)
+            else:
+                dst.copy_(data[at : at + k])
+            self._pieces.append((key, self._used, self._used + k))
+            self._used += k
+            at += k
+            if self._used == self.staging.chunk_bytes:
+                self._write()
+
+    def finish(self) -> None:
+        """Writes the last partial chunk (the file's writes may still be in flight)."""
+        if self._chunk is not None:
+            self._write()
+
+    def _write(self) -> None:
+        chunk = self._chunk
+        assert chunk is not None
+        if self.stream is not None:
+            # Host wait: the chunk's device-to-host copies must land before crc32 reads the
+            # chunk and the write sends it.
+            self.stream.synchronize()
+        buf = chunk.tensor.numpy()
+        for key, b, e in self._pieces:
+            if key is not None:
+                self.crc[key] = zlib.crc32(buf[b:e].data, self.crc[key])
+        fut = self.file.write_from(chunk, self.bytes, self._used)
+        self.staging.give(chunk, fut)
+        self.bytes += self._used
+        self._chunk, self._used, self._pieces = None, 0, []
+
+    def abandon(self) -> None:
+        """Gives a chunk being filled back unwritten (the save failed)."""
+        if self._chunk is not None:
+            self.staging.give(self._chunk, None)
+            self._chunk = None
