@@ -394,7 +394,16 @@ class PlacementConfig:
     gradients: Tier = Tier.HOST
     """Gradients, as they come off the GPU."""
     activations: Tier = Tier.GPU
-    """Block-boundary hidden states kept for the backward pass."""
+    """Block-boundary hidden states kept for the backward pass: gpu keeps them on the device;
+    host copies them to pinned host memory during forward and back during backward, a few
+    blocks ahead, so the device holds only a window of them; nvme writes them to files under
+    nvme_dirs. auto: gpu for now (the planner says where they would fit)."""
+    offload_saved: Literal["never", "auto", "always"] | list[int] = "never"
+    """Blocks that keep their autograd-saved tensors in host memory instead of being recomputed
+    in backward (SSDTrain's offload-instead-of-recompute): "never" recomputes every block,
+    "always" offloads every block, a list names the blocks (0-based), "auto" recomputes every
+    block in the first step while measuring, then offloads the blocks the planner's cost model
+    picks (offload.plan.recompute)."""
     device_blocks: int = 0
     """How many of the first blocks keep all their state (weights, master, Adam m and v,
     gradients) on the compute device instead of streaming: spare device memory as the fastest
@@ -414,6 +423,12 @@ class PlacementConfig:
         check_fields(self)
         if self.device_blocks < 0:
             raise ConfigError("device_blocks", self.device_blocks, "must be >= 0")
+        if isinstance(self.offload_saved, list):
+            for i, block in enumerate(self.offload_saved):
+                if block < 0:
+                    raise ConfigError(f"offload_saved[{i}]", block, "must be a block index >= 0")
+                if block in self.offload_saved[:i]:
+                    raise ConfigError(f"offload_saved[{i}]", block, "is listed twice")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,20 +1,32 @@
 """The autograd Function of one streamed block, and the proxy module that stands in its place.
 
 The model's own forward loop keeps calling ``self.layers[i](hidden, **kwargs)``; each proxy
-routes the call to the executor. With autograd on, the call is a BlockFunction: forward without
-autograd (saving only the block's inputs), backward by recomputation. Arguments and outputs may
-be any nesting of tuples, lists and dicts; tensors among them that require grad get gradients.
+routes the call to the executor. With autograd on, the call is a BlockFunction. By default its
+forward runs without autograd, handing the block's inputs (the boundary state) to the activation
+store of ``placement.activations``, and its backward fetches them back and recomputes the block.
+For blocks chosen by ``placement.offload_saved`` the forward runs with autograd instead, keeping
+the graph and its saved tensors in host memory, and the backward runs that graph (saved.py).
+Arguments and outputs may be any nesting of tuples, lists and dicts; tensors among them that
+require grad get gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from offload.config import Config
+from offload.engine.activations import ActivationStore, DeviceStore, make_store
+from offload.engine.choice import MeasuredChoice, Traffic, make_choice
 from offload.engine.executor import Executor
+from offload.engine.saved import SavedTensors, weight_keys
+
+ARGS = 6  # BlockFunction.apply's arguments before the flat inputs
 
 
 def _is_leaf(x: Any) -> bool:
@@ -22,8 +34,48 @@ def _is_leaf(x: Any) -> bool:
     return not isinstance(x, (list, tuple, dict))
 
 
+@dataclass(slots=True)
+class Activations:
+    """What a block keeps for its backward: the boundary-state store (``placement.activations``)
+    and, for the blocks that offload instead of recompute, their saved tensors."""
+
+    boundary: ActivationStore
+    saved: SavedTensors | None = None
+    measure: MeasuredChoice | None = None
+    """offload_saved auto, while its first step is being measured."""
+
+    def offloads(self, index: int) -> bool:
+        return self.saved is not None and self.saved.offloads(index)
+
+    def timed(self, index: int, phase: str) -> Any:
+        m = self.measure
+        return m.timed(index, phase) if m is not None and m.measuring else contextlib.nullcontext()
+
+    def counting(self, index: int) -> Any:
+        m = self.measure
+        return m.counting(index) if m is not None and m.measuring else contextlib.nullcontext()
+
+    def close(self) -> None:
+        self.boundary.close()
+        if self.saved is not None:
+            self.saved.close()
+
+
+def make_activations(cfg: Config, executor: Executor) -> Activations:
+    """The Activations of cfg.placement for executor's blocks."""
+    p, device, blocks = cfg.placement, executor.device, len(executor.blocks)
+    boundary = make_store(p.activations, device, blocks, cfg.nvme_dirs)
+    streamed = len(executor.streamed) * executor.slots.buffers[0].nbytes
+    traffic = Traffic(weight_bytes=streamed, grad_bytes=streamed)
+    choose = make_choice(p.offload_saved, device, blocks, traffic, lambda: weight_keys(executor))
+    if choose is None:
+        return Activations(boundary)
+    measure = choose if isinstance(choose, MeasuredChoice) else None
+    return Activations(boundary, SavedTensors(device, blocks, choose), measure)
+
+
 class BlockFunction(torch.autograd.Function):
-    """One block: ``apply(executor, index, spec, box, token, *flat_inputs)``.
+    """One block: ``apply(executor, activations, index, spec, box, token, *flat_inputs)``.
 
     ``token`` is a zero-size tensor that requires grad, so the block is in the autograd graph
     (and its weights get gradients) even when none of its inputs requires grad.
@@ -31,25 +83,51 @@ class BlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, executor: Executor, index: int, spec: Any, box: dict, token: Any, *flat: Any
+        ctx: Any,
+        executor: Executor,
+        acts: Activations,
+        index: int,
+        spec: Any,
+        box: dict,
+        token: Any,
+        *flat: Any,
     ) -> Any:
+        ctx.executor, ctx.acts, ctx.index, ctx.spec = executor, acts, index, spec
+        if acts.saved is not None and acts.saved.offloads(index):
+            out, ctx.kept = acts.saved.forward(executor, index, spec, flat, ctx.needs_input_grad[ARGS:])
+            out_flat, box["spec"] = pytree.tree_flatten(out, is_leaf=_is_leaf)
+            return tuple(ctx.kept.take_outputs(out_flat))
+        ctx.kept = None
         args, kwargs = pytree.tree_unflatten(list(flat), spec)
-        ctx.executor, ctx.index, ctx.spec = executor, index, spec
         ctx.rng = executor.device.rng_state()  # the recompute must draw the same random numbers
         ctx.tensor_pos = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
         ctx.others = [None if isinstance(x, torch.Tensor) else x for x in flat]
-        ctx.save_for_backward(*[flat[i] for i in ctx.tensor_pos])
-        out = executor.forward_block(index, args, kwargs)
+        # Before the block computes: a copy out overlaps its compute.
+        ctx.stored = acts.boundary.put(index, [flat[i] for i in ctx.tensor_pos])
+        if acts.measure is not None and not isinstance(acts.boundary, DeviceStore):
+            acts.measure.add_boundary(index, sum(flat[i].nbytes for i in ctx.tensor_pos))
+        with acts.timed(index, "forward"):
+            out = executor.forward_block(index, args, kwargs)
         out_flat, box["spec"] = pytree.tree_flatten(out, is_leaf=_is_leaf)
         return tuple(out_flat)
 
     @staticmethod
     def backward(ctx: Any, *grad_outs: Any) -> Any:
+        executor: Executor = ctx.executor
+        nflat = len(ctx.needs_input_grad) - ARGS
+        result: list[Any] = [None] * nflat
+        if ctx.kept is not None:
+            for pos, g in ctx.acts.saved.backward(executor, ctx.kept, grad_outs).items():
+                result[pos] = g
+            ctx.kept = None
+            return (*[None] * ARGS, *result)
         flat = list(ctx.others)
-        needs = ctx.needs_input_grad[5:]
+        needs = ctx.needs_input_grad[ARGS:]
         inputs: list[torch.Tensor] = []
         want: list[int] = []
-        for pos, t in zip(ctx.tensor_pos, ctx.saved_tensors):
+        saved = ctx.acts.boundary.get(ctx.stored)
+        ctx.stored = None
+        for pos, t in zip(ctx.tensor_pos, saved):
             t = t.detach()
             if needs[pos]:
                 t.requires_grad_(True)
@@ -57,19 +135,18 @@ class BlockFunction(torch.autograd.Function):
                 want.append(pos)
             flat[pos] = t
         args, kwargs = pytree.tree_unflatten(flat, ctx.spec)
-        executor: Executor = ctx.executor
 
         def run() -> list[Any]:
-            with executor.device.fork_rng():
+            with executor.device.fork_rng(), ctx.acts.counting(ctx.index):
                 executor.device.set_rng_state(ctx.rng)
                 out = executor.template(*args, **kwargs)
             return pytree.tree_leaves(out, is_leaf=_is_leaf)
 
-        input_grads = executor.backward_block(ctx.index, run, inputs, list(grad_outs))
-        result: list[Any] = [None] * len(flat)
+        with ctx.acts.timed(ctx.index, "backward"):
+            input_grads = executor.backward_block(ctx.index, run, inputs, list(grad_outs))
         for pos, g in zip(want, input_grads):
             result[pos] = g
-        return (None, None, None, None, None, *result)
+        return (*[None] * ARGS, *result)
 
 
 def _is_cache(x: Any) -> bool:
@@ -90,10 +167,13 @@ def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 class BlockProxy(nn.Module):
     """Stands where block ``index`` was; holds no parameters of its own."""
 
-    def __init__(self, executor: Executor, index: int, attrs: dict[str, Any]) -> None:
+    def __init__(
+        self, executor: Executor, index: int, attrs: dict[str, Any], activations: Activations | None = None
+    ) -> None:
         super().__init__()
         self.executor = executor
         self.index = index
+        self.activations = activations or Activations(DeviceStore())
         for name, value in attrs.items():  # e.g. attention_type, read by the model's loop
             setattr(self, name, value)
 
@@ -106,7 +186,9 @@ class BlockProxy(nn.Module):
         args, kwargs = _without_cache(args, kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs), is_leaf=_is_leaf)
         box: dict[str, Any] = {}
-        out = BlockFunction.apply(self.executor, self.index, spec, box, self.executor.grad_token, *flat)
+        out = BlockFunction.apply(
+            self.executor, self.activations, self.index, spec, box, self.executor.grad_token, *flat
+        )
         return pytree.tree_unflatten(list(out), box["spec"])
 
     def extra_repr(self) -> str:

@@ -20,7 +20,7 @@ from offload.engine import build
 from offload.engine.device import Device
 from offload.engine.dist import Collective
 from offload.engine.executor import Executor
-from offload.engine.function import BlockProxy
+from offload.engine.function import BlockProxy, make_activations
 from offload.engine.trace import Tracer
 from offload.engine.updater import Updater
 from offload.memory import PinnedPool
@@ -255,7 +255,11 @@ class Runtime:
             self.check_update,
             self.group,
         )
-        proxies = [BlockProxy(self.executor, i, build.proxy_attrs(b)) for i, b in enumerate(stack.blocks)]
+        self.activations = make_activations(self.cfg, self.executor)
+        proxies = [
+            BlockProxy(self.executor, i, build.proxy_attrs(b), self.activations)
+            for i, b in enumerate(stack.blocks)
+        ]
         setattr(stack.owner, stack.attr, nn.ModuleList(proxies))
         if self.resident is not None:
             # Kept on the device, the record's wire copy is the parameters' buffer itself: its
@@ -338,6 +342,7 @@ class Runtime:
         """Finishes the queued updates, then frees the state tier (its files, on nvme)."""
         self.updater.close()
         self.state_tier.close()
+        self.activations.close()
 
     def check_update(self) -> None:
         self.updater.check()

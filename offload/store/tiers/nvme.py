@@ -15,22 +15,19 @@ thread while the worker is idle; a lock orders them anyway.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import threading
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from offload import io as oio
-from offload.config import ConfigError
 from offload.memory import PinnedPool
 from offload.memory.arena import Lease
 from offload.memory.pool import PoolExhausted
 from offload.store.record import BlockRecord
+from offload.store.tiers.dirs import check_dir, run_dir
 
 ALIGN = 4096
 STAGED_BLOCKS = 3  # read-ahead, current, write-behind
@@ -55,8 +52,8 @@ class NvmeTier:
 
     def __init__(self, dirs: Sequence[str], numel: int) -> None:
         for i, d in enumerate(dirs):
-            _check_dir(d, i)
-        self.dirs = [_run_dir(d) for d in dirs]
+            check_dir(d, i)
+        self.dirs = [run_dir(d) for d in dirs]
         self._engine = oio.Engine()
         slot = 2 * _half_bytes(numel)
         self._pool = PinnedPool(
@@ -192,27 +189,3 @@ class NvmeTier:
 
     def _touch(self, index: int) -> None:
         self._staged[index] = self._staged.pop(index)  # most recently used last
-
-
-def _check_dir(d: str, i: int) -> None:
-    """Raises ConfigError naming nvme_dirs[i] unless O_DIRECT works there. A missing directory is
-    created when its parent exists (so a recipe can name a fresh directory of the checkout)."""
-    base = Path(d).expanduser()
-    try:
-        base.mkdir()
-    except FileExistsError:
-        pass
-    except OSError as e:  # no parent, or a parent we may not enter or write
-        raise ConfigError(
-            f"nvme_dirs[{i}]", d, f"{base} does not exist and cannot be created: {e.strerror}"
-        ) from None
-    check = oio.check_direct(base)
-    if not check.ok:
-        raise ConfigError(f"nvme_dirs[{i}]", d, check.reason)
-
-
-def _run_dir(d: str) -> Path:
-    """This run's own subdirectory of d: two runs sharing a drive never share a file."""
-    run = Path(d).expanduser() / f"offload-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    run.mkdir()
-    return run

@@ -1,0 +1,230 @@
+"""NvmeStore: block-boundary states on NVMe, through a few pinned staging leases.
+
+Forward: each group is copied device-to-host into a staging lease on a side stream, then written
+with O_DIRECT through ``offload.io`` to this run's file in one of ``nvme_dirs`` (groups
+round-robin over the directories, one per drive), padded to 4096 bytes. The write can only start
+once the copy has landed; rather than block the training thread on that, the store polls at each
+call and submits the writes whose copies are done (a write is forced only when its lease is
+needed). Backward: the groups wanted next are read back into staging leases ``depth`` ahead and
+copied to the device once read. A group still in its staging lease is never read back.
+
+Host memory holds ``staging`` groups (default 4: two being written or read ahead, one in use,
+one spare); when all are out, the oldest written group's lease is reclaimed, after a host wait
+for its write, which is exactly the disk's shortfall. A failed write (a full disk) raises from the
+call that waits for it. Each directory holds one file per run, in a subdirectory removed at
+``close()`` (or when the store is garbage-collected, or at exit).
+"""
+
+from __future__ import annotations
+
+import shutil
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from offload import io as oio
+from offload.engine.activations import DEPTH, CudaWait, Home, OffloadingStore, Stored
+from offload.engine.device import Device
+from offload.memory import PinnedPool
+from offload.memory.arena import Lease
+from offload.store.tiers.dirs import check_dir, run_dir
+
+ALIGN = 4096
+STAGING = 4
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+@dataclass(slots=True, eq=False)
+class _File:
+    """One directory's file. Space is handed out from ``cursor`` on and reused from 0 once no
+    group in the file is live and no transfer on it is in flight (``live`` counts both)."""
+
+    file: oio.DirectFile
+    cursor: int = 0
+    live: int = 0
+
+
+class _Spill:
+    """The copy out of one group to disk: device-to-host into its lease, then the write. Polling
+    (``done``) submits the write once the copy has landed; ``wait`` forces it."""
+
+    __slots__ = ("copy", "io", "submit")
+
+    def __init__(self, event: Any, submit: Callable[[], oio.IoFuture]) -> None:
+        self.copy = CudaWait(event)
+        self.submit = submit
+        self.io: oio.IoFuture | None = None
+
+    def start(self) -> bool:
+        if self.io is None and self.copy.done():
+            self.io = self.submit()
+        return self.io is not None
+
+    def done(self) -> bool:
+        return self.start() and self.io is not None and self.io.done()
+
+    def wait(self) -> int:
+        if self.io is None:
+            self.copy.wait()  # host wait: the write must not read the lease before the copy lands
+            self.io = self.submit()
+        return self.io.wait()
+
+
+class NvmeStore(OffloadingStore):
+    """See the module docstring."""
+
+    purpose = "activations-nvme"
+
+    def __init__(
+        self,
+        device: Device,
+        blocks: int,
+        dirs: Sequence[str],
+        depth: int = DEPTH,
+        staging: int = STAGING,
+        min_bytes: int = 0,
+    ) -> None:
+        if staging < depth + 2:
+            raise ValueError(f"staging = {staging}: needs at least depth + 2 = {depth + 2} leases")
+        for i, d in enumerate(dirs):
+            check_dir(d, i)
+        super().__init__(device, blocks, depth, min_bytes)
+        self.dirs = [run_dir(d, "act-") for d in dirs]
+        self.staging = staging
+        self._engine = oio.Engine()
+        self._files = [_File(oio.open(d / "activations.bin", "x", engine=self._engine)) for d in self.dirs]
+        self._puts = 0
+        self._leased = 0
+        # The run's files go away with the store, also when close() is never called.
+        self._cleanup = weakref.finalize(self, _remove, [f.file for f in self._files], self.dirs)
+
+    @property
+    def arena_groups(self) -> int:
+        return self.staging
+
+    def paths(self) -> list[Path]:
+        return [Path(f.file.path) for f in self._files]
+
+    def stored_bytes(self) -> int:
+        with self._lock:
+            return sum(f.cursor for f in self._files)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def _copy_out(self, st: Stored) -> None:
+        assert st.packing is not None
+        self._pump()
+        nbytes = _padded(st.packing.nbytes)
+        lease = self._stage(nbytes)
+        st.home.lease = lease
+        event = self._copy_to_host(st, lease)
+        f = self._files[self._puts % len(self._files)]
+        self._puts += 1
+        if f.live == 0:
+            f.cursor = 0
+        offset = f.cursor
+        f.cursor += nbytes
+        f.live += 1
+        st.home.region = (f, offset, nbytes)
+        spill = _Spill(event, lambda: f.file.write_from(lease, offset, nbytes))
+        spill.start()  # at once on the CPU, where the copy is already done
+        st.out = spill
+        st.home.busy.append(spill)
+
+    def _pump(self) -> None:
+        """Submits the writes whose device-to-host copies have landed."""
+        for ref in self._live:
+            st = ref()
+            if st is not None and isinstance(st.out, _Spill):
+                st.out.start()
+
+    # ---- backward --------------------------------------------------------------------------------
+
+    def _fetch(self, st: Stored, wait: bool) -> None:
+        self._pump()
+        if st.back is not None:  # already on its way to the device
+            return
+        home = st.home
+        if home.lease is None and home.read is None:  # on disk only: read it into a lease
+            f, offset, nbytes = home.region
+            home.lease = self._stage(nbytes)
+            home.read = f.file.read_into(home.lease, offset, nbytes)
+            home.busy.append(home.read)
+        if home.read is not None:
+            if not wait and not home.read.done():
+                return
+            home.read.wait()  # host wait: only bytes that have landed are copied to the device
+            after = None
+        else:  # still in the lease the forward copied it into
+            assert isinstance(st.out, _Spill)
+            after = st.out.copy.event
+        assert home.lease is not None
+        self._copy_to_device(st, home.lease, after)
+
+    # ---- staging leases --------------------------------------------------------------------------
+
+    def _stage(self, nbytes: int) -> Lease:
+        """A staging lease; when all are out, reclaims one: a retired group's, else the oldest
+        group already on its way to disk (host wait for its write)."""
+        while self._leased >= self.staging:
+            self._reap()
+            if self._leased < self.staging:
+                break
+            if self._retired:
+                self._settle(self._retired.popleft())
+                continue
+            victim = self._evictable()
+            if victim is None:
+                raise RuntimeError(f"all {self.staging} activation staging leases hold groups in use")
+            victim.out.wait()  # host wait: the lease is reused only once its write is done
+            assert victim.home.lease is not None
+            victim.home.busy.remove(victim.out)
+            self._release(victim.home.lease)
+            victim.home.lease = None
+        lease = self._lease(nbytes)
+        self._leased += 1
+        return lease
+
+    def _evictable(self) -> Stored | None:
+        for ref in self._live:
+            st = ref()
+            if st is not None and st.home.lease is not None and st.home.read is None and st.back is None:
+                return st
+        return None
+
+    def _make_pool(self, nbytes: int) -> PinnedPool:
+        pool = super()._make_pool(nbytes)
+        pool.attach_io(self._engine)  # registered buffers where io_uring takes them
+        return pool
+
+    def _release(self, lease: Lease) -> None:
+        lease.release()
+        self._leased -= 1
+
+    def _free(self, home: Home) -> None:
+        if home.lease is not None and not self._pool_closed():
+            self._release(home.lease)
+            home.lease = None
+        super()._free(home)
+        if home.region is not None:
+            home.region[0].live -= 1
+            home.region = None
+
+    def _close_tier(self) -> None:
+        if self.pool is not None:
+            self.pool.detach_io(self._engine)
+        self._cleanup()
+        self._engine.close()
+
+
+def _remove(files: list[oio.DirectFile], dirs: list[Path]) -> None:
+    for f in files:
+        if not f.closed:
+            f.close()
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,239 @@
+"""Boundary-state stores (offload/engine/activations*.py) and the packing they use, on the CPU:
+each tier gives back exactly what was put (values, shape, stride, dtype, shared storages), frees
+its host memory and files, and refuses what it cannot do with a message naming the cause."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload.config import ConfigError, Tier
+from offload.engine.activations import DeviceStore, HostStore, OffloadingStore, make_store
+from offload.engine.activations_nvme import NvmeStore
+from offload.engine.device import Device
+from offload.engine.packing import Packing
+
+CPU = Device("cpu")
+
+
+def group(seed: int) -> list[torch.Tensor]:
+    """Tensors of several dtypes and layouts, as a block's inputs might be."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(6, 8, generator=g)
+    big = torch.randn(4096, generator=g)
+    return [
+        torch.randn(5, 7, generator=g),  # plain
+        torch.randn(7, 5, generator=g).t(),  # transposed (dense, not contiguous)
+        torch.randint(0, 1000, (3, 4), generator=g, dtype=torch.int64),
+        torch.randn(12, generator=g).to(torch.bfloat16)[::3],  # strided
+        big[100:103],  # a small slice of a large storage: moved on its own
+        torch.empty(0, 3),
+        base,
+        base[2:4, 1:],  # a view of base: moved with it, comes back a view of it
+        torch.rand(9, generator=g) > 0.5,
+    ]
+
+
+def assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for i, (x, y) in enumerate(zip(got, want)):
+        assert (x.shape, x.stride(), x.dtype) == (y.shape, y.stride(), y.dtype), i
+        assert torch.equal(x, y), i
+    # Views of one storage come back as views of one storage.
+    assert got[7].untyped_storage().data_ptr() == got[6].untyped_storage().data_ptr()
+    assert got[7].data_ptr() - got[6].data_ptr() == want[7].data_ptr() - want[6].data_ptr()
+
+
+@pytest.fixture(params=["gpu", "host", "nvme"])
+def store(request: pytest.FixtureRequest, disk_dir: Path) -> Iterator[OffloadingStore | DeviceStore]:
+    tier = Tier(request.param)
+    s = make_store(tier, CPU, blocks=8, nvme_dirs=[str(disk_dir)])
+    yield s
+    s.close()
+
+
+def test_round_trip_in_backward_order(store: OffloadingStore | DeviceStore) -> None:
+    # More groups than the NVMe tier's staging leases: the early ones really come from disk.
+    handles = [store.put(i, group(i)) for i in range(8)]
+    for i in reversed(range(8)):
+        assert_same(store.get(handles[i]), group(i))
+
+
+def test_prefetch_then_get_in_any_order(store: OffloadingStore | DeviceStore) -> None:
+    handles = [store.put(i, group(i)) for i in range(7)]
+    for i in (0, 3, 5):
+        store.prefetch(handles[i])
+    for i in (3, 0, 6, 1, 5, 2, 4):
+        assert_same(store.get(handles[i]), group(i))
+
+
+def test_a_group_is_fetched_once(store: OffloadingStore | DeviceStore) -> None:
+    if isinstance(store, DeviceStore):
+        pytest.skip("the device tier keeps references: fetching twice is harmless")
+    handles = [store.put(i, group(i)) for i in range(2)]
+    store.get(handles[0])
+    with pytest.raises(RuntimeError, match="block 0's boundary state was already fetched"):
+        store.get(handles[0])
+
+
+def test_shared_inputs_stay_on_the_device() -> None:
+    """A tensor handed to consecutive blocks (rotary tables) is not copied; the last group put
+    comes back without a round trip."""
+    s = HostStore(CPU, blocks=3)
+    table = torch.randn(16, 4)
+    inputs = [[torch.randn(16, 8), table] for _ in range(3)]
+    handles = [s.put(i, x) for i, x in enumerate(inputs)]
+    assert handles[0].packing is not None and len(handles[0].packing.placed) == 2
+    assert handles[1].kept == {1: table}  # the table: kept by reference from the second block on
+    last = s.get(handles[2])
+    assert last[0] is inputs[2][0]  # still on the device when backward starts with it
+    middle = s.get(handles[1])
+    assert middle[1] is table and middle[0] is not inputs[1][0] and torch.equal(middle[0], inputs[1][0])
+    s.get(handles[0])
+    s.close()
+
+
+def test_host_leases_go_back_to_the_pool() -> None:
+    s = HostStore(CPU, blocks=4)
+    handles = [s.put(i, group(i)) for i in range(4)]
+    assert s.pool is not None and s.pool.stats().in_use > 0
+    assert s.stored_bytes() == sum(h.packing.nbytes for h in handles if h.packing)
+    for h in reversed(handles):
+        s.get(h)
+    s.put(9, group(9))  # reaps what the gets retired
+    assert s.pool.stats().leases == 1  # the new group's
+    s.close()
+
+
+def test_a_handle_dropped_without_get_frees_its_lease() -> None:
+    """A forward whose graph is thrown away (no backward) leaves nothing behind."""
+    s = HostStore(CPU, blocks=2)
+    s.put(0, group(0))
+    s.put(1, group(1))  # the first handle is gone already: only the second is held (as the last)
+    gc.collect()
+    s.put(2, group(2))
+    assert s.pool is not None
+    assert s.pool.stats().leases == 2  # the second's and the third's
+    s.close()
+
+
+def test_nvme_writes_to_disk_and_removes_its_files(disk_dir: Path) -> None:
+    s = NvmeStore(CPU, blocks=8, dirs=[str(disk_dir)], staging=4)
+    handles = [s.put(i, group(i)) for i in range(8)]
+    (path,) = s.paths()
+    assert path.parent.parent == disk_dir and path.stat().st_size >= s.stored_bytes() > 0
+    assert s.stored_bytes() % 4096 == 0  # each group padded to O_DIRECT's alignment
+    early = handles[0]
+    assert early.home.lease is None and early.home.region is not None  # only on disk now
+    for i in reversed(range(8)):
+        assert_same(s.get(handles[i]), group(i))
+    s.close()
+    assert not path.exists() and not path.parent.exists()
+
+
+def test_nvme_space_is_reused_step_after_step(disk_dir: Path) -> None:
+    s = NvmeStore(CPU, blocks=6, dirs=[str(disk_dir)])
+    for step in range(3):
+        handles = [s.put(i, group(i + step)) for i in range(6)]
+        size = s.stored_bytes()
+        for i in reversed(range(6)):
+            assert_same(s.get(handles[i]), group(i + step))
+        del handles
+    assert s.stored_bytes() == size
+    s.close()
+
+
+def test_nvme_groups_are_striped_over_the_directories(disk_dir: Path) -> None:
+    dirs = [disk_dir / "a", disk_dir / "b"]
+    s = NvmeStore(CPU, blocks=4, dirs=[str(d) for d in dirs])
+    handles = [s.put(i, group(i)) for i in range(4)]
+    assert [p.parent.parent for p in s.paths()] == dirs
+    assert all(p.stat().st_size > 0 for p in s.paths())
+    for i in reversed(range(4)):
+        assert_same(s.get(handles[i]), group(i))
+    s.close()
+
+
+def test_nvme_directory_that_cannot_be_created() -> None:
+    with pytest.raises(ConfigError, match=r"nvme_dirs\[0\] = '/nonexistent-offload/x': .* does not exist"):
+        NvmeStore(CPU, blocks=2, dirs=["/nonexistent-offload/x"])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_nvme_directory_that_is_not_writable(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match=r"nvme_dirs\[0\]"):
+        NvmeStore(CPU, blocks=2, dirs=[str(locked)])
+
+
+def test_nvme_directory_that_is_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match=r"nvme_dirs\[0\] = '.*file'"):
+        NvmeStore(CPU, blocks=2, dirs=[str(f)])
+
+
+def test_nvme_staging_must_cover_the_window(disk_dir: Path) -> None:
+    with pytest.raises(ValueError, match="staging = 2: needs at least depth \\+ 2 = 4 leases"):
+        NvmeStore(CPU, blocks=2, dirs=[str(disk_dir)], staging=2)
+
+
+def test_device_tier_refuses_inputs_changed_in_place() -> None:
+    s = DeviceStore()
+    x = torch.zeros(3)
+    h = s.put(4, [x])
+    x.add_(1)
+    with pytest.raises(RuntimeError, match="input 0 of block 4 was modified in place after the block ran"):
+        s.get(h)
+
+
+def test_cxl_is_not_a_tier_for_activations() -> None:
+    with pytest.raises(ConfigError, match=r"placement\.activations = 'cxl': not built for activations"):
+        make_store(Tier.CXL, CPU, blocks=2)
+
+
+def test_closed_store_refuses_work() -> None:
+    s = HostStore(CPU, blocks=1)
+    h = s.put(0, group(0))
+    s.close()
+    with pytest.raises(RuntimeError, match="the activations store is closed"):
+        s.get(h)
+
+
+# ---- packing -----------------------------------------------------------------------------------
+
+
+def test_views_of_one_storage_move_once() -> None:
+    x = torch.randn(64, 32)
+    p = Packing([x, x.t(), x[3:9], x.view(-1)])
+    assert len(p.pieces) == 1 and p.pieces[0].nbytes == x.numel() * 4
+    buf = torch.empty(p.nbytes, dtype=torch.uint8)
+    p.copy_out(buf)
+    back = p.rebuild(buf)
+    assert len({t.untyped_storage().data_ptr() for t in back}) == 1
+    for got, want in zip(back, [x, x.t(), x[3:9], x.view(-1)]):
+        assert got.stride() == want.stride() and torch.equal(got, want)
+
+
+def test_a_small_slice_of_a_large_storage_moves_alone() -> None:
+    big = torch.randn(1 << 16)
+    p = Packing([big[10:20], big[500:510]])
+    assert [piece.dense for piece in p.pieces] == [True, True]
+    assert p.nbytes == 2 * 64  # two 40-byte pieces, each padded to 64
+
+
+def test_rebuilt_tensors_keep_their_alignment() -> None:
+    """Kernels see the same address modulo 64 as in forward (vectorised paths depend on it)."""
+    x = torch.randn(100, dtype=torch.float64)
+    views = [x[1:50], x[3:], x[8:90]]
+    p = Packing(views)
+    buf = torch.empty(p.nbytes, dtype=torch.uint8)
+    p.copy_out(buf)
+    for got, want in zip(p.rebuild(buf), views):
+        assert got.data_ptr() % 64 == want.data_ptr() % 64

@@ -1,0 +1,195 @@
+"""Offload instead of recompute (offload/engine/saved.py, choice.py): the pack hook's
+deduplication and what it leaves in place, exact gradients through a graph whose saved tensors
+went to host memory, and the config of the choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+import offload
+from offload.config import ConfigError, PlacementConfig
+from offload.engine.activations import HostStore
+from offload.engine.device import Device
+from offload.engine.packing import storage_key
+from offload.engine.saved import Packer, _Group, _unpack
+from tests.models import Stack, batches, tiny
+
+CPU = Device("cpu")
+
+
+def packed_graph(fn, *leaves: torch.Tensor, keep: tuple[torch.Tensor, ...] = ()):
+    """Runs fn under the pack hook; returns its output, the packer and the store."""
+    store = HostStore(CPU, blocks=1)
+    group = _Group(store)
+    packer = Packer(group, CPU.torch, {storage_key(t) for t in keep})
+    with saved_tensors_hooks(packer.pack, _unpack):
+        out = fn(*leaves)
+    group.stored = store.put(0, packer.tensors)
+    return out, packer, store
+
+
+def test_a_tensor_saved_twice_is_stored_once() -> None:
+    x = torch.randn(16, 8, requires_grad=True)
+
+    def fn(x):
+        return (x * x).sum() + (x.exp() * x).sum()
+
+    out, packer, store = packed_graph(fn, x)
+    assert len(packer.tensors) == 2  # x (saved three times) and exp(x)
+    assert store.stored_bytes() == 2 * 16 * 8 * 4
+    (g,) = torch.autograd.grad(out, [x])
+    assert torch.equal(g, torch.autograd.grad(fn(x), [x])[0])  # the same kernels: bitwise
+    store.close()
+
+
+def test_views_of_one_storage_move_once() -> None:
+    x = torch.randn(32, 32)
+    h = torch.randn(32, 32, requires_grad=True)
+
+    def fn(h):
+        y = h @ x  # saves h (and x: a view kept by neither rule here, moved)
+        return (y @ x.t()).sum() + (y * x[4:8].sum()).sum()
+
+    out, packer, store = packed_graph(fn, h)
+    xs = [t for t in packer.tensors if storage_key(t) == storage_key(x)]
+    assert len(xs) == 2  # x and x.t(): two views ...
+    stored = store._last[0] if store._last else None
+    assert stored is not None and stored.packing is not None
+    x_pieces = {
+        p.piece for t, p in zip(packer.tensors, stored.packing.placed) if storage_key(t) == storage_key(x)
+    }
+    assert len(x_pieces) == 1  # ... moved as one span of their storage
+    ref = torch.autograd.grad(fn(h), [h])[0]
+    (g,) = torch.autograd.grad(out, [h])
+    assert torch.equal(g, ref)
+    store.close()
+
+
+def test_weights_are_kept_by_reference_and_read_again_at_backward() -> None:
+    """A weight buffer later overwritten and restored (a slot reused by other blocks, then
+    re-filled by acquire) gives the gradient of the values it holds at backward."""
+    slot = torch.randn(8, 8)
+    w = slot.detach().requires_grad_()
+    x = torch.randn(4, 8, requires_grad=True)
+    out, packer, store = packed_graph(lambda x, w: torch.tanh(x @ w).sum(), x, w, keep=(slot,))
+    assert all(storage_key(t) != storage_key(slot) for t in packer.tensors)
+    original = slot.clone()
+    slot.normal_()  # another block's weights in the slot
+    slot.copy_(original)  # this block's again
+    gx, gw = torch.autograd.grad(out, [x, w])
+    x2, w2 = x.detach().requires_grad_(), original.clone().requires_grad_()
+    rx, rw = torch.autograd.grad(torch.tanh(x2 @ w2).sum(), [x2, w2])
+    assert torch.equal(gx, rx) and torch.equal(gw, rw)
+    store.close()
+
+
+def test_other_devices_and_small_tensors_stay_put() -> None:
+    store = HostStore(CPU, blocks=1)
+    packer = Packer(_Group(store), torch.device("meta"), set())
+    t = torch.randn(3)
+    assert packer.pack(t) is t  # not on the compute device
+    small = Packer(_Group(store), CPU.torch, set(), min_bytes=1024)
+    assert small.pack(t) is t and small.tensors == []
+    store.close()
+
+
+def train(placement: dict, steps: int = 4, **kw) -> tuple[list[float], dict]:
+    model, opt = offload.wrap(
+        tiny("llama", layers=3),
+        device="cpu",
+        dtype="float32",
+        optimizer={"lr": 3e-3},
+        placement=placement,
+        **kw,
+    )
+    losses = []
+    for ids in batches(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    state = offload.state_dict(model)
+    model.runtime.close()
+    return losses, state
+
+
+def test_auto_measures_one_step_then_decides() -> None:
+    model, opt = offload.wrap(
+        tiny("llama", layers=3), device="cpu", dtype="float32", placement={"offload_saved": "auto"}
+    )
+    acts = model.runtime.activations
+    assert acts.measure is not None and acts.measure.decision is None
+    for ids in batches(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    decision = acts.measure.decision
+    assert decision is not None and len(decision.offload) == 3
+    assert all(n > 0 for n in acts.measure._saved.values())
+    model.runtime.close()
+
+
+def test_frozen_weights_in_offloaded_blocks() -> None:
+    def freeze(model):
+        for block in model.model.layers:
+            block.mlp.up_proj.weight.requires_grad_(False)
+        return model
+
+    results = []
+    for placement in ({}, {"offload_saved": "always"}):
+        model, opt = offload.wrap(
+            freeze(tiny("llama", layers=3)), device="cpu", dtype="float32", placement=placement
+        )
+        for ids in batches(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        results.append(offload.state_dict(model))
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
+def test_plain_stack_with_offloaded_blocks_matches() -> None:
+    """A model that is not a Hugging Face one: an MSE regression over identical blocks."""
+    states = []
+    for placement in ({}, {"offload_saved": [1, 2], "activations": "host"}):
+        model, opt = offload.wrap(Stack(layers=4), device="cpu", dtype="float32", placement=placement)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            x, y = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, generator=g)
+            model(x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        states.append(offload.state_dict(model))
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "sometimes",
+            r"placement.offload_saved = 'sometimes': expected one of 'never', 'auto', 'always' or list\[int\]",
+        ),
+        ([0, -1], r"offload_saved\[1\] = -1: must be a block index >= 0"),
+        ([2, 2], r"offload_saved\[1\] = 2: is listed twice"),
+    ],
+)
+def test_offload_saved_config_errors(value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        offload.config.load_config(placement={"offload_saved": value})
+
+
+def test_offload_saved_block_out_of_range() -> None:
+    with pytest.raises(
+        ConfigError, match=r"placement.offload_saved\[0\] = 3: the model has 3 blocks \(0 to 2\)"
+    ):
+        offload.wrap(tiny("llama", layers=3), device="cpu", dtype="float32", placement={"offload_saved": [3]})
+
+
+def test_placement_default_recomputes() -> None:
+    assert PlacementConfig().offload_saved == "never"
