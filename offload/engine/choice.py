@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import psutil
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
@@ -55,12 +56,18 @@ class MeasuredChoice:
     (never counted as saved: the graph keeps references to them)."""
 
     def __init__(
-        self, device: Device, blocks: int, traffic: Traffic, weights: Callable[[], set[int]]
+        self,
+        device: Device,
+        blocks: int,
+        traffic: Traffic,
+        weights: Callable[[], set[int]],
+        host_bytes: int | None = None,
     ) -> None:
         self.device = device
         self.blocks = blocks
         self.traffic = traffic
         self.weights = weights
+        self.host_bytes = host_bytes  # budgets.host_bytes; None: what the host has free
         self.decision: Choice | None = None
         self._times: dict[tuple[int, str], list[Any]] = {}  # (block, phase) -> [start, end]
         self._saved: dict[int, int] = {}
@@ -123,11 +130,20 @@ class MeasuredChoice:
         for i in range(self.blocks):
             fwd = self._seconds(i, "forward")
             costs.append(BlockCost(fwd, max(self._seconds(i, "backward") - fwd, 0.0), self._saved[i]))
-        return choose(costs, self.traffic.link(*measure_link(self.device.torch)))
+        # The saved tensors of every offloaded block are in host memory at once, at the end of
+        # forward: keep them within the budget, or within three quarters of what is free now.
+        room = int(psutil.virtual_memory().available * 3 // 4)
+        limit = room if self.host_bytes is None else min(room, self.host_bytes)
+        return choose(costs, self.traffic.link(*measure_link(self.device.torch)), limit)
 
 
 def make_choice(
-    spec: Spec, device: Device, blocks: int, traffic: Traffic, weights: Callable[[], set[int]]
+    spec: Spec,
+    device: Device,
+    blocks: int,
+    traffic: Traffic,
+    weights: Callable[[], set[int]],
+    host_bytes: int | None = None,
 ) -> Callable[[int], bool] | None:
     """The choice of ``placement.offload_saved``; None for "never"."""
     if spec == "never":
@@ -135,7 +151,7 @@ def make_choice(
     if spec == "always":
         return lambda index: True
     if spec == "auto":
-        return MeasuredChoice(device, blocks, traffic, weights)
+        return MeasuredChoice(device, blocks, traffic, weights, host_bytes)
     for i, block in enumerate(spec):
         if block >= blocks:
             raise ConfigError(

@@ -67,7 +67,8 @@ def make_activations(cfg: Config, executor: Executor) -> Activations:
     boundary = make_store(p.activations, device, blocks, cfg.nvme_dirs)
     streamed = len(executor.streamed) * executor.slots.buffers[0].nbytes
     traffic = Traffic(weight_bytes=streamed, grad_bytes=streamed)
-    choose = make_choice(p.offload_saved, device, blocks, traffic, lambda: weight_keys(executor))
+    keys = lambda: weight_keys(executor)  # noqa: E731
+    choose = make_choice(p.offload_saved, device, blocks, traffic, keys, cfg.budgets.host_bytes)
     if choose is None:
         return Activations(boundary)
     measure = choose if isinstance(choose, MeasuredChoice) else None

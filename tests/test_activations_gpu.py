@@ -1,0 +1,135 @@
+"""Activation placement and offload-instead-of-recompute on a CUDA device (skipped without one;
+run on the GPU machine): the same training as the default placement, and less device memory
+with the boundary states in host memory."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import offload
+from tests.models import Stack
+from tests.test_wrap_gpu import llama
+
+# Deterministic cuBLAS must be configured before the first cuBLAS handle.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def train(model: torch.nn.Module, placement: dict, nvme: Path, steps: int = 4) -> tuple[list[float], dict]:
+    wrapped, opt = offload.wrap(
+        model,
+        device="cuda",
+        dtype="float32",
+        optimizer={"lr": 1e-3},
+        placement=placement,
+        nvme_dirs=[str(nvme)],
+    )
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (2, 128), generator=g).cuda()
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    state = offload.state_dict(wrapped)
+    wrapped.runtime.close()
+    return losses, state
+
+
+def test_host_and_nvme_boundaries_train_exactly_like_the_device(disk_dir: Path) -> None:
+    """Moving a tensor to host memory and back changes no bit: with deterministic kernels the
+    runs agree exactly."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        ref = llama()
+        want = train(copy.deepcopy(ref), {}, disk_dir)
+        for placement in ({"activations": "host"}, {"activations": "nvme"}):
+            got = train(copy.deepcopy(ref), placement, disk_dir)
+            assert got[0] == want[0], placement
+            for key in want[1]:
+                assert torch.equal(got[1][key], want[1][key]), (placement, key)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_offloaded_saved_tensors_train_like_recompute(disk_dir: Path) -> None:
+    """Offload runs each block's forward once, with autograd; recompute runs it twice. The
+    kernels may differ with autograd on (attention picks its backend from requires_grad), so
+    the runs agree to float32 rounding, not bitwise."""
+    ref = llama()
+    want = train(copy.deepcopy(ref), {}, disk_dir)
+    for placement in ({"offload_saved": "always"}, {"offload_saved": "auto", "activations": "host"}):
+        got = train(copy.deepcopy(ref), placement, disk_dir)
+        torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(want[0]), rtol=1e-4, atol=1e-5)
+        for key in want[1]:
+            torch.testing.assert_close(got[1][key], want[1][key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_races_in_the_activation_copies_show_up() -> None:
+    """Blocks with almost no compute: the copies dominate, so a missing wait between a copy out
+    and the memory's reuse, or between a copy back and its use, changes the result."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for placement in ({}, {"activations": "host"}, {"offload_saved": "always", "activations": "host"}):
+            model, opt = offload.wrap(
+                Stack(d=1024, layers=12), device="cuda", dtype="float32", placement=placement
+            )
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for _ in range(4):
+                x = torch.randn(64, 256, 8, generator=g).cuda()
+                y = torch.randn(64, 256, generator=g).cuda()
+                loss = model(x, y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            results.append((losses, offload.state_dict(model)))
+            model.runtime.close()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    base = results[0]
+    for losses, state in results[1:]:
+        assert losses == base[0]
+        for key in base[1]:
+            assert torch.equal(state[key], base[1][key]), key
+
+
+def test_host_boundaries_lower_the_device_peak() -> None:
+    """With 12 blocks the device keeps every boundary state in the default placement and a
+    window of a few with host placement: the peak drops by at least 40% of all of them."""
+
+    def peak(placement: dict) -> int:
+        torch.manual_seed(0)
+        model, opt = offload.wrap(
+            Stack(d=1024, layers=12), device="cuda", dtype="float32", placement=placement
+        )
+        x, y = torch.randn(8, 4096, 8).cuda(), torch.randn(8, 4096).cuda()
+        model(x, y).backward()  # the first step maps the pools and warms the allocator
+        opt.step()
+        opt.zero_grad()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        torch.cuda.synchronize()
+        result = torch.cuda.max_memory_allocated()
+        model.runtime.close()
+        return result
+
+    boundary = 12 * 8 * 4096 * 1024 * 4  # blocks x tokens x width x float32
+    gpu, host = peak({}), peak({"activations": "host"})
+    assert gpu - host >= 0.4 * boundary, (gpu, host, boundary)
