@@ -56,6 +56,7 @@ def test_minimal_recipe_and_defaults(tmp_path: Path) -> None:
     t = recipe.train
     assert (t.grad_accum, t.seed, t.log_every, t.save_every) == (1, 0, 1, None)
     assert t.output_dir == "runs/my-run"
+    assert (t.checkpoint_dir, t.keep_last, t.keep_every) == ("runs/my-run/checkpoints", None, None)
     assert (t.schedule.name, t.schedule.warmup_steps, t.schedule.min_lr_ratio) == ("constant", 0, 0.0)
     assert recipe.model.max_position_embeddings == 16  # None means train.seq_len
     assert recipe.offload == Config()
@@ -146,6 +147,10 @@ def test_model_errors(tmp_path: Path, model: dict[str, Any], message: str) -> No
         (_merged(train={"seed": -1}), "train.seed = -1: must be >= 0"),
         (_merged(train={"save_every": 0}), "train.save_every = 0: must be >= 1"),
         (_merged(train={"output_dir": ""}), "train.output_dir = '': must be a directory path"),
+        (_merged(train={"checkpoint_dir": ""}), "train.checkpoint_dir = '': must be a directory path"),
+        (_merged(train={"keep_last": 0}), "train.keep_last = 0: must be >= 1, or null"),
+        (_merged(train={"keep_every": 5}), "train.keep_every = 5: needs keep_last"),
+        (_merged(train={"keep_last": 2, "keep_every": 0}), "train.keep_every = 0: must be >= 1"),
         (
             _merged(train={"schedule": {"warmup_steps": 11}}),
             "train.schedule.warmup_steps = 11: more than steps = 10",

@@ -66,3 +66,125 @@ def test_bad_override_names_the_field(capsys: pytest.CaptureFixture) -> None:
 def test_bad_value_names_the_field(capsys: pytest.CaptureFixture) -> None:
     assert main(["train", TINY, "--set", "offload.dtype=float8"]) == 2
     assert "offload.dtype" in capsys.readouterr().err
+
+
+# ---- checkpoints and --resume -------------------------------------------------------------------
+
+SHORT = [
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "train.seq_len=64",
+    "--set",
+    "train.schedule.warmup_steps=2",
+    "--set",
+    "train.log_every=1",
+]
+
+
+def short(out: Path, *more: str) -> list[str]:
+    """The tiny recipe, 6 steps of a smaller batch, writing under out."""
+    return [
+        *SHORT,
+        "--set",
+        "train.steps=6",
+        "--set",
+        f"train.output_dir={out}",
+        "--set",
+        f"train.checkpoint_dir={out / 'ckpt'}",
+        *more,
+    ]
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A straight 6-step run, and one interrupted after step 3 (its step-3 checkpoint committed)."""
+    from offload.cli._recipe import read_recipe
+    from offload.cli.main import build_parser
+    from offload.train.trainer import train
+
+    base = tmp_path_factory.mktemp("runs")
+    assert main(["train", TINY, *short(base / "straight")]) == 0
+
+    def stop_after_3(line: str) -> None:
+        if line.startswith("step 3/"):
+            raise Interrupt  # as a Ctrl-C would, right after step 3's save started
+
+    args = build_parser().parse_args(["train", TINY, *short(base / "cut", "--set", "train.save_every=3")])
+    with pytest.raises(Interrupt):
+        train(read_recipe(args), log=stop_after_3)
+    return {"straight": base / "straight", "cut": base / "cut"}
+
+
+def test_resume_is_exact(runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """6 steps straight == 3 steps, interrupted, then --resume for 3 more: losses and weights."""
+    from safetensors.torch import load_file
+
+    from offload.checkpoint import list_checkpoints
+
+    cut = runs["cut"]
+    assert [s for s, _ in list_checkpoints(cut / "ckpt")] == [3]  # committed before the error went up
+    capsys.readouterr()
+    assert main(["train", TINY, *short(cut, "--set", "train.save_every=3"), "--resume"]) == 0
+    printed = capsys.readouterr()
+    assert f"resuming from {cut / 'ckpt' / 'step_000003'} (step 3)" in printed.err
+    assert "checkpoint step_000006: " in printed.err and "GB/s), stall " in printed.err
+    assert "trained 3 steps (resumed after step 3)" in printed.out and "1 checkpoint(s)" in printed.out
+    straight = json.loads((runs["straight"] / "summary.json").read_text())
+    resumed = json.loads((cut / "summary.json").read_text())
+    assert resumed["start_step"] == 3 and resumed["losses"] == straight["losses"][3:]
+    a = load_file(str(runs["straight"] / "model.safetensors"))
+    b = load_file(str(cut / "model.safetensors"))
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [s for s, _ in list_checkpoints(cut / "ckpt")] == [3, 6]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ["--set", "train.batch_size=4"],
+            "saved by a different recipe: train.batch_size: checkpoint 2, recipe 4",
+        ),
+        (["--set", "model.num_layers=2"], "model.num_layers: checkpoint 4, recipe 2"),
+        (["--set", "offload.optimizer.lr=0.1"], "offload.optimizer.lr: checkpoint 0.003, recipe 0.1"),
+    ],
+)
+def test_resume_refuses_another_recipe(
+    runs: dict[str, Path], tmp_path: Path, change: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    ckpt = runs["straight"] / "ckpt"
+    before = sorted(p.name for p in ckpt.iterdir())
+    argv = ["train", TINY, *short(tmp_path, *change, "--set", "train.steps=8"), "--resume", str(ckpt)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing touched
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_resume_errors(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", TINY, *short(tmp_path / "none"), "--resume"]) == 2
+    assert "nothing to resume from: " in capsys.readouterr().err
+    done = runs["straight"] / "ckpt"
+    assert main(["train", TINY, *short(tmp_path / "x"), "--resume", str(done)]) == 2
+    assert "is at step 6, already at train.steps = 6: raise train.steps" in capsys.readouterr().err
+
+    import offload
+    from tests.models import tiny
+
+    model, opt = offload.wrap(tiny("llama"), device="cpu", dtype="float32")
+    foreign = offload.save(model, opt, tmp_path / "foreign", step=1).wait()
+    model.runtime.close()
+    assert main(["train", TINY, *short(tmp_path / "y"), "--resume", str(foreign)]) == 2
+    assert "was not saved by offload train" in capsys.readouterr().err
+
+
+def test_checkpoint_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "blocked").write_text("")
+    argv = ["train", TINY, *SHORT, "--set", "train.steps=2", "--set", f"train.output_dir={tmp_path}"]
+    assert main([*argv, "--set", f"train.checkpoint_dir={tmp_path / 'blocked'}"]) == 2
+    assert f"cannot save the checkpoint of step 2 in {tmp_path / 'blocked'}" in capsys.readouterr().err

@@ -119,6 +119,12 @@ class TrainSpec:
     """Checkpoints and logs go here; None: runs/<recipe name>."""
     save_every: int | None = None
     """Checkpoint every this many steps (and at the end); None: only at the end."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints go (``offload train --resume`` looks here); None: <output_dir>/checkpoints."""
+    keep_last: int | None = None
+    """Keep the newest this many checkpoints, pruning older ones after each save; None: keep all."""
+    keep_every: int | None = None
+    """With keep_last: also keep every checkpoint whose step is divisible by this."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -133,8 +139,18 @@ class TrainSpec:
             raise ConfigError(
                 "schedule.warmup_steps", self.schedule.warmup_steps, f"more than steps = {self.steps}"
             )
-        if self.output_dir == "":
-            raise ConfigError("output_dir", self.output_dir, "must be a directory path, or null")
+        for name in ("output_dir", "checkpoint_dir"):
+            if getattr(self, name) == "":
+                raise ConfigError(name, "", "must be a directory path, or null")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ConfigError("keep_last", self.keep_last, "must be >= 1, or null to keep every checkpoint")
+        if self.keep_every is not None:
+            if self.keep_every < 1:
+                raise ConfigError("keep_every", self.keep_every, "must be >= 1, or null")
+            if self.keep_last is None:
+                raise ConfigError(
+                    "keep_every", self.keep_every, "needs keep_last (it spares steps from pruning)"
+                )
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -165,6 +181,8 @@ class Recipe:
             )
         if self.train.output_dir is None:
             self.train.output_dir = f"runs/{self.name}"
+        if self.train.checkpoint_dir is None:
+            self.train.checkpoint_dir = f"{self.train.output_dir}/checkpoints"
         if self.model.arch is not None:
             if self.model.max_position_embeddings is None:
                 self.model.max_position_embeddings = self.train.seq_len

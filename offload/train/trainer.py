@@ -4,30 +4,42 @@ Builds the model on the meta device (from a local Hugging Face directory, weight
 its safetensors shards; or from the recipe's architecture, initialised block by block), wraps it
 with offload, runs the loop with a progress line, and writes the final weights as a Hugging Face
 directory (model.safetensors + config.json) that transformers loads.
+
+Checkpoints (docs/checkpoint.md) are saved asynchronously every ``train.save_every`` steps and at
+the end, with the data position and the scheduler's state, so ``offload train --resume`` continues
+exactly where the run stopped: a resumed run computes what the uninterrupted one would have,
+bit for bit (float32 on the CPU). A checkpoint records the recipe fields that decide the numbers;
+resuming under a recipe that differs in any of them is refused, naming the fields.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from offload.checkpoint.format import CheckpointError, read_manifest, resolve
+from offload.config import config_to_dict
 from offload.train.data import batches
 from offload.train.recipe import Recipe, build_hf_config
 from offload.train.schedule import make_scheduler
 from offload.train.tokenizer import load_tokenizer
 
+Log = Callable[[str], None]
+
 
 @dataclass(slots=True)
 class Summary:
     steps: int
+    """Steps trained by this invocation (a resumed run starts after start_step)."""
     tokens: int
     seconds: float
     tokens_per_s: float
@@ -37,15 +49,32 @@ class Summary:
     peak_device_GiB: float
     store_state_GiB: float
     output_dir: str
+    start_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    checkpoints: int = 0
+    checkpoint_GB: float = 0.0
+    checkpoint_GBps: float = 0.0
+    """Bytes of all checkpoints over the writer's time for them."""
+    checkpoint_stall_s: float = 0.0
+    """Training time the saves may have cost (SaveStats.stall_s, summed)."""
+    last_checkpoint: str | None = None
 
     def render(self) -> str:
-        return (
-            f"trained {self.steps} steps, {self.tokens:,} tokens in {self.seconds:.1f} s "
-            f"({self.tokens_per_s:,.0f} tokens/s); loss {self.first_loss:.3f} -> {self.final_loss:.3f}\n"
+        resumed = f" (resumed after step {self.start_step})" if self.start_step else ""
+        lines = [
+            f"trained {self.steps} steps{resumed}, {self.tokens:,} tokens in {self.seconds:.1f} s "
+            f"({self.tokens_per_s:,.0f} tokens/s); loss {self.first_loss:.3f} -> {self.final_loss:.3f}",
             f"peak host memory {self.peak_host_GiB:.2f} GiB, peak device memory {self.peak_device_GiB:.2f} GiB, "
-            f"optimizer state in the store {self.store_state_GiB:.2f} GiB\n"
-            f"model written to {self.output_dir}"
-        )
+            f"optimizer state in the store {self.store_state_GiB:.2f} GiB",
+        ]
+        if self.checkpoints:
+            lines.append(
+                f"{self.checkpoints} checkpoint(s), {self.checkpoint_GB:.3f} GB at {self.checkpoint_GBps:.2f} GB/s, "
+                f"stall {self.checkpoint_stall_s:.3f} s ({100 * self.checkpoint_stall_s / self.seconds:.1f}% "
+                f"of the run); last {self.last_checkpoint}"
+            )
+        lines.append(f"model written to {self.output_dir}")
+        return "\n".join(lines)
 
 
 def build_model(recipe: Recipe, vocab_size: int, eos_id: int) -> tuple[torch.nn.Module, Any]:
@@ -57,11 +86,17 @@ def build_model(recipe: Recipe, vocab_size: int, eos_id: int) -> tuple[torch.nn.
     return build_on_meta(build_hf_config(recipe.model, vocab_size, eos_id=eos_id)), "random"
 
 
-def train(recipe: Recipe, *, trace: str | None = None, log: Callable[[str], None] | None = None) -> Summary:
+def train(
+    recipe: Recipe, *, trace: str | None = None, log: Log | None = None, resume: bool | str = False
+) -> Summary:
+    """Runs recipe. resume: True continues from the newest checkpoint in train.checkpoint_dir, a
+    path from that checkpoint (a step directory or a root). Raises CheckpointError, before
+    anything is built, when there is none or it does not fit the recipe."""
     import offload
 
     log = log or _Progress().line
     t = recipe.train
+    point = resume_point(recipe, resume, log) if resume else None
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.model.path)
     model, init = build_model(recipe, tokenizer.vocab_size, tokenizer.eos_id)
@@ -69,47 +104,212 @@ def train(recipe: Recipe, *, trace: str | None = None, log: Callable[[str], None
     wrapped, opt = offload.wrap(model, recipe.offload, init=init, **overrides)
     sched = make_scheduler(opt, t.schedule, t.steps)
     stream = batches(recipe.data, tokenizer, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed)
+    start = 0
+    if point is not None:
+        extra = offload.load(wrapped, opt, point, scheduler=sched)
+        stream.load_state_dict(extra["data"])
+        start = int(read_manifest(point)["step"])
     device = wrapped.runtime.device
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
     losses: list[float] = []
-    start = time.perf_counter()
-    for step in range(1, t.steps + 1):
-        total = 0.0
-        for _ in range(t.grad_accum):
-            batch = next(stream)
-            loss = wrapped(**batch).loss / t.grad_accum
-            loss.backward()
-            total += loss.item()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        losses.append(total)
-        if step % t.log_every == 0 or step == t.steps:
-            elapsed = time.perf_counter() - start
-            log(
-                f"step {step}/{t.steps}  loss {total:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
-                f"{tokens_per_step * step / elapsed:,.0f} tokens/s  host {_peak_host() / 2**30:.2f} GiB  "
-                f"device {_peak_device(device.cuda) / 2**30:.2f} GiB"
-            )
+    saves = _Saves(recipe, log)
+    began = time.perf_counter()
+    try:
+        for step in range(start + 1, t.steps + 1):
+            total = 0.0
+            for _ in range(t.grad_accum):
+                batch = next(stream)
+                loss = wrapped(**batch).loss / t.grad_accum
+                loss.backward()
+                total += loss.item()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+            losses.append(total)
+            if step == t.steps or (t.save_every is not None and step % t.save_every == 0):
+                saves.start(
+                    wrapped, opt, sched, step, {"data": stream.state_dict(), "recipe": fingerprint(recipe)}
+                )
+            saves.report_done()
+            if step % t.log_every == 0 or step == t.steps:
+                elapsed = time.perf_counter() - began
+                log(
+                    f"step {step}/{t.steps}  loss {total:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
+                    f"{tokens_per_step * len(losses) / elapsed:,.0f} tokens/s  host {_peak_host() / 2**30:.2f} GiB  "
+                    f"device {_peak_device(device.cuda) / 2**30:.2f} GiB"
+                )
+    except BaseException:
+        saves.settle(raise_errors=False)  # the save in flight commits before the error goes up
+        raise
+    saves.settle()
     wrapped.runtime.wait_updates()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - began
     out = _save(wrapped, Path(t.output_dir or f"runs/{recipe.name}"))
     if trace:
         wrapped.runtime.tracer.write()
+    trained = len(losses)
     summary = Summary(
-        steps=t.steps,
-        tokens=tokens_per_step * t.steps,
+        steps=trained,
+        tokens=tokens_per_step * trained,
         seconds=seconds,
-        tokens_per_s=tokens_per_step * t.steps / seconds,
+        tokens_per_s=tokens_per_step * trained / seconds,
         first_loss=losses[0],
         final_loss=losses[-1],
         peak_host_GiB=_peak_host() / 2**30,
         peak_device_GiB=_peak_device(device.cuda) / 2**30,
         store_state_GiB=sum(r.state_bytes() for r in wrapped.runtime.records()) / 2**30,
         output_dir=str(out),
+        start_step=start,
+        losses=losses,
+        **saves.figures(),
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
     return summary
+
+
+def fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """The recipe fields a resumed run must share with the run that saved, to compute the same
+    numbers (the device and the placement may differ: checkpoints do not depend on them)."""
+    t, opt = recipe.train, recipe.offload.optimizer
+    model = {k: v for k, v in config_to_dict(recipe.model).items() if k != "path"}
+    return {
+        "model": {**model, "pretrained": recipe.model.path is not None},
+        "data": {
+            "format": recipe.data.format,
+            "field": recipe.data.field,
+            "tokenizer": recipe.data.tokenizer,
+        },
+        "train": {
+            "batch_size": t.batch_size,
+            "seq_len": t.seq_len,
+            "grad_accum": t.grad_accum,
+            "seed": t.seed,
+            "schedule": config_to_dict(t.schedule),
+        },
+        "offload": {
+            "dtype": recipe.offload.dtype,
+            "optimizer": {
+                k: config_to_dict(getattr(opt, k))
+                for k in ("lr", "betas", "eps", "weight_decay", "max_grad_norm")
+            },
+        },
+        "steps": t.steps,
+    }
+
+
+def resume_point(recipe: Recipe, resume: bool | str, log: Log) -> Path:
+    """The checkpoint to resume from, after checking that it fits recipe (CheckpointError if not)."""
+    where = Path(str(recipe.train.checkpoint_dir)) if resume is True else Path(str(resume))
+    try:
+        path = resolve(where)
+    except CheckpointError as e:
+        raise CheckpointError(f"nothing to resume from: {e}") from None
+    manifest = read_manifest(path)
+    saved = (manifest.get("extra") or {}).get("recipe")
+    if not isinstance(saved, dict) or "data" not in (manifest.get("extra") or {}):
+        raise CheckpointError(
+            f"{path} was not saved by offload train (no recipe or data position in it): "
+            "load it with offload.load() in a script instead"
+        )
+    now = fingerprint(recipe)
+    diffs = [
+        f"{key}: checkpoint {a!r}, recipe {b!r}"
+        for key, a, b in _differences(saved, now, "")
+        if key != "steps"
+    ]
+    if diffs:
+        raise CheckpointError(f"{path} was saved by a different recipe: {'; '.join(diffs)}")
+    step = int(manifest["step"])
+    if step >= recipe.train.steps:
+        raise CheckpointError(
+            f"{path} is at step {step}, already at train.steps = {recipe.train.steps}: raise train.steps to go on"
+        )
+    if saved.get("steps") != recipe.train.steps:
+        log(
+            f"note: the run that saved {path} had train.steps = {saved.get('steps')}, this recipe "
+            f"{recipe.train.steps}: the learning-rate schedule is stretched from here on"
+        )
+    log(f"resuming from {path} (step {step})")
+    return path
+
+
+def _differences(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+        return out
+    return [] if a == b else [(prefix, a, b)]
+
+
+class _Saves:
+    """The run's asynchronous checkpoints: starts them, reports each as it completes, and adds up
+    what they cost. A failed save stops the run (CheckpointError naming the step)."""
+
+    def __init__(self, recipe: Recipe, log: Log) -> None:
+        self.dir = Path(str(recipe.train.checkpoint_dir))
+        self.keep_last = recipe.train.keep_last
+        self.keep_every = recipe.train.keep_every
+        self.log = log
+        self.pending: Any = None
+        self.done: list[Any] = []  # SaveStats of the committed saves
+        self.last: str | None = None
+
+    def start(self, model: Any, opt: Any, sched: Any, step: int, extra: dict[str, Any]) -> None:
+        import offload
+
+        try:
+            handle = offload.save(
+                model,
+                opt,
+                self.dir,
+                step=step,
+                scheduler=sched,
+                extra=extra,
+                keep_last=self.keep_last,
+                keep_every=self.keep_every,
+            )
+        except OSError as e:
+            raise CheckpointError(f"cannot save the checkpoint of step {step} in {self.dir}: {e}") from e
+        self.report_done()  # save() waited for the one before: report it now
+        self.pending = handle
+
+    def report_done(self, raise_errors: bool = True) -> None:
+        handle = self.pending
+        if handle is None or not handle.done():
+            return
+        self.pending = None
+        try:
+            handle.wait()
+        except Exception as e:
+            if raise_errors:
+                raise CheckpointError(f"checkpoint {handle.path} failed: {e}") from e
+            return
+        s = handle.stats
+        self.done.append(s)
+        self.last = str(handle.path)
+        self.log(
+            f"checkpoint {handle.path.name}: {s.bytes / 1e9:.3f} GB in {s.write_s:.2f} s ({s.gbps:.2f} GB/s), "
+            f"stall {s.stall_s:.3f} s"
+        )
+
+    def settle(self, raise_errors: bool = True) -> None:
+        """Waits for the save in flight and reports it."""
+        if self.pending is not None:
+            with contextlib.suppress(Exception):  # reported (or dropped) just below
+                self.pending.wait()
+            self.report_done(raise_errors)
+
+    def figures(self) -> dict[str, Any]:
+        written = sum(s.bytes for s in self.done)
+        busy = sum(s.write_s for s in self.done)
+        return {
+            "checkpoints": len(self.done),
+            "checkpoint_GB": written / 1e9,
+            "checkpoint_GBps": written / busy / 1e9 if busy else 0.0,
+            "checkpoint_stall_s": sum(s.stall_s for s in self.done),
+            "last_checkpoint": self.last,
+        }
 
 
 def _save(wrapped: Any, out: Path) -> Path:
@@ -146,7 +346,9 @@ class _Progress:
     def line(self, text: str) -> None:
         if self.tty:
             sys.stderr.write("\r\033[K" + text)
-            if text.startswith("step") and "/" in text:
+            if not text.startswith("step"):
+                sys.stderr.write("\n")  # checkpoints and notes stay; only the step line is rewritten
+            elif "/" in text:
                 done, total = text.split()[1].split("/")
                 if done == total:
                     sys.stderr.write("\n")
