@@ -15,6 +15,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import offload
+from offload.config import Tier, load_config
+from offload.plan import make_plan
 from tests.models import batches, tiny
 
 
@@ -45,8 +47,24 @@ def main(spec: dict) -> None:
         rt = wrapped.runtime
         streamed = [r for r in rt.blocks if not r.on_device]
         dev = wrapped.runtime.device.torch
-        counts = [sum(r.numel for r in streamed), sum(r.layout.numel for r in streamed)]
-        held = [torch.zeros(2, dtype=torch.int64, device=dev) for _ in range(world)]
+        cfg = load_config(None, device=device, dtype="float32", **spec["wrap"])
+        plan = make_plan(
+            tiny(spec["family"], layers=spec.get("layers", 3)),
+            cfg,
+            batch_size=1,
+            seq_len=1,
+            world_size=world,
+            grad_accum=spec.get("accum", 1),
+        )
+        counts = [
+            sum(r.numel for r in streamed),
+            sum(r.layout.numel for r in streamed),
+            sum(r.state_bytes() for r in rt.records() if not r.on_device),
+            plan.store_bytes(Tier.HOST) + plan.get("grad_accum", Tier.HOST),
+            rt.pool.config.capacity,
+            plan.pinned_bytes,
+        ]
+        held = [torch.zeros(len(counts), dtype=torch.int64, device=dev) for _ in range(world)]
         dist.all_gather(held, torch.tensor(counts, device=dev))
         state = offload.state_dict(wrapped)  # a collective: every rank takes part
         if rank == 0:

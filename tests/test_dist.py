@@ -64,8 +64,10 @@ def assert_matches(world: int, spec: dict, tmp_path: Path) -> None:
     losses, state = torchrun(world, spec, tmp_path)
     # Each rank held its 1/world shard of every streamed block (equal shards, padded).
     held = json.loads((tmp_path / "held.json").read_text())
-    for own, whole in held:
+    for own, whole, host, planned_host, pinned, planned_pinned in held:
         assert whole / world <= own < whole / world + 64 * len(held) * spec.get("layers", 3)
+        # offload plan --world-size predicts each rank's store exactly
+        assert (host, pinned) == (planned_host, planned_pinned)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expect_losses), rtol=1e-5, atol=1e-6)
     assert sorted(state) == sorted(expect)  # safetensors files keep keys sorted
     for k, v in expect.items():

@@ -144,11 +144,29 @@ def test_auto_optimizer_state_takes_host_when_it_fits_else_nvme() -> None:
     assert tight.needed[Tier.HOST] <= 48 * GiB
 
 
-def test_world_size_multiplies_host_and_nvme_not_gpu() -> None:
-    one = recipe_plan("llama-3b.yaml")
-    two = recipe_plan("llama-3b.yaml", world_size=2)
-    assert two.needed[Tier.HOST] == 2 * one.needed[Tier.HOST]
-    assert two.needed[Tier.GPU] == one.needed[Tier.GPU]
+def test_world_size_shards_the_streamed_blocks() -> None:
+    """Each rank holds 1/W of every streamed block's store state; residents and device blocks
+    are replicated; the host's need adds up the ranks on it."""
+    one = recipe_plan("llama-3b.yaml", "offload.placement.device_residents=false")
+    two = recipe_plan("llama-3b.yaml", "offload.placement.device_residents=false", world_size=2)
+    streamed = one.shape.blocks - one.device_blocks
+    resident = 16 * one.shape.resident_numel  # whole on every rank
+    assert two.store_bytes(Tier.HOST) - resident == (one.store_bytes(Tier.HOST) - resident) // 2
+    assert one.store_bytes(Tier.HOST) - resident == 16 * streamed * one.shape.block_numel
+    assert two.store_bytes(Tier.GPU) == one.store_bytes(Tier.GPU)
+    per_rank = two.needed[Tier.HOST] // 2
+    assert two.needed[Tier.HOST] == 2 * per_rank and per_rank < one.needed[Tier.HOST]
+    alone = recipe_plan(
+        "llama-3b.yaml", "offload.placement.device_residents=false", world_size=2, local_ranks=1
+    )
+    assert alone.needed[Tier.HOST] == per_rank  # one rank per host: this host holds its share
+
+
+def test_world_size_errors() -> None:
+    with pytest.raises(ValueError, match="local_ranks = 3: more than world_size = 2"):
+        recipe_plan("llama-3b.yaml", world_size=2, local_ranks=3)
+    with pytest.raises(ValueError, match="world_size = 0: must be >= 1"):
+        recipe_plan("llama-3b.yaml", world_size=0)
 
 
 def test_gpu_over_budget_suggests_fewer_device_blocks() -> None:

@@ -7,9 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from offload.cli import CliError
 from offload.cli._recipe import add_recipe_arguments, read_recipe
+
+if TYPE_CHECKING:
+    from offload.plan.measure import Rates
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -17,12 +21,48 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_recipe_arguments(p, example="--set offload.budgets.host_bytes=64GiB")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="ranks of the job (torchrun): streamed state is sharded over them",
+    )
+    p.add_argument(
+        "--nproc-per-node", type=int, default=None, help="ranks on this host (default: all of them)"
+    )
+    p.add_argument(
         "--no-detect",
         dest="detect",
         action="store_false",
         help="budgets left null are unbounded (default: read them from this machine)",
     )
+    p.add_argument(
+        "--link-gbs",
+        type=float,
+        default=None,
+        help="host link GB/s each way for offload_saved's choice (default: measured on CUDA, else 25)",
+    )
+    p.add_argument(
+        "--tflops",
+        type=float,
+        default=None,
+        help="matmul TFLOPS for offload_saved's choice (default: measured on CUDA, else 300)",
+    )
     p.set_defaults(func=run)
+
+
+def _rates(args: argparse.Namespace) -> Rates | None:
+    """The rates given on the command line, the others assumed; None when none is given."""
+    from offload.plan.activations import ASSUMED
+    from offload.plan.measure import Rates
+
+    if args.link_gbs is None and args.tflops is None:
+        return None
+    for name, value in (("--link-gbs", args.link_gbs), ("--tflops", args.tflops)):
+        if value is not None and value <= 0:
+            raise CliError(f"{name} {value}: must be > 0")
+    link = ASSUMED.h2d_bytes_s if args.link_gbs is None else args.link_gbs * 1e9
+    flops = ASSUMED.flops if args.tflops is None else args.tflops * 1e12
+    return Rates(link, link, flops)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
             batch_size=t.batch_size,
             seq_len=t.seq_len,
             grad_accum=t.grad_accum,
+            world_size=args.world_size,
+            local_ranks=args.nproc_per_node,
             detect=args.detect,
+            rates=_rates(args),
         )
     except (ConfigError, UnsupportedModelError, ValueError) as e:
         raise CliError(str(e)) from None

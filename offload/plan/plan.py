@@ -10,6 +10,7 @@ from typing import Any
 
 from offload.cli._table import format_table
 from offload.config import Tier
+from offload.plan.recompute import Choice
 from offload.plan.shape import ModelShape
 from offload.plan.tally import KINDS, STORE_KINDS, TIERS
 from offload.utils.sizes import format_bytes
@@ -42,8 +43,13 @@ class Plan:
     """The budget each tier was checked against; None: unbounded."""
     problems: tuple[str, ...]
     """One line per tier over its budget: needed, budget, and the smallest changes that fit."""
+    local_ranks: int = 1
+    """Ranks on this host: ``needed`` adds up their host, cxl and nvme bytes."""
     notes: tuple[str, ...] = ()
     """What the plan assumed (a tier not built yet, what "auto" chose, a device that is the CPU)."""
+    recompute: Choice | None = None
+    """Which blocks offload their saved tensors instead of being recomputed, and the estimated
+    step times (placement.offload_saved; None: never)."""
 
     @property
     def fits(self) -> bool:
@@ -67,9 +73,15 @@ class Plan:
             f"plan: {s.params / 1e9:.3f}B params, {s.blocks} blocks ({self.device_blocks} on the device), "
             f"{self.dtype}, batch {self.batch_size} x seq {self.seq_len}"
             + (f" x accum {self.grad_accum}" if self.grad_accum > 1 else "")
-            + (f", {self.world_size} ranks" if self.world_size > 1 else "")
+            + (
+                f", {self.world_size} ranks ({self.local_ranks} on this host), streamed blocks sharded"
+                if self.world_size > 1
+                else ""
+            )
         )
         place = "placement: " + ", ".join(f"{k} {v}" for k, v in self.placement.items())
+        if self.recompute is not None:
+            place += f"\noffload_saved: {self.recompute.describe()}"
         rows: list[list[object]] = [
             [kind, *(self.get(kind, t) / GiB for t in TIERS)]
             for kind in KINDS
@@ -103,6 +115,7 @@ class Plan:
             "seq_len": self.seq_len,
             "grad_accum": self.grad_accum,
             "world_size": self.world_size,
+            "local_ranks": self.local_ranks,
             "placement": {k: str(v) for k, v in self.placement.items()},
             "device_blocks": self.device_blocks,
             "bytes": {kind: {str(t): self.get(kind, t) for t in TIERS} for kind in KINDS},
@@ -113,4 +126,12 @@ class Plan:
             "fits": self.fits,
             "problems": list(self.problems),
             "notes": list(self.notes),
+            "offload_saved": None
+            if self.recompute is None
+            else {
+                "blocks": self.recompute.blocks,
+                "step_s": self.recompute.step_s,
+                "recompute_step_s": self.recompute.recompute_step_s,
+                "saved_bytes": self.recompute.offloaded_bytes,
+            },
         }

@@ -18,14 +18,17 @@ from collections.abc import Callable
 from torch import nn
 
 from offload.config import Config, Tier
+from offload.plan.activations import plan_rates, recompute_choice
+from offload.plan.measure import Rates
 from offload.plan.plan import Plan
+from offload.plan.recompute import Choice, Link
 from offload.plan.shape import ModelShape, model_shape
 from offload.plan.tally import Settings, Tally, tally
 from offload.utils.sizes import format_bytes
 
 _ITEM = {"bfloat16": 2, "float16": 2, "float32": 4}
 # The tier the runtime actually uses for each kind today, whatever the config asks (docs/design.md).
-_BUILT = {"master": Tier.HOST, "gradients": Tier.HOST, "activations": Tier.GPU}
+_BUILT = {"master": Tier.HOST, "gradients": Tier.HOST}
 
 
 def make_plan(
@@ -35,19 +38,33 @@ def make_plan(
     batch_size: int,
     seq_len: int,
     world_size: int = 1,
+    local_ranks: int | None = None,
     grad_accum: int = 1,
     blocks: str | None = None,
     detect: bool = False,
+    rates: Rates | None = None,
 ) -> Plan:
     """The placement plan of model (meta device is enough) under cfg.
 
-    world_size: ranks on this host, each with a full replica (host and nvme needs multiply; the
-    gpu need is per device). detect: budgets left None are read from the machine (host RAM, free
-    space under nvme_dirs, the CUDA device's memory); without it None is unbounded.
+    world_size: ranks of the job; each holds a 1/world_size shard of every streamed block (the
+    residents and device blocks are replicated). local_ranks: ranks on this host (default: all of
+    them), whose host, cxl and nvme needs add up; the gpu need is per device. detect: budgets left
+    None are read from the machine (host RAM, free space under nvme_dirs, the CUDA device's
+    memory); without it None is unbounded. rates: the host link's and the matmul's, for the
+    recompute-or-offload choice of placement.offload_saved; None: measured when detecting on a
+    CUDA machine, else assumed.
     """
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
+    local = world_size if local_ranks is None else local_ranks
+    for name, value in (
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("world_size", world_size),
+        ("local_ranks", local),
+    ):
         if value < 1:
             raise ValueError(f"{name} = {value}: must be >= 1")
+    if local > world_size:
+        raise ValueError(f"local_ranks = {local}: more than world_size = {world_size}")
     shape = model_shape(model, blocks)
     budgets = _budgets(cfg, detect)
     on_cpu = cfg.resolve_device() == "cpu"
@@ -57,14 +74,21 @@ def make_plan(
         slots=cfg.slots,
         device_blocks=cfg.placement.device_blocks,
         device_residents=cfg.placement.device_residents,
+        world=world_size,
         optimizer=Tier.HOST,
         batch_size=batch_size,
         seq_len=seq_len,
         grad_accum=grad_accum,
     )
-    need = _needs(shape, world_size, on_cpu)
+    need = _needs(shape, local, on_cpu)
     settings = base.but(optimizer=_optimizer_tier(cfg, base, need, budgets, notes))
     placement = _placement(cfg, settings, notes)
+    settings = settings.but(activations=placement["activations"])
+    recompute = None
+    if cfg.placement.offload_saved != "never":
+        recompute = _recompute(model, shape, cfg, settings, budgets, rates, detect, blocks, notes)
+        if recompute is not None:
+            settings = settings.but(saved_bytes=recompute.offloaded_bytes)
     if on_cpu:
         notes.append("the compute device is the CPU: the gpu column lives in host RAM and counts there")
     if shape.hidden_size is None:
@@ -83,6 +107,7 @@ def make_plan(
         seq_len=seq_len,
         grad_accum=grad_accum,
         world_size=world_size,
+        local_ranks=local,
         placement=placement,
         device_blocks=min(cfg.placement.device_blocks, shape.blocks),
         bytes=dict(t.bytes),
@@ -91,14 +116,15 @@ def make_plan(
         budgets=budgets,
         problems=tuple(problems),
         notes=tuple(notes),
+        recompute=recompute,
     )
 
 
 Needs = Callable[[Settings], dict[Tier, int]]
 
 
-def _needs(shape: ModelShape, world_size: int, on_cpu: bool) -> Needs:
-    """A function from settings to the predicted peak of each tier (all ranks on the host)."""
+def _needs(shape: ModelShape, local_ranks: int, on_cpu: bool) -> Needs:
+    """A function from settings to the predicted peak of each tier (this host's ranks together)."""
 
     def need(s: Settings) -> dict[Tier, int]:
         t: Tally = tally(shape, s)
@@ -106,9 +132,9 @@ def _needs(shape: ModelShape, world_size: int, on_cpu: bool) -> Needs:
         host = t.column(Tier.HOST) + (t.pinned - t.pooled) + (gpu if on_cpu else 0)
         return {
             Tier.GPU: 0 if on_cpu else gpu,
-            Tier.HOST: world_size * host,
-            Tier.CXL: world_size * t.column(Tier.CXL),
-            Tier.NVME: world_size * t.column(Tier.NVME),
+            Tier.HOST: local_ranks * host,
+            Tier.CXL: local_ranks * t.column(Tier.CXL),
+            Tier.NVME: local_ranks * t.column(Tier.NVME),
         }
 
     return need
@@ -143,7 +169,64 @@ def _placement(cfg: Config, s: Settings, notes: list[str]) -> dict[str, Tier]:
             notes.append(f"{kind} {asked} is not built: the runtime keeps it on {built}")
         out[kind] = built
     out["optimizer_state"] = s.optimizer
+    out["activations"] = _activations_tier(cfg, notes)
     return out
+
+
+def _activations_tier(cfg: Config, notes: list[str]) -> Tier:
+    asked = cfg.placement.activations
+    if asked in (Tier.GPU, Tier.HOST, Tier.NVME):
+        return asked
+    if asked is Tier.AUTO:
+        notes.append("activations auto: gpu (the runtime keeps them on the device for auto)")
+    else:
+        notes.append(f"activations {asked} is not built: use gpu, host or nvme")
+    return Tier.GPU
+
+
+def _recompute(
+    model: nn.Module,
+    shape: ModelShape,
+    cfg: Config,
+    s: Settings,
+    budgets: dict[Tier, int | None],
+    rates: Rates | None,
+    detect: bool,
+    blocks: str | None,
+    notes: list[str],
+) -> Choice | None:
+    """placement.offload_saved's choice on this model, from the saved bytes counted on the meta
+    device and the rates (docs/activations.md); None, with a note, when they cannot be counted."""
+    if rates is None:
+        rates = plan_rates(cfg, detect, notes)
+    per_block = s.batch_size * s.seq_len * (shape.hidden_size or 0) * s.item
+    boundary = 0 if s.activations is Tier.GPU else shape.blocks * per_block
+    streamed = (shape.blocks - min(s.device_blocks, shape.blocks)) * shape.block_numel * s.item
+    link = Link(
+        rates.h2d_bytes_s,
+        rates.d2h_bytes_s,
+        h2d_forward=streamed,
+        h2d_backward=streamed + boundary,
+        d2h_forward=boundary,
+        d2h_backward=streamed,
+    )
+    try:
+        choice, saved = recompute_choice(
+            model,
+            shape,
+            cfg,
+            batch_size=s.batch_size,
+            seq_len=s.seq_len,
+            link=link,
+            rates=rates,
+            host_bytes=budgets[Tier.HOST],
+            blocks=blocks,
+        )
+    except ValueError as e:
+        notes.append(f"offload_saved: the saved tensors could not be counted ({e}); every block recomputes")
+        return None
+    notes.append(f"offload_saved: one block saves {format_bytes(saved)} for this batch")
+    return choice
 
 
 def _budgets(cfg: Config, detect: bool) -> dict[Tier, int | None]:

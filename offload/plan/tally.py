@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from offload.config import Tier
+from offload.model.layout import ALIGN
 from offload.plan.shape import ModelShape
 
 TIERS = (Tier.GPU, Tier.HOST, Tier.CXL, Tier.NVME)
@@ -21,6 +22,8 @@ KINDS = (
     "gradients",
     "grad_accum",
     "activations",
+    "activation_staging",
+    "saved",
     "device_buffers",
     "nvme_staging",
     "overhead",
@@ -38,6 +41,8 @@ CUDA process in practice; a fixed, documented guess rather than a measurement.""
 PAGE = 4096  # the store's pinned pool gives each buffer an arena of whole pages (Runtime._make_pool)
 NVME_ALIGN = 4096  # NvmeTier pads m and v each to O_DIRECT's alignment
 NVME_STAGED_BLOCKS = 3  # NvmeTier's staging leases: read-ahead, current, write-behind
+ACTIVATION_WINDOW = 4  # boundary states on the device with host/nvme placement (activations.py)
+ACTIVATION_STAGING = 4  # NvmeStore's staging leases (activations_nvme.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +57,15 @@ class Settings:
     """Where the streamed blocks' m and v live: Tier.HOST, Tier.CXL or Tier.NVME (already resolved)."""
     batch_size: int
     seq_len: int
+    activations: Tier = Tier.GPU
+    """Where the block-boundary states wait: Tier.GPU, Tier.HOST or Tier.NVME (resolved)."""
+    saved_bytes: int = 0
+    """Host bytes of the saved tensors of the blocks that offload instead of recompute."""
     grad_accum: int = 1
     device_residents: bool | None = None
     """placement.device_residents (None: on the device when device_blocks > 0)."""
+    world: int = 1
+    """Ranks of the job: each holds a 1/world shard of every streamed block (engine/dist.py)."""
 
     @property
     def residents_on_device(self) -> bool:
@@ -81,6 +92,13 @@ class Tally:
         return sum(n for (_, t), n in self.bytes.items() if t is tier)
 
 
+def shard_numel(numel: int, world: int) -> int:
+    """Elements of one rank's shard of a flat buffer (Collective.shard); numel itself at 1 rank."""
+    if world == 1:
+        return numel
+    return -(-numel // (world * ALIGN)) * ALIGN
+
+
 def nvme_half_bytes(numel: int) -> int:
     """Bytes of m (and of v) in one block's NVMe file: fp32, padded to 4096 (NvmeTier)."""
     return -(-max(numel, 1) * 4 // NVME_ALIGN) * NVME_ALIGN
@@ -96,8 +114,9 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
     n_dev = min(s.device_blocks, shape.blocks)
     streamed = shape.blocks - n_dev
     n, rn = shape.block_numel, shape.resident_numel
+    part = shard_numel(n, s.world)  # a streamed record's elements on this rank
     for _ in range(streamed):
-        _host_record(t, n, s, s.optimizer)
+        _host_record(t, part, s, s.optimizer)
     res_dev = bool(rn) and s.residents_on_device
     if rn and res_dev:
         _device_record(t, rn, s)
@@ -106,17 +125,21 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
     for _ in range(n_dev):
         _device_record(t, n, s)
     if s.grad_accum > 1:  # an fp32 sum per record, made on the first accumulation
-        t.add("grad_accum", Tier.HOST, 4 * (streamed * n + (0 if res_dev else rn)))
+        t.add("grad_accum", Tier.HOST, 4 * (streamed * part + (0 if res_dev else rn)))
         t.add("grad_accum", Tier.GPU, 4 * (n_dev * n + (rn if res_dev else 0)))
     hidden = shape.hidden_size or 0
-    t.add("activations", Tier.GPU, shape.blocks * s.batch_size * s.seq_len * hidden * s.item)
+    _activations(t, shape.blocks, s.batch_size * s.seq_len * hidden * s.item, s)
     # Weight slots, double-buffered gradient staging (Executor), the residents' .grad, and for
     # host residents their device copy and the staging buffer that gathers the .grad for the host
     # (a device resident record's wire and grad are those buffers).
-    working = (s.slots + 2) * n * s.item + ((0 if res_dev else 2 * rn) + shape.resident_trainable) * s.item
-    t.add("device_buffers", Tier.GPU, working)
+    # Multi-rank: slots and staging hold the padded block, plus per slot and per staging buffer
+    # this rank's shard (the all-gather's input, the reduce-scatter's output).
+    padded = n if s.world == 1 else part * s.world
+    shards = 0 if s.world == 1 else (s.slots + 2) * part
+    working = (s.slots + 2) * padded + shards + (0 if res_dev else 2 * rn) + shape.resident_trainable
+    t.add("device_buffers", Tier.GPU, working * s.item)
     if s.optimizer is Tier.NVME and streamed:
-        t.add("nvme_staging", Tier.HOST, NVME_STAGED_BLOCKS * 2 * nvme_half_bytes(n))
+        t.add("nvme_staging", Tier.HOST, NVME_STAGED_BLOCKS * 2 * nvme_half_bytes(part))
     t.add("overhead", Tier.HOST, HOST_OVERHEAD_BYTES)
     return t
 
@@ -145,3 +168,20 @@ def _device_record(t: Tally, numel: int, s: Settings) -> None:
     if s.item != 4:
         t.add("wire", Tier.GPU, numel * s.item)
     t.add("gradients", Tier.GPU, numel * s.item)
+
+
+def _activations(t: Tally, blocks: int, per_block: int, s: Settings) -> None:
+    """Boundary states (engine/activations*.py): all on the gpu, or on host or nvme with a window
+    of ACTIVATION_WINDOW blocks' on the gpu (one being recomputed, two coming back, the last put)
+    and, for nvme, ACTIVATION_STAGING pinned staging leases. Plus the offloaded saved tensors."""
+    if s.activations is Tier.GPU:
+        t.add("activations", Tier.GPU, blocks * per_block)
+    else:
+        t.add("activations", Tier.GPU, min(blocks, ACTIVATION_WINDOW) * per_block)
+        if s.activations is Tier.NVME:
+            padded = -(-per_block // NVME_ALIGN) * NVME_ALIGN
+            t.add("activations", Tier.NVME, blocks * padded)
+            t.add("activation_staging", Tier.HOST, min(blocks, ACTIVATION_STAGING) * padded)
+        else:
+            t.add("activations", Tier.HOST, blocks * per_block)
+    t.add("saved", Tier.HOST, s.saved_bytes)
