@@ -5,9 +5,10 @@
 For each k,m and chunk size (MiB): encode (m parity chunks from k data chunks) and decode (the
 first m data chunks lost, rebuilt from the other k - m data chunks and the m parity chunks, decode
 matrix included), for each path of ``offload.snapshot.codec`` this CPU has and for ISA-L, each
-with threads=1 into buffers allocated and touched beforehand. GB/s is data bytes (k x chunk) over
-the fastest of the runs (other work on the machine only ever slows a run; the median is kept in
-the JSON too).
+with threads=1 into buffers allocated and touched beforehand; each is checked to compute the right
+bytes first. The implementations are timed in rounds (each once a round, at least 5 rounds), so
+that other work on the machine falls on all of them alike. GB/s is data bytes (k x chunk) over
+the fastest run (other work only ever slows a run; the median is kept in the JSON too).
 
 ISA-L is libisal loaded with ctypes: every copy found, the system's (Debian's libisal2) and the one
 in pyeclib's wheel (``pip install pyeclib``, a newer ISA-L with GFNI kernels); without either it is
@@ -35,6 +36,7 @@ import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without pip install -e .
 from offload.snapshot import codec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-MIN_SECONDS = 0.3  # time each case at least this long (and at least 3 runs)
-MAX_RUNS = 50
+MIN_RUNS, MAX_RUNS = 5, 200  # rounds of runs (every implementation once a round)
+MIN_SECONDS = 0.1  # the quickest implementation's total, before MIN_RUNS rounds can stop
 
 Bytes = ctypes.POINTER(ctypes.c_ubyte)
 
@@ -176,15 +178,23 @@ def find_isal(cpu_has: list[str]) -> tuple[list[IsaL], str]:
     return [], f"not found ({why}): apt-get install libisal2, or pip install pyeclib"
 
 
-def time_runs(fn: Callable[[], object]) -> tuple[float, float]:
-    """(fastest, median) seconds of fn over at least 3 runs and MIN_SECONDS."""
-    fn()  # warm-up: first touch of the outputs, branch predictors
-    times: list[float] = []
-    while len(times) < 3 or (sum(times) < MIN_SECONDS and len(times) < MAX_RUNS):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times)
+Case = tuple[str, str, str]  # op, impl, isa
+
+
+def time_interleaved(fns: dict[Case, Callable[[], object]]) -> dict[Case, tuple[float, float]]:
+    """(fastest, median) seconds of each fn, timed in rounds that run every fn once, so that other
+    load on the machine falls on all of them alike: MIN_RUNS rounds at least, then more until the
+    quickest fn has run MIN_SECONDS in all, or MAX_RUNS rounds."""
+    times: dict[Case, list[float]] = {case: [] for case in fns}
+    while True:
+        for case, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[case].append(time.perf_counter() - t0)
+        rounds = len(next(iter(times.values())))
+        quickest = min(sum(t) for t in times.values())
+        if rounds >= MAX_RUNS or (rounds >= MIN_RUNS and quickest >= MIN_SECONDS):
+            return {case: (min(t), statistics.median(t)) for case, t in times.items()}
 
 
 def check_against_isal(isal: IsaL, k: int, m: int, data: list[np.ndarray], parity: list[np.ndarray]) -> None:
@@ -206,31 +216,22 @@ def bench_case(k: int, m: int, nbytes: int, isals: list[IsaL], isas: list[str]) 
     data = [np.frombuffer(rng.bytes(nbytes), dtype=np.uint8).copy() for _ in range(k)]
     parity = [np.ones(nbytes, dtype=np.uint8) for _ in range(m)]
     rebuilt = [np.ones(nbytes, dtype=np.uint8) for _ in range(k)]
-    codec.encode(data, m, out=parity)
+    want: list[np.ndarray] = [np.asarray(p) for p in codec.encode(data, m, isa="scalar")]
     lost = list(range(m))
-    chunks: list[np.ndarray | None] = [None if i in lost else c for i, c in enumerate(data + parity)]
-    rows: list[Row] = []
-
-    def row(op: str, impl: str, isa: str, times: tuple[float, float]) -> None:
-        fastest, median = times
-        rows.append(Row(k, m, nbytes / 2**20, op, impl, isa, fastest, median, k * nbytes / fastest / 1e9))
-
+    chunks: list[np.ndarray | None] = [None if i in lost else c for i, c in enumerate(data + want)]
+    fns: dict[Case, Callable[[], object]] = {}
     for isa in isas:
-        encode = lambda isa=isa: codec.encode(data, m, out=parity, isa=isa)  # noqa: E731
-        decode = lambda isa=isa: codec.decode(chunks, k, m, out=rebuilt, isa=isa)  # noqa: E731
-        row("encode", "offload", isa, time_runs(encode))
-        row("decode", "offload", isa, time_runs(decode))
-        if any(not np.array_equal(rebuilt[i], data[i]) for i in lost):
-            raise SystemExit(f"k={k} m={m} {isa}: decode did not restore the data")
+        fns["encode", "offload", isa] = partial(codec.encode, data, m, out=parity, isa=isa)
+        fns["decode", "offload", isa] = partial(codec.decode, chunks, k, m, out=rebuilt, isa=isa)
 
     # ISA-L's decode: the rows of the survivors' generator matrix, inverted; the lost data's rows
     # of the inverse are the coefficients, applied to the survivors.
     alive = [i for i, c in enumerate(chunks) if c is not None][:k]
     generator = np.vstack([np.eye(k, dtype=np.uint8), codec.parity_matrix(k, m)])[alive]
     data_ptrs, parity_ptrs = _ptrs(data), _ptrs(parity)
-    in_ptrs, out_ptrs = _ptrs([data[i] if i < k else parity[i - k] for i in alive]), _ptrs(rebuilt[:m])
+    in_ptrs, out_ptrs = _ptrs([data[i] if i < k else want[i - k] for i in alive]), _ptrs(rebuilt[:m])
     for isal in isals:
-        check_against_isal(isal, k, m, data, parity)
+        check_against_isal(isal, k, m, data, want)
         for name, (encode_fn, _) in isal.variants.items():
             gftbls = isal.tables(name, codec.parity_matrix(k, m))
 
@@ -238,16 +239,23 @@ def bench_case(k: int, m: int, nbytes: int, isals: list[IsaL], isas: list[str]) 
                 fn(nbytes, k, m, _ptr(tables), data_ptrs, parity_ptrs)
 
             def isal_decode(fn: Any = encode_fn, name: str = name, isal: IsaL = isal) -> None:
-                tables = isal.tables(
-                    name, isal.invert(generator)[lost]
-                )  # per loss pattern, as a decoder does
-                fn(nbytes, k, m, _ptr(tables), in_ptrs, out_ptrs)
+                # The decode matrix per call, as a decoder meeting a new loss pattern builds it.
+                fn(nbytes, k, m, _ptr(isal.tables(name, isal.invert(generator)[lost])), in_ptrs, out_ptrs)
 
-            row("encode", isal.label, name, time_runs(isal_encode))
-            row("decode", isal.label, name, time_runs(isal_decode))
-            if any(not np.array_equal(rebuilt[i], data[i]) for i in lost):
-                raise SystemExit(f"k={k} m={m}: {isal.label} {name} decode did not restore the data")
-    return rows
+            fns["encode", isal.label, name] = isal_encode
+            fns["decode", isal.label, name] = isal_decode
+
+    for (op, impl, isa), fn in fns.items():  # each checked once, which also warms it up
+        outputs, expected = (parity, want) if op == "encode" else (rebuilt[:m], data[:m])
+        for buf in outputs:
+            buf.fill(1)
+        fn()
+        if not all(np.array_equal(a, b) for a, b in zip(outputs, expected)):
+            raise SystemExit(f"k={k} m={m}: {impl} {isa} {op} computed wrong bytes")
+    return [
+        Row(k, m, nbytes / 2**20, op, impl, isa, fastest, median, k * nbytes / fastest / 1e9)
+        for (op, impl, isa), (fastest, median) in time_interleaved(fns).items()
+    ]
 
 
 def cpu_model() -> str:

@@ -174,6 +174,16 @@ def test_torch_inputs_give_torch_results_and_views() -> None:
     assert restored[0].data_ptr() == data[0].data_ptr()  # a survivor is a view, not a copy
 
 
+def test_empty_chunks() -> None:
+    # An empty tensor's data_ptr() is 0, the core's mark for a lost chunk: nothing may reach it.
+    empty = [torch.empty(0, dtype=torch.uint8) for _ in range(3)]
+    parity = codec.encode(empty, 2)
+    assert [p.numel() for p in parity] == [0, 0]
+    restored = codec.decode([empty[0], None, empty[2], None, parity[1]], 3, 2)
+    assert [r.numel() for r in restored] == [0, 0, 0]
+    assert [len(r) for r in codec.decode([b"", None, b"", b"", None], 3, 2)] == [0, 0, 0]
+
+
 def test_out_buffers_receive_the_results() -> None:
     rng = np.random.default_rng(2)
     data = random_chunks(rng, 4, 1000)

@@ -12,8 +12,9 @@ row is all ones, so parity chunk 0 is the XOR of the data and m = 1 is plain XOR
 
 Chunks: bytes-like objects (bytes, bytearray, memoryview), C-contiguous numpy uint8 arrays or
 contiguous CPU torch uint8 tensors, of any shape, read as flat bytes. Results are 1-D torch uint8
-tensors when the first chunk given (not None) is a torch tensor, else 1-D numpy uint8 arrays. ``decode``
-returns surviving data chunks as flat views of what was passed in (no copy; read-only for bytes).
+tensors when the first chunk given (not None) is a torch tensor, else 1-D numpy uint8 arrays.
+``decode`` returns surviving data chunks as flat views of what was passed in (no copy; read-only
+for bytes).
 
 The native loops run the best SIMD path this CPU has (GFNI, AVX-512BW, AVX2, else scalar: see
 ``info``). ``OFFLOAD_EC_ISA=scalar|avx2|avx512|gfni`` forces one for the whole process, and the
@@ -170,7 +171,8 @@ def encode(
     parity = _Buffers(list(enumerate(out)), "parity chunk", writable=True)
     _check_lengths(data, parity)
     _check_disjoint(data, parity)
-    _C.ec_encode(data.addrs, parity.addrs, data.nbytes, isa_name, threads)
+    if data.nbytes:  # an empty tensor's address may be 0, which the core reads as a lost chunk
+        _C.ec_encode(data.addrs, parity.addrs, data.nbytes, isa_name, threads)
     return parity.keep
 
 
@@ -211,6 +213,7 @@ def decode(
     rebuilt = _Buffers(list(zip(lost_data, targets)), "out", writable=True)
     if lost_data:
         _check_lengths(present, rebuilt)
+    if lost_data and present.nbytes:  # an empty tensor's address may be 0: the core's mark for lost
         _check_disjoint(present, rebuilt)
         addrs = dict(zip(alive, present.addrs)) | dict(zip(lost_data, rebuilt.addrs))
         _C.ec_decode(
