@@ -100,7 +100,8 @@ def run_offload(a: argparse.Namespace) -> dict:
         device=a.device,
         dtype="bfloat16",
         slots=a.slots,
-        placement={"device_blocks": a.device_blocks},
+        placement={"device_blocks": a.device_blocks, "optimizer_state": a.optimizer_state},
+        nvme_dirs=[a.nvme_dir] if a.nvme_dir else [],
         optimizer={"lr": 1e-5, "overlap_backward": bool(a.overlap), "threads": a.adam_threads},
         trace=a.trace,
     )
@@ -153,6 +154,8 @@ def run_offload(a: argparse.Namespace) -> dict:
         rss_peak_per_rank_GiB=[b / 2**30 for b in rss_peaks],
         pool=rt.pool.stats().table(),
     )
+    if a.optimizer_state == "nvme":
+        out["nvme"] = disk_floor(a.nvme_dir, rt.state_tier.stored_bytes(), step_s)
     if a.trace:
         busy = rt.tracer.summary()
         span = max(e["ts"] + e["dur"] for e in rt.tracer.events()) - min(e["ts"] for e in rt.tracer.events())
@@ -163,6 +166,31 @@ def run_offload(a: argparse.Namespace) -> dict:
             "gpu_busy_fraction": busy.get("compute", 0) / (span / 1e6),
         }
     return out
+
+
+def disk_floor(directory: str, stored: int, step_s: float) -> dict:
+    """The disk's O_DIRECT bandwidth measured now, in the directory the state lives in, and the
+    step time it allows: every step reads and writes back each block's m and v once, so the floor
+    is stored / read bandwidth + stored / write bandwidth (the disk does one after the other)."""
+    from offload.cli.bench_io import BenchIoConfig, run_bench
+
+    r = run_bench(BenchIoConfig(dir=Path(directory), size=4 << 30, backends=("io_uring",), repeat=1))
+    read = max(r["baseline"]["read_GBps"], r["backends"]["io_uring"]["read_GBps"]) * 1e9
+    write = max(r["baseline"]["write_GBps"], r["backends"]["io_uring"]["write_GBps"]) * 1e9
+    floor = stored / read + stored / write
+    print(
+        f"disk: read {read / 1e9:.2f} GB/s, write {write / 1e9:.2f} GB/s; {stored / 1e9:.1f} GB each way "
+        f"per step: floor {floor:.1f} s, step {step_s:.1f} s ({step_s / floor:.2f}x the floor)",
+        flush=True,
+    )
+    return {
+        "stored_bytes": stored,
+        "read_GBps": read / 1e9,
+        "write_GBps": write / 1e9,
+        "floor_s": floor,
+        "step_over_floor": step_s / floor,
+        "bench_io": r,
+    }
 
 
 def run_baseline(script: str, args: list[str], outname: str, env: dict) -> dict:
@@ -199,6 +227,10 @@ def main() -> None:
         "--adam-threads", type=int, default=None, help="CPU optimizer threads (default: cores - 2)"
     )
     ap.add_argument("--device-blocks", type=int, default=0, help="blocks whose state stays on the GPU")
+    ap.add_argument(
+        "--optimizer-state", default="host", choices=["host", "nvme"], help="where Adam m and v live"
+    )
+    ap.add_argument("--nvme-dir", default=None, help="directory for --optimizer-state nvme")
     ap.add_argument("--systems", default="offload,gpu,deepspeed")
     ap.add_argument(
         "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a check run of the script"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's benchmark session (see README "Results"): build, then one phase per call so
 # each stays inside the device tool's 10-minute command limit. Results land in $OUT.
-#   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more|dist7b|dist13b
+#   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more|nvme3b|dist7b|dist13b
 #   (train3b: DEVICE_BLOCKS=12, RUN=1; dist7b and dist13b need 2 GPUs: kind nvidia-h200-x2)
 # DeepSpeed's wheels and libaio come from .bench/deps (../shared/baselines/fetch_deps.sh).
 set -euo pipefail
@@ -34,6 +34,10 @@ case "${1:?phase}" in
   dist13b)
     torchrun --standalone --nproc-per-node 2 scripts/bench_train.py --size 13b --systems offload \
       --device-blocks "${DEVICE_BLOCKS:-8}" --steps 5 --out "$OUT/train_13b_2rank.json" 2>&1 | grep -vi warn | tail -4 ;;
+  nvme3b)
+    mkdir -p /tmp/nvme-state
+    python3 scripts/bench_train.py --size 3b --systems offload --optimizer-state nvme --nvme-dir /tmp/nvme-state \
+      --steps 4 --out "$OUT/train_3b_nvme.json" 2>&1 | grep -vi warn | tail -5 ;;
   train-more)
     for db in 12 0; do
       python3 scripts/bench_train.py --size 3b --systems offload --device-blocks $db \
