@@ -1,0 +1,130 @@
+"""The planner's activations (offload/plan/activations.py, tally's activation rows): bytes per
+placement, the saved bytes counted on the meta device against what the runtime moves, and the
+recompute-or-offload choice shown by ``offload plan``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import offload
+from offload.cli.main import main
+from offload.config import Tier, load_config
+from offload.plan import make_plan
+from offload.plan.activations import forward_flops, saved_bytes_per_block
+from offload.plan.measure import Rates
+from offload.plan.tally import ACTIVATION_STAGING, ACTIVATION_WINDOW
+from tests.models import Stack, batches, tiny
+
+FAST = Rates(h2d_bytes_s=1e15, d2h_bytes_s=1e15, flops=1e9)  # the link is never the bottleneck
+SLOW = Rates(h2d_bytes_s=1.0, d2h_bytes_s=1.0, flops=1e15)  # the link always is
+
+
+def plan(placement: dict, rates: Rates | None = FAST, **kw):
+    cfg = load_config(device="cpu", dtype="float32", placement=placement, nvme_dirs=["/tmp/x"], cxl_nodes=[0])
+    return make_plan(tiny("llama", layers=4), cfg, batch_size=2, seq_len=16, rates=rates, **kw)
+
+
+PER_BLOCK = 2 * 16 * 48 * 4  # batch x seq x hidden x float32
+
+
+def test_boundary_states_follow_the_placement() -> None:
+    gpu, host, nvme = (plan({"activations": t}) for t in ("gpu", "host", "nvme"))
+    assert gpu.get("activations", Tier.GPU) == 4 * PER_BLOCK
+    assert host.get("activations", Tier.HOST) == 4 * PER_BLOCK
+    assert host.get("activations", Tier.GPU) == min(4, ACTIVATION_WINDOW) * PER_BLOCK
+    padded = -(-PER_BLOCK // 4096) * 4096  # each group padded to O_DIRECT's alignment
+    assert nvme.get("activations", Tier.NVME) == 4 * padded
+    assert nvme.get("activation_staging", Tier.HOST) == min(4, ACTIVATION_STAGING) * padded
+    assert (host.placement["activations"], nvme.placement["activations"]) == (Tier.HOST, Tier.NVME)
+
+
+def test_activations_auto_and_cxl_stay_on_the_device_with_a_note() -> None:
+    auto, cxl = plan({"activations": "auto"}), plan({"activations": "cxl"})
+    assert auto.placement["activations"] is Tier.GPU and cxl.placement["activations"] is Tier.GPU
+    assert any("activations auto: gpu" in n for n in auto.notes)
+    assert any("activations cxl is not built" in n for n in cxl.notes)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_saved_bytes_counted_on_meta_are_what_the_runtime_moves(family: str) -> None:
+    counted = saved_bytes_per_block(tiny(family, layers=2), "float32", 2, 16)
+    model, _ = offload.wrap(
+        tiny(family, layers=2), device="cpu", dtype="float32", placement={"offload_saved": "always"}
+    )
+    ids = batches(1)[0]
+    loss = model(input_ids=ids, labels=ids).loss
+    store = model.runtime.activations.saved.store
+    # Both blocks' groups are in host memory now, but for the second block's rotary tables
+    # (cos and sin: batch 1 x 16 x head dim 12, float32), shared with the first and kept.
+    shared = 2 * 16 * 12 * 4 if family == "llama" else 0
+    assert store.stored_bytes() == 2 * counted - shared
+    loss.backward()
+    model.runtime.close()
+
+
+def test_auto_offloads_every_block_on_a_fast_link() -> None:
+    p = plan({"offload_saved": "auto"})
+    assert p.recompute is not None and p.recompute.offload == (True,) * 4
+    saved = saved_bytes_per_block(tiny("llama", layers=4), "float32", 2, 16)
+    assert p.get("saved", Tier.HOST) == 4 * saved
+    assert "offload_saved: offload blocks 0-3, recompute the other 0" in p.table()
+    assert p.to_json()["offload_saved"]["blocks"] == [0, 1, 2, 3]
+
+
+def test_auto_recomputes_on_a_slow_link() -> None:
+    p = plan({"offload_saved": "auto"}, rates=SLOW)
+    assert p.recompute is not None and not any(p.recompute.offload)
+    assert p.get("saved", Tier.HOST) == 0
+    assert "offload_saved: recompute every block" in p.table()
+
+
+def test_a_fixed_list_is_shown_with_its_estimate() -> None:
+    p = plan({"offload_saved": [1, 2]}, rates=SLOW)
+    assert p.recompute is not None and p.recompute.blocks == [1, 2]
+    assert p.recompute.step_s > p.recompute.recompute_step_s  # on this link it costs time
+
+
+def test_no_choice_without_offload_saved() -> None:
+    p = plan({})
+    assert p.recompute is None and p.to_json()["offload_saved"] is None and "offload_saved" not in p.table()
+
+
+def test_assumed_rates_are_noted() -> None:
+    p = plan({"offload_saved": "auto"}, rates=None)
+    assert any("offload_saved: assumed host link 25.0 GB/s" in n for n in p.notes)
+
+
+def test_a_model_that_cannot_be_counted_recomputes_with_a_note() -> None:
+    cfg = load_config(device="cpu", dtype="float32", placement={"offload_saved": "auto"})
+    p = make_plan(Stack(), cfg, batch_size=2, seq_len=16, rates=FAST)
+    assert p.recompute is None
+    assert any("the saved tensors could not be counted (the model has no config" in n for n in p.notes)
+
+
+def test_forward_flops() -> None:
+    shape = plan({}).shape
+    tokens = 2 * 16
+    assert forward_flops(shape, 2, 16) == 2 * shape.block_numel * tokens + 2 * 2 * 16**2 * 48
+
+
+def test_cli_shows_the_choice_and_checks_rates(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "recipes/tiny.yaml", "--no-detect", "--set", "offload.placement.offload_saved=auto"]
+    assert main([*args, "--link-gbs", "1000", "--tflops", "0.001", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["offload_saved"]["blocks"] == list(range(out["model"]["blocks"]))
+    assert main([*args, "--link-gbs", "0"]) == 2
+    assert "--link-gbs 0.0: must be > 0" in capsys.readouterr().err
+
+
+def test_meta_count_needs_no_memory() -> None:
+    """A 7B-shaped block at 32K tokens is counted in a moment, without allocating it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1, num_attention_heads=32)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    n = saved_bytes_per_block(model, "bfloat16", 1, 32768)
+    assert 20 * 32768 * 4096 < n < 80 * 32768 * 4096  # tens of bytes per token and hidden unit
