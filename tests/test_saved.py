@@ -193,3 +193,32 @@ def test_offload_saved_block_out_of_range() -> None:
 
 def test_placement_default_recomputes() -> None:
     assert PlacementConfig().offload_saved == "never"
+
+
+@pytest.mark.parametrize(
+    ("placement", "message"),
+    [
+        (
+            {"activations": "host"},
+            "a second backward \\(retain_graph=True\\) is not supported with placement.activations",
+        ),
+        (
+            {"offload_saved": "always"},
+            "a second backward \\(retain_graph=True\\) is not supported for blocks in",
+        ),
+    ],
+)
+def test_a_second_backward_through_one_graph(placement: dict, message: str) -> None:
+    """The default placement keeps the inputs, so a graph can be run twice; moved ones are freed
+    by the first backward, and the second says so."""
+    ids = batches(1)[0]
+    model, _ = offload.wrap(tiny("llama", layers=2), device="cpu", dtype="float32")
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    loss.backward()
+    model, _ = offload.wrap(tiny("llama", layers=2), device="cpu", dtype="float32", placement=placement)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=message):
+        loss.backward()
+    model.runtime.close()

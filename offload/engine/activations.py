@@ -201,7 +201,10 @@ class OffloadingStore:
         with self._lock:
             self._check_open()
             if not stored.finalizer.alive:
-                raise RuntimeError(f"block {stored.index}'s boundary state was already fetched")
+                raise RuntimeError(
+                    f"block {stored.index}'s boundary state was already fetched: a second backward "
+                    f"(retain_graph=True) is not supported with placement.activations host or nvme"
+                )
             if self._last is not None and self._last[0] is stored:
                 tensors = self._last[1]  # still on the device: no round trip
                 self._last = None

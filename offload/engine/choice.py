@@ -90,6 +90,8 @@ class MeasuredChoice:
         self._times[(index, phase)] = [self._mark()]
         yield
         self._times[(index, phase)].append(self._mark())
+        if phase == "backward":  # a frozen block whose backward had nothing to recompute saves nothing
+            self._saved.setdefault(index, 0)
 
     @contextlib.contextmanager
     def counting(self, index: int) -> Iterator[None]:

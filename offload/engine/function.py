@@ -94,11 +94,12 @@ class BlockFunction(torch.autograd.Function):
         *flat: Any,
     ) -> Any:
         ctx.executor, ctx.acts, ctx.index, ctx.spec = executor, acts, index, spec
-        if acts.saved is not None and acts.saved.offloads(index):
+        ctx.offloaded = acts.offloads(index)
+        if ctx.offloaded:
+            assert acts.saved is not None
             out, ctx.kept = acts.saved.forward(executor, index, spec, flat, ctx.needs_input_grad[ARGS:])
             out_flat, box["spec"] = pytree.tree_flatten(out, is_leaf=_is_leaf)
             return tuple(ctx.kept.take_outputs(out_flat))
-        ctx.kept = None
         args, kwargs = pytree.tree_unflatten(list(flat), spec)
         ctx.rng = executor.device.rng_state()  # the recompute must draw the same random numbers
         ctx.tensor_pos = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
@@ -117,7 +118,12 @@ class BlockFunction(torch.autograd.Function):
         executor: Executor = ctx.executor
         nflat = len(ctx.needs_input_grad) - ARGS
         result: list[Any] = [None] * nflat
-        if ctx.kept is not None:
+        if ctx.offloaded:
+            if ctx.kept is None:
+                raise RuntimeError(
+                    f"block {ctx.index}'s graph was already run by a backward: a second backward "
+                    "(retain_graph=True) is not supported for blocks in placement.offload_saved"
+                )
             for pos, g in ctx.acts.saved.backward(executor, ctx.kept, grad_outs).items():
                 result[pos] = g
             ctx.kept = None
@@ -127,7 +133,6 @@ class BlockFunction(torch.autograd.Function):
         inputs: list[torch.Tensor] = []
         want: list[int] = []
         saved = ctx.acts.boundary.get(ctx.stored)
-        ctx.stored = None
         for pos, t in zip(ctx.tensor_pos, saved):
             t = t.detach()
             if needs[pos]:
