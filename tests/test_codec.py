@@ -4,6 +4,8 @@ against the scalar one, the buffer types and every user-facing error."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,12 @@ def random_chunks(rng: np.random.Generator, k: int, nbytes: int, misalign: int =
 
 def loss_patterns(n: int, m: int) -> itertools.chain[tuple[int, ...]]:
     return itertools.chain.from_iterable(itertools.combinations(range(n), lost) for lost in range(m + 1))
+
+
+def test_snapshot_package_import_is_lean() -> None:
+    code = "import sys, offload.snapshot; print(sorted({'numpy', 'torch', 'offload._C'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
 
 
 # -- the field ----------------------------------------------------------------------------------
