@@ -136,6 +136,16 @@ def test_nvme_writes_to_disk_and_removes_its_files(disk_dir: Path) -> None:
     assert not path.exists() and not path.parent.exists()
 
 
+def test_nvme_files_go_with_the_store(disk_dir: Path) -> None:
+    s = NvmeStore(CPU, blocks=2, dirs=[str(disk_dir)])
+    s.put(0, group(0))
+    (path,) = s.paths()
+    assert path.exists()
+    del s
+    gc.collect()
+    assert not path.parent.exists()
+
+
 def test_nvme_space_is_reused_step_after_step(disk_dir: Path) -> None:
     s = NvmeStore(CPU, blocks=6, dirs=[str(disk_dir)])
     for step in range(3):

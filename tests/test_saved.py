@@ -95,27 +95,6 @@ def test_other_devices_and_small_tensors_stay_put() -> None:
     store.close()
 
 
-def train(placement: dict, steps: int = 4, **kw) -> tuple[list[float], dict]:
-    model, opt = offload.wrap(
-        tiny("llama", layers=3),
-        device="cpu",
-        dtype="float32",
-        optimizer={"lr": 3e-3},
-        placement=placement,
-        **kw,
-    )
-    losses = []
-    for ids in batches(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    state = offload.state_dict(model)
-    model.runtime.close()
-    return losses, state
-
-
 def test_auto_measures_one_step_then_decides() -> None:
     model, opt = offload.wrap(
         tiny("llama", layers=3), device="cpu", dtype="float32", placement={"offload_saved": "auto"}

@@ -36,13 +36,14 @@ def train_reference(model, data, accum, lr, wd, clip, fused):
     return losses
 
 
-def train_offload(model, data, accum, lr, wd, clip, placement):
+def train_offload(model, data, accum, lr, wd, clip, placement, **config):
     wrapped, opt = offload.wrap(
         model,
         device="cpu",
         dtype="float32",
         optimizer={"lr": lr, "weight_decay": wd, "max_grad_norm": clip},
         placement=placement,
+        **config,
     )
     losses = []
     for step in range(STEPS):
