@@ -33,8 +33,9 @@ def write(path: Path, tensors: dict[str, torch.Tensor], staging: Staging) -> dic
         fs.finish()
         staging.drain()
         f.sync()
+    crc = fs.crcs()
     assert fs.bytes == path.stat().st_size == len(header) + sum(e["nbytes"] for e in index.values())
-    return fs.crc
+    return crc
 
 
 @pytest.fixture
@@ -77,15 +78,15 @@ def test_failed_write_surfaces_when_its_chunk_is_taken(disk_dir: Path, ring: Sta
             raise OSError(5, "Input/output error (injected)")
 
     lease = ring.take()
-    ring.give(lease, Failed())  # type: ignore[arg-type]
-    ring.give(ring.take(), None)
+    ring.give(lease, [Failed()])  # type: ignore[list-item]
+    ring.give(ring.take(), [])
     with pytest.raises(OSError, match="injected"):
         ring.take()
     ring.drain()  # the failed chunk went back, settled: the ring is whole again
     a, b = ring.take(), ring.take()
     assert a is not b
-    ring.give(a, None)
-    ring.give(b, None)
+    ring.give(a, [])
+    ring.give(b, [])
 
 
 def test_bad_ring_and_chunk_sizes() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from offload.engine.runtime import Runtime
 from offload.engine.trace import Tracer
 from offload.store.record import BlockRecord
 
-DEVICE_MARGIN = 1 << 30  # device bytes left free when snapshotting on the device
+DEVICE_MARGIN = 1 << 30  # device bytes left free when snapshotting on the device, beyond the reserve
 
 
 class CaptureFence:
@@ -95,6 +96,12 @@ class CaptureFence:
             ev.set()
 
 
+def held_state(rec: BlockRecord, held: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """(master, exp_avg, exp_avg_sq) from what rec's StateTier acquired: (m, v), or all three when
+    the tier may hold the master too (placement.master: nvme leaves a placeholder in the record)."""
+    return tuple(held) if len(held) == 3 else (rec.master, *held)
+
+
 @dataclass(slots=True)
 class Snapshot:
     """A device record's state as of save(): copies of master, m, v and the step count."""
@@ -106,29 +113,40 @@ class Snapshot:
     ready: Any  # CUDA event recorded after the copies (None: they are done)
 
 
-def snapshot(rt: Runtime, records: list[BlockRecord]) -> tuple[dict[int, Snapshot], str]:
+def snapshot(rt: Runtime, records: list[BlockRecord], reserve: int) -> tuple[dict[int, Snapshot], str]:
     """Copies of the device records' state (by id of the record), and where they went: "device"
-    (spare device memory), "host", or "none" (no device records)."""
+    (spare device memory, leaving ``reserve`` bytes free for the steps that run while the save is
+    written), "host", or "none" (no device records)."""
     if not records:
         return {}, "none"
     dev = rt.device
     need = sum(3 * r.numel * 4 + 4 for r in records)
-    where = "device" if dev.cuda and _device_room(dev.torch) > need + DEVICE_MARGIN else "host"
+    room = _device_room(dev.torch) - reserve - DEVICE_MARGIN if dev.cuda else 0
+    where = "device" if room > need else "host"
     copies = {}
     for rec in records:
         tier = rt.tier_of(rec)
-        m, v = tier.acquire(rec)
+        master, m, v = held_state(rec, tier.acquire(rec))
         try:
             # On the caller's current (compute) stream: after this step's update kernels, before
             # the next step's. A copy to the host is synchronous.
             copies[id(rec)] = [
                 t.clone() if where == "device" or not dev.cuda else t.to("cpu")
-                for t in (rec.master, m, v, rec.step)
+                for t in (master, m, v, rec.step)
             ]
         finally:
             tier.release(rec)
     ready = dev.event(dev.compute_stream()) if where == "device" else None
     return {k: Snapshot(m_, a, v_, st, ready) for k, (m_, a, v_, st) in copies.items()}, where
+
+
+def step_reserve(device: Any) -> int:
+    """Device memory a training step takes beyond what lives between steps (activations,
+    workspaces): its peak so far minus what is allocated now, at a step boundary. Measure it
+    before any snapshot exists, since a snapshot alive during a step raises the peak."""
+    if device.type != "cuda":
+        return 0
+    return max(0, torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device))
 
 
 def _device_room(device: torch.device) -> int:

@@ -24,7 +24,7 @@ import torch
 
 from offload import io as oio
 from offload.checkpoint import state
-from offload.checkpoint.capture import CaptureFence, Snapshot
+from offload.checkpoint.capture import CaptureFence, Snapshot, held_state
 from offload.checkpoint.format import KINDS, LATEST, MANIFEST, record_filename, tensor_key
 from offload.checkpoint.handle import SaveHandle, SaveStats
 from offload.checkpoint.retention import Retention, prune
@@ -130,9 +130,9 @@ class SaveJob:
         snap = self.snaps.pop(id(rec), None)
         if snap is None:
             self.fence.wait_ready(rec)
-            with state.optimizer_state(self.rt, rec) as (m, v):
+            with state.optimizer_state(self.rt, rec) as held:
                 step = int(rec.step.item())
-                self._put(fs, plan, rec.master, m, v)
+                self._put(fs, plan, *held_state(rec, held))
                 fs.finish()
             self.fence.captured(rec)
         else:
@@ -149,15 +149,15 @@ class SaveJob:
         for ref in plan.refs:
             name = ref.names[0]
             self.params[name] = {"aliases": list(ref.names[1:]), "shape": list(ref.slot.shape), "step": step}
+        crcs = fs.crcs()
         for key, entry in plan.index.items():
-            self.tensors[key] = {"file": plan.file, **entry, "crc32": fs.crc[key]}
+            self.tensors[key] = {"file": plan.file, **entry, "crc32": crcs[key]}
 
     @staticmethod
-    def _put(
-        fs: FileStream, plan: RecordPlan, master: torch.Tensor, m: torch.Tensor, v: torch.Tensor
-    ) -> None:
+    def _put(fs: FileStream, plan: RecordPlan, *flats: torch.Tensor) -> None:
+        """Each parameter's master, exp_avg and exp_avg_sq, from the record's flat buffers."""
         for ref in plan.refs:
-            for kind, flat in zip(KINDS, (master, m, v)):
+            for kind, flat in zip(KINDS, flats):
                 fs.put(tensor_key(kind, ref.names[0]), ref.view(flat).reshape(-1).view(torch.uint8))
 
     def _commit(self) -> None:

@@ -6,7 +6,9 @@ chunk is written with O_DIRECT (``offload.io``) at the next file offset, a multi
 size, so every write but a file's last partial chunk goes direct. The copy into staging is what
 *captures* a record (after it the optimizer may change it again); the ring bounds how far capture
 runs ahead of the disk: when every chunk is in flight, taking one waits for the oldest write.
-Each tensor's crc32 is summed over the staged bytes, the very bytes that are written.
+Each tensor's crc32 is summed over the staged bytes, the very bytes that are written, on a few
+threads (zlib releases the GIL): a tensor's pieces chain in order, different tensors run side by
+side, so the writer thread only copies and a single crc32 stream does not cap the throughput.
 
 Files are written whole and never read back: the safetensors header (8-byte little-endian
 length, JSON, padded with spaces to 8 bytes) is computed up front from the shapes.
@@ -15,12 +17,15 @@ length, JSON, padded with spaces to 8 bytes) is computed up front from the shape
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Union
 
+import numpy as np
 import torch
 
 from offload import io as oio
@@ -30,6 +35,9 @@ from offload.memory.arena import Lease
 
 CHUNK_BYTES = 64 << 20  # bytes per staging chunk (and per write request)
 ALIGN = 4096  # O_DIRECT's alignment; chunk sizes are multiples of it
+CRC_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
+
+Pending = Union[oio.IoFuture, "Future[int]"]  # what reads a chunk: its write, its crc32 sums
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -80,8 +88,9 @@ def chunk_size(largest_file: int) -> int:
 
 
 class Staging:
-    """A ring of ``chunks`` pinned leases of ``chunk_bytes`` and the I/O engine that writes them.
-    Made once per runtime and reused by its saves; one save uses it at a time."""
+    """A ring of ``chunks`` pinned leases of ``chunk_bytes``, the I/O engine that writes them and
+    the threads that sum their crc32s. Made once per runtime and reused by its saves; one save
+    uses it at a time."""
 
     def __init__(self, chunk_bytes: int, chunks: int, pin: bool) -> None:
         if chunk_bytes % ALIGN or chunks < 1:
@@ -93,8 +102,9 @@ class Staging:
         self.engine = oio.Engine()
         self.pool = PinnedPool(chunk_bytes * chunks, arena_bytes=chunk_bytes, pin=pin, name="checkpoint")
         self.pool.attach_io(self.engine)  # registered buffers where io_uring takes them
-        self._ring: deque[tuple[Lease, oio.IoFuture | None]] = deque(
-            (self.pool.lease(chunk_bytes, purpose="checkpoint staging"), None) for _ in range(chunks)
+        self.crc = ThreadPoolExecutor(CRC_THREADS, thread_name_prefix="offload-crc32")
+        self._ring: deque[tuple[Lease, list[Pending]]] = deque(
+            (self.pool.lease(chunk_bytes, purpose="checkpoint staging"), []) for _ in range(chunks)
         )
 
     @property
@@ -102,35 +112,35 @@ class Staging:
         return self.chunk_bytes * self.chunks
 
     def take(self) -> Lease:
-        """The least recently written chunk, once its write is done (raises that write's error)."""
-        lease, fut = self._ring.popleft()
-        if fut is not None:
-            try:
-                fut.wait()  # host wait: a chunk is refilled only after its last write has read it
-            except BaseException:
-                self._ring.appendleft((lease, None))
-                raise
+        """The least recently written chunk, once nothing reads it any more (raises the error of
+        its write)."""
+        lease, pending = self._ring.popleft()
+        try:
+            _settle(pending)  # host wait: a chunk is refilled only after its write and crc32 read it
+        except BaseException:
+            self._ring.appendleft((lease, []))
+            raise
         return lease
 
-    def give(self, lease: Lease, fut: oio.IoFuture | None) -> None:
-        """Puts a chunk back with the write that is reading it."""
-        self._ring.append((lease, fut))
+    def give(self, lease: Lease, pending: list[Pending]) -> None:
+        """Puts a chunk back with what is still reading it (its write, its crc32 sums)."""
+        self._ring.append((lease, pending))
 
     def drain(self, raise_errors: bool = True) -> None:
-        """Waits for every chunk's write; raises the first error unless told not to."""
-        errors: list[OSError] = []
-        for i, (lease, fut) in enumerate(self._ring):
-            if fut is not None:
-                try:
-                    fut.wait()
-                except OSError as e:
-                    errors.append(e)
-                self._ring[i] = (lease, None)
+        """Waits until nothing reads any chunk; raises the first error unless told not to."""
+        errors: list[BaseException] = []
+        for i, (lease, pending) in enumerate(self._ring):
+            try:
+                _settle(pending)
+            except Exception as e:
+                errors.append(e)
+            self._ring[i] = (lease, [])
         if errors and raise_errors:
             raise errors[0]
 
     def close(self) -> None:
         self.drain(raise_errors=False)
+        self.crc.shutdown()
         for lease, _ in self._ring:
             lease.release()
         self._ring.clear()
@@ -139,17 +149,34 @@ class Staging:
         self.engine.close()
 
 
+def _settle(pending: list[Pending]) -> None:
+    """Waits for each (all of them, even after one failed), then raises the first error."""
+    error: BaseException | None = None
+    for p in pending:
+        try:
+            p.result() if isinstance(p, Future) else p.wait()
+        except Exception as e:
+            error = error or e
+    if error is not None:
+        raise error
+
+
+def _crc_after(prev: int | Future[int], data: Any) -> int:
+    """crc32 of data continuing prev (a value, or the sum of the piece before, still running)."""
+    return zlib.crc32(data, prev.result() if isinstance(prev, Future) else prev)
+
+
 class FileStream:
     """Streams one safetensors file through the staging ring: ``put`` the header, then each
-    tensor (flat bytes, in header order), then ``finish``. Device tensors are copied on
-    ``stream`` (a CUDA stream, or None on the CPU)."""
+    tensor (flat bytes, in header order), then ``finish``; ``crcs()`` once the file is done.
+    Device tensors are copied on ``stream`` (a CUDA stream, or None on the CPU)."""
 
     def __init__(self, staging: Staging, file: oio.DirectFile, stream: Any = None) -> None:
         self.staging = staging
         self.file = file
         self.stream = stream
-        self.crc: dict[str, int] = {}
         self.bytes = 0
+        self._crc: dict[str, int | Future[int]] = {}
         self._chunk: Lease | None = None
         self._used = 0
         self._pieces: list[tuple[str | None, int, int]] = []  # (key, begin, end) in the chunk
@@ -158,7 +185,7 @@ class FileStream:
         """Appends data (a flat uint8 tensor, CPU or CUDA) to the file; key: the tensor whose
         crc32 it counts towards (None: the header)."""
         if key is not None:
-            self.crc.setdefault(key, 0)
+            self._crc.setdefault(key, 0)
         n, at = data.numel(), 0
         while at < n:
             if self._chunk is None:
@@ -169,8 +196,8 @@ class FileStream:
             if data.is_cuda:
                 with torch.cuda.stream(self.stream):  # waited for in _write
                     dst.copy_(data[at : at + k], non_blocking=True)
-            else:
-                dst.copy_(data[at : at + k])
+            else:  # one thread's memcpy: torch's would take every core from the optimizer
+                np.copyto(dst.numpy(), data[at : at + k].numpy())
             self._pieces.append((key, self._used, self._used + k))
             self._used += k
             at += k
@@ -182,6 +209,10 @@ class FileStream:
         if self._chunk is not None:
             self._write()
 
+    def crcs(self) -> dict[str, int]:
+        """Each tensor's crc32 (waits for the sums still running)."""
+        return {k: c.result() if isinstance(c, Future) else c for k, c in self._crc.items()}
+
     def _write(self) -> None:
         chunk = self._chunk
         assert chunk is not None
@@ -190,16 +221,18 @@ class FileStream:
             # chunk and the write sends it.
             self.stream.synchronize()
         buf = chunk.tensor.numpy()
+        pending: list[Pending] = [self.file.write_from(chunk, self.bytes, self._used)]
         for key, b, e in self._pieces:
             if key is not None:
-                self.crc[key] = zlib.crc32(buf[b:e].data, self.crc[key])
-        fut = self.file.write_from(chunk, self.bytes, self._used)
-        self.staging.give(chunk, fut)
+                crc = self.staging.crc.submit(_crc_after, self._crc[key], buf[b:e].data)
+                self._crc[key] = crc
+                pending.append(crc)
+        self.staging.give(chunk, pending)
         self.bytes += self._used
         self._chunk, self._used, self._pieces = None, 0, []
 
     def abandon(self) -> None:
         """Gives a chunk being filled back unwritten (the save failed)."""
         if self._chunk is not None:
-            self.staging.give(self._chunk, None)
+            self.staging.give(self._chunk, [])
             self._chunk = None

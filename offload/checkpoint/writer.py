@@ -37,7 +37,7 @@ import torch
 from offload import io as oio
 from offload._version import __version__
 from offload.checkpoint import state
-from offload.checkpoint.capture import CaptureFence, snapshot
+from offload.checkpoint.capture import CaptureFence, snapshot, step_reserve
 from offload.checkpoint.format import FORMAT_VERSION, step_dirname
 from offload.checkpoint.handle import SaveHandle, SaveStats
 from offload.checkpoint.job import SaveJob, plan_record, write_order
@@ -56,6 +56,7 @@ class _Saver:
         self.current: SaveHandle | None = None
         self.staging: Staging | None = None
         self.direct: dict[Path, bool] = {}
+        self.reserve: int | None = None  # device memory a step needs, measured at the first save
 
     def wait_idle(self) -> None:
         """Waits for the save in flight (its error stays with its handle)."""
@@ -196,7 +197,9 @@ def _start(
     fence = CaptureFence([p.rec for p in host], rt.tracer)
     fence.install(rt, [p.rec for p in host])
     try:
-        snaps, where = snapshot(rt, [p.rec for p in plans if p.rec.on_device])
+        if saver.reserve is None:
+            saver.reserve = step_reserve(rt.device.torch)
+        snaps, where = snapshot(rt, [p.rec for p in plans if p.rec.on_device], saver.reserve)
     except BaseException:
         fence.release(rt)
         shutil.rmtree(tmp, ignore_errors=True)
