@@ -6,8 +6,8 @@ For each k,m and chunk size (MiB): encode (m parity chunks from k data chunks) a
 first m data chunks lost, rebuilt from the other k - m data chunks and the m parity chunks, decode
 matrix included), for each path of ``offload.snapshot.codec`` this CPU has and for ISA-L, each
 with threads=1 into buffers allocated and touched beforehand; each is checked to compute the right
-bytes first. The implementations are timed in rounds (each once a round, at least 5 rounds), so
-that other work on the machine falls on all of them alike. GB/s is data bytes (k x chunk) over
+bytes first. The implementations are timed in rounds (each once a round, in a shuffled order, at
+least 5 rounds), so that other work on the machine falls on all of them alike. GB/s is data bytes (k x chunk) over
 the fastest run (other work only ever slows a run; the median is kept in the JSON too).
 
 ISA-L is libisal loaded with ctypes: every copy found, the system's (Debian's libisal2) and the one
@@ -29,6 +29,7 @@ import glob
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -182,14 +183,17 @@ Case = tuple[str, str, str]  # op, impl, isa
 
 
 def time_interleaved(fns: dict[Case, Callable[[], object]]) -> dict[Case, tuple[float, float]]:
-    """(fastest, median) seconds of each fn, timed in rounds that run every fn once, so that other
-    load on the machine falls on all of them alike: MIN_RUNS rounds at least, then more until the
-    quickest fn has run MIN_SECONDS in all, or MAX_RUNS rounds."""
+    """(fastest, median) seconds of each fn, timed in rounds that run every fn once in a shuffled
+    order, so that other load on the machine falls on all of them alike: MIN_RUNS rounds at least,
+    then more until the quickest fn has run MIN_SECONDS in all, or MAX_RUNS rounds."""
     times: dict[Case, list[float]] = {case: [] for case in fns}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     while True:
-        for case, fn in fns.items():
+        shuffle(order)  # what ran just before (and left in the caches) changes from round to round
+        for case in order:
             t0 = time.perf_counter()
-            fn()
+            fns[case]()
             times[case].append(time.perf_counter() - t0)
         rounds = len(next(iter(times.values())))
         quickest = min(sum(t) for t in times.values())
