@@ -30,6 +30,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,9 @@ def wrap(a: argparse.Namespace, model: Any, cuda: bool, nparams: int) -> tuple[A
     return model, opt
 
 
-def train_step(model: Any, opt: Any, x: Any, cuda: bool) -> float:
-    """One step's wall time, the device drained at both ends (the optimizer's worker runs on)."""
+def train_step(model: Any, opt: Any, x: Any, cuda: bool, after: Callable[[], None] | None = None) -> float:
+    """One step's wall time, the device drained at both ends (the optimizer's worker runs on);
+    after: called at the step boundary, inside the timed span (a save)."""
     import torch
 
     if cuda:
@@ -143,14 +145,14 @@ def train_step(model: Any, opt: Any, x: Any, cuda: bool) -> float:
     loss.backward()
     opt.step()
     opt.zero_grad()
+    if after is not None:
+        after()
     loss.item()
     return time.perf_counter() - t
 
 
 def run_saves(a: argparse.Namespace, model: Any, opt: Any, x: Any, cuda: bool) -> dict[str, Any]:
     """N steps, a save after every --save-every of them (the save() call inside the step's time)."""
-    import torch
-
     import offload
 
     root = a.dir / "offload"
@@ -160,18 +162,12 @@ def run_saves(a: argparse.Namespace, model: Any, opt: Any, x: Any, cuda: bool) -
     shutil.rmtree(offload.save(model, opt, root, step=0, staging_bytes=staging).wait())
     times, handles = [], []
     for step in range(1, a.steps + 1):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
         saving = step % a.save_every == 0
-        if saving:
+
+        def save(step: int = step) -> None:
             handles.append(offload.save(model, opt, root, step=step, staging_bytes=staging))
-        loss.item()
-        times.append(time.perf_counter() - t)
+
+        times.append(train_step(model, opt, x, cuda, save if saving else None))
         if saving and len(handles) > 1:  # save() waited for it: committed; keep one on disk
             shutil.rmtree(handles[-2].wait(), ignore_errors=True)
         print(f"step {step} {times[-1]:.3f} s{' (save)' if saving else ''}", flush=True)

@@ -21,6 +21,8 @@ import torch
 import offload
 from offload.checkpoint import capture, list_checkpoints, load, save, staging, verify, writer
 from tests.models import batches, tiny
+from tests.test_checkpoint import assert_same_state as assert_same
+from tests.test_checkpoint import train as train_sched
 
 CLIP = {"lr": 3e-3, "weight_decay": 0.1, "max_grad_norm": 0.5}
 OVERLAP = {"lr": 3e-3, "weight_decay": 0.1, "overlap_backward": True}
@@ -31,20 +33,7 @@ def make(opt: dict[str, Any], **overrides: Any) -> tuple[Any, Any]:
 
 
 def train(model: Any, opt: Any, data: list[torch.Tensor]) -> list[float]:
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    return train_sched(model, opt, None, data)
 
 
 class Gate:
