@@ -120,9 +120,9 @@ def snapshot(rt: Runtime, records: list[BlockRecord], reserve: int) -> tuple[dic
     if not records:
         return {}, "none"
     dev = rt.device
-    need = sum(3 * r.numel * 4 + 4 for r in records)
     room = _device_room(dev.torch) - reserve - DEVICE_MARGIN if dev.cuda else 0
-    where = "device" if room > need else "host"
+    # reserve 0: no step has run yet, so what one needs is unknown: the host it is.
+    where = "device" if reserve > 0 and room > snapshot_bytes(records) else "host"
     copies = {}
     for rec in records:
         tier = rt.tier_of(rec)
@@ -140,10 +140,15 @@ def snapshot(rt: Runtime, records: list[BlockRecord], reserve: int) -> tuple[dic
     return {k: Snapshot(m_, a, v_, st, ready) for k, (m_, a, v_, st) in copies.items()}, where
 
 
+def snapshot_bytes(records: list[BlockRecord]) -> int:
+    """Bytes a snapshot of records takes: master, m and v in fp32, and the step count."""
+    return sum(3 * r.numel * 4 + 4 for r in records)
+
+
 def step_reserve(device: Any) -> int:
     """Device memory a training step takes beyond what lives between steps (activations,
-    workspaces): its peak so far minus what is allocated now, at a step boundary. Measure it
-    before any snapshot exists, since a snapshot alive during a step raises the peak."""
+    workspaces): its peak so far minus what is allocated now, at a step boundary. A snapshot
+    alive during a step raises the peak too: the caller takes it off (see writer.py)."""
     if device.type != "cuda":
         return 0
     return max(0, torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device))

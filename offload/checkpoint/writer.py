@@ -37,7 +37,7 @@ import torch
 from offload import io as oio
 from offload._version import __version__
 from offload.checkpoint import state
-from offload.checkpoint.capture import CaptureFence, snapshot, step_reserve
+from offload.checkpoint.capture import CaptureFence, snapshot, snapshot_bytes, step_reserve
 from offload.checkpoint.format import FORMAT_VERSION, step_dirname
 from offload.checkpoint.handle import SaveHandle, SaveStats
 from offload.checkpoint.job import SaveJob, plan_record, write_order
@@ -56,7 +56,8 @@ class _Saver:
         self.current: SaveHandle | None = None
         self.staging: Staging | None = None
         self.direct: dict[Path, bool] = {}
-        self.reserve: int | None = None  # device memory a step needs, measured at the first save
+        self.reserve = 0  # device memory a training step needs: the most measured at any save
+        self.snapshot = 0  # device bytes the last save's snapshot took (it may be in the peak)
 
     def wait_idle(self) -> None:
         """Waits for the save in flight (its error stays with its handle)."""
@@ -197,9 +198,10 @@ def _start(
     fence = CaptureFence([p.rec for p in host], rt.tracer)
     fence.install(rt, [p.rec for p in host])
     try:
-        if saver.reserve is None:
-            saver.reserve = step_reserve(rt.device.torch)
-        snaps, where = snapshot(rt, [p.rec for p in plans if p.rec.on_device], saver.reserve)
+        on_device = [p.rec for p in plans if p.rec.on_device]
+        saver.reserve = max(saver.reserve, step_reserve(rt.device.torch) - saver.snapshot)
+        snaps, where = snapshot(rt, on_device, saver.reserve)
+        saver.snapshot = snapshot_bytes(on_device) if where == "device" else 0
     except BaseException:
         fence.release(rt)
         shutil.rmtree(tmp, ignore_errors=True)
