@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from offload.engine.optimizer import OffloadAdamW
 from offload.engine.runtime import Runtime
 from offload.model.discovery import discover
 from offload.model.init import Materialize, has_meta, materializer
+
+if TYPE_CHECKING:
+    from offload.plan import Plan
 
 
 class OffloadedModel(nn.Module):
@@ -61,6 +64,7 @@ def wrap(
     blocks: str | None = None,
     param_groups: Sequence[dict[str, Any]] | None = None,
     init: str | Materialize | None = None,
+    plan: Plan | None = None,
     **overrides: Any,
 ) -> tuple[OffloadedModel, OffloadAdamW]:
     """Streams model's blocks through the compute device with AdamW on CPU-master weights.
@@ -74,6 +78,10 @@ def wrap(
     into the store, so only one block ever exists outside the store; or a callable(module, name)
     that fills a module's own tensors (offload.model.hf.load_pretrained returns one that reads a
     local Hugging Face directory).
+    plan: the placement plan to follow, ``offload.plan.make_plan(model, config, batch_size=...,
+    seq_len=...)`` for this model and config; it decides the device blocks and which blocks
+    spill their state (needed for ``placement.device_blocks: auto``). None: the runtime makes
+    one itself, without knowing the batch shape (``model.runtime.plan``).
     """
     cfg = load_config(config, **overrides)
     if cfg.seed is not None:
@@ -86,7 +94,7 @@ def wrap(
         raise ValueError(
             "the model has tensors on the meta device: pass init='random' (or a callable) to wrap()"
         )
-    runtime = Runtime.build(model, stack, cfg, device, param_groups, materialize)
+    runtime = Runtime.build(model, stack, cfg, device, param_groups, materialize, plan)
     return OffloadedModel(model, runtime, keys), OffloadAdamW(runtime)
 
 
@@ -103,19 +111,25 @@ def state_dict(model: OffloadedModel) -> dict[str, torch.Tensor]:
     calls it, and every rank gets the whole dict."""
     rt = model.runtime
     rt.wait_updates()
-    masters: dict[int, torch.Tensor] = {}
-    for rec in rt.records():
-        if rec.shard is not None and rt.group is not None:  # the ranks' shards put together
-            masters[id(rec)] = rt.group.gather_full(
-                rec.master, rt.group.shard(rec.layout.numel), rt.device.torch
-            )
-        else:
-            masters[id(rec)] = rec.master
-    params: dict[str, torch.Tensor] = {}
+    names: dict[int, list[tuple[str, int]]] = {}
     for name, (rec, k) in rt.names.items():
-        slot = rec.layout.params[k]
-        flat = masters[id(rec)]
-        params[name] = flat[slot.offset : slot.offset + slot.numel].view(slot.shape).to("cpu", copy=True)
+        names.setdefault(id(rec), []).append((name, k))
+    params: dict[str, torch.Tensor] = {}
+    for rec in rt.records():
+        # A tier may hold the master (placement.master nvme): it is read in for the copy.
+        tier = rt.tier_of(rec) if rec.master_on_tier else None
+        master = rec.master if tier is None else tier.acquire(rec).master
+        try:
+            if rec.shard is not None and rt.group is not None:  # the ranks' shards put together
+                master = rt.group.gather_full(master, rt.group.shard(rec.layout.numel), rt.device.torch)
+            for name, k in names.get(id(rec), []):
+                slot = rec.layout.params[k]
+                view = master[slot.offset : slot.offset + slot.numel].view(slot.shape)
+                params[name] = view.to("cpu", copy=True)  # copied before release: staging is reused
+        finally:
+            if tier is not None:
+                tier.release(rec)
+    rt.wait_updates()  # what a tier wrote back is stored before the caller goes on
     buffers = dict(model.module.named_buffers())
     template = rt.executor.template
     block_buffers = dict(template.named_buffers())

@@ -388,9 +388,18 @@ class PlacementConfig:
     """The tier of each kind of per-block state."""
 
     master: Tier = Tier.HOST
-    """fp32 master weights."""
+    """fp32 master weights of the streamed blocks. nvme: a spilled block's file holds its master
+    with its m and v (needs optimizer_state nvme or auto, and a compute dtype other than float32,
+    where the master is itself the pinned copy the device reads). auto: host, unless spilling
+    every streamed block's m and v still leaves the host over budget; then the spilled blocks'
+    masters go to nvme too."""
     optimizer_state: Tier = Tier.HOST
-    """Adam's m and v."""
+    """Adam's m and v of the streamed blocks: host, cxl, nvme, or auto (host when it fits
+    budgets.host_bytes, else the fewest last blocks spilled to nvme that make it fit)."""
+    spill_blocks: int | None = None
+    """How many streamed blocks keep their m and v (and, with master nvme, their master) on the
+    optimizer_state tier (nvme or cxl): the last ones; the others keep them in host RAM. None:
+    every streamed block for nvme and cxl, the fewest that fit the host budget for auto."""
     gradients: Tier = Tier.HOST
     """Gradients, as they come off the GPU."""
     activations: Tier = Tier.GPU
@@ -404,25 +413,40 @@ class PlacementConfig:
     "always" offloads every block, a list names the blocks (0-based), "auto" recomputes every
     block in the first step while measuring, then offloads the blocks the planner's cost model
     picks (offload.plan.recompute)."""
-    device_blocks: int = 0
+    device_blocks: int | Literal["auto"] = 0
     """How many of the first blocks keep all their state (weights, master, Adam m and v,
     gradients) on the compute device instead of streaming: spare device memory as the fastest
     tier. Their updates run on the device during backward, so the CPU optimizer has fewer blocks
-    to update and the next forward starts without waiting for it. 0: every block streams."""
+    to update and the next forward starts without waiting for it. 0: every block streams.
+    "auto": the planner's choice, the most blocks that fit budgets.gpu_bytes (or the device's
+    memory) less a margin, with the residents on the device (docs/plan.md)."""
     device_residents: bool | None = None
     """Whether the resident parameters (embeddings, final norm, head) keep all their state on
     the compute device too, updated there right after backward instead of by the CPU between
     backward and the next forward (where nothing else overlaps it). None: when device_blocks > 0
-    (spare device memory was offered)."""
-
-    @property
-    def residents_on_device(self) -> bool:
-        return self.device_blocks > 0 if self.device_residents is None else self.device_residents
+    or "auto" (spare device memory was offered)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.device_blocks < 0:
-            raise ConfigError("device_blocks", self.device_blocks, "must be >= 0")
+        if self.device_blocks != "auto" and self.device_blocks < 0:
+            raise ConfigError("device_blocks", self.device_blocks, 'must be >= 0 or "auto"')
+        if self.spill_blocks is not None:
+            if self.spill_blocks < 0:
+                raise ConfigError("spill_blocks", self.spill_blocks, "must be >= 0, or null")
+            if self.optimizer_state not in (Tier.NVME, Tier.CXL, Tier.AUTO):
+                raise ConfigError(
+                    "spill_blocks",
+                    self.spill_blocks,
+                    f"blocks spill to the optimizer_state tier, and it is {self.optimizer_state}: "
+                    "set optimizer_state to nvme, cxl or auto",
+                )
+        if self.master is Tier.NVME and self.optimizer_state not in (Tier.NVME, Tier.AUTO):
+            raise ConfigError(
+                "master",
+                "nvme",
+                f"needs optimizer_state nvme or auto, not {self.optimizer_state}: a spilled "
+                "block's file holds its master with its m and v (the coldest state spills first)",
+            )
         if isinstance(self.offload_saved, list):
             for i, block in enumerate(self.offload_saved):
                 if block < 0:
@@ -499,6 +523,20 @@ class Config:
         for i, d in enumerate(self.nvme_dirs):
             if not d:
                 raise ConfigError(f"nvme_dirs[{i}]", d, "must be a directory path")
+        if self.placement.master is Tier.NVME and self.dtype == "float32":
+            raise ConfigError(
+                "placement.master",
+                "nvme",
+                "in float32 the master is itself the pinned copy the device reads, so it stays in "
+                "host RAM: use dtype bfloat16 or float16, or master host",
+            )
+        p = self.placement
+        if p.optimizer_state is Tier.AUTO and p.spill_blocks and not self.nvme_dirs:
+            raise ConfigError(
+                "placement.spill_blocks",
+                p.spill_blocks,
+                "optimizer_state auto spills to the nvme tier: name nvme_dirs",
+            )
         uses_nvme = Tier.NVME in self._tiers()
         if uses_nvme and not self.nvme_dirs:
             raise ConfigError("nvme_dirs", self.nvme_dirs, "placement uses the nvme tier: name a directory")

@@ -235,6 +235,40 @@ def test_good_device(device: str) -> None:
         ({"nvme_dirs": [""]}, "nvme_dirs[0] = '': must be a directory path"),
         ({"placement": {"optimizer_state": "nvme"}}, "nvme_dirs = []: placement uses the nvme tier"),
         ({"placement": {"master": "cxl"}}, "cxl_nodes = []: placement uses the cxl tier"),
+        (
+            {"placement": {"optimizer_state": "nvme", "spill_blocks": -1}, "nvme_dirs": ["/x"]},
+            "placement.spill_blocks = -1: must be >= 0, or null",
+        ),
+        (
+            {"placement": {"spill_blocks": 2}},
+            "placement.spill_blocks = 2: blocks spill to the optimizer_state tier, and it is host: set "
+            "optimizer_state to nvme, cxl or auto",
+        ),
+        (
+            {"placement": {"optimizer_state": "auto", "spill_blocks": 2}},
+            "placement.spill_blocks = 2: optimizer_state auto spills to the nvme tier: name nvme_dirs",
+        ),
+        (
+            {
+                "placement": {"master": "nvme", "optimizer_state": "cxl"},
+                "nvme_dirs": ["/x"],
+                "cxl_nodes": [0],
+            },
+            "placement.master = 'nvme': needs optimizer_state nvme or auto, not cxl",
+        ),
+        (
+            {
+                "dtype": "float32",
+                "placement": {"master": "nvme", "optimizer_state": "nvme"},
+                "nvme_dirs": ["/x"],
+            },
+            "placement.master = 'nvme': in float32 the master is itself the pinned copy the device reads",
+        ),
+        (
+            {"placement": {"device_blocks": "many"}},
+            "placement.device_blocks = 'many': expected int or one of 'auto'",
+        ),
+        ({"placement": {"device_blocks": -2}}, 'placement.device_blocks = -2: must be >= 0 or "auto"'),
     ],
 )
 def test_bad_value(overrides: dict, message: str) -> None:

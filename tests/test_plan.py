@@ -15,7 +15,7 @@ import torch
 import offload
 from offload.cli import CliError
 from offload.cli import plan as plan_cli
-from offload.config import Config, Tier, load_config
+from offload.config import Config, ConfigError, Tier, load_config
 from offload.model.hf import build_on_meta
 from offload.plan import Plan, make_plan
 from offload.train import load_recipe
@@ -208,7 +208,8 @@ def test_cli_refuses_a_plan_that_does_not_fit(capsys: pytest.CaptureFixture[str]
     assert re.search(r"host +68\.35 +64\.00 +NO", out.out)
     assert (
         "does not fit: host: needs 68.3 GiB, budget 64 GiB (over by 4.3 GiB): raise budgets.host_bytes by "
-        "4.3 GiB, or put optimizer_state on nvme (needs 33.2 GiB of nvme and name nvme_dirs), or raise placement.device_blocks to 12"
+        "4.3 GiB, or put the last 6 blocks' optimizer_state on nvme (optimizer_state auto, or nvme with "
+        "spill_blocks 6: needs 9.0 GiB of nvme and name nvme_dirs), or raise placement.device_blocks to 12"
     ) in out.err
 
 
@@ -265,3 +266,209 @@ def test_optimizer_on_cxl_equals_the_bound_leases() -> None:
         assert not any("cxl" in note and "not built" in note for note in plan.notes)
     finally:
         rt.close()
+
+
+# ---- partial placement, automatic choices, and the runtime following the plan ----------------------
+
+
+NUMA = Path("/sys/devices/system/node/node0").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "placement", "extra"),
+    [
+        ("bfloat16", {"optimizer_state": "nvme", "spill_blocks": 2}, {}),
+        ("float32", {"optimizer_state": "nvme", "spill_blocks": 2, "device_blocks": 1}, {}),
+        ("bfloat16", {"optimizer_state": "nvme", "master": "nvme", "spill_blocks": 3}, {}),
+        ("bfloat16", {"optimizer_state": "nvme", "master": "nvme"}, {}),
+        pytest.param(
+            "bfloat16",
+            {"optimizer_state": "cxl", "spill_blocks": 1},
+            {"cxl_nodes": [0]},
+            marks=pytest.mark.skipif(not NUMA, reason="kernel exposes no NUMA nodes"),
+        ),
+    ],
+)
+def test_partial_placement_bytes_equal_what_wrap_allocates(
+    disk_dir: Path, dtype: str, placement: dict, extra: dict
+) -> None:
+    plan, wrapped = plan_and_wrap(dtype=dtype, placement=placement, nvme_dirs=[str(disk_dir)], **extra)
+    rt = wrapped.runtime
+    try:
+        streamed = 4 - placement.get("device_blocks", 0)
+        k = placement.get("spill_blocks", streamed)
+        assert rt.spilled == plan.spilled == range(4 - k, 4)  # the last k blocks
+        tier = plan.placement["optimizer_state"]
+        assert plan.split().endswith(
+            f"{k} blocks {tier}" + (" (master, m and v)" if "master" in placement else "")
+        )
+        assert plan.store_bytes(Tier.HOST) == sum(r.state_bytes() for r in rt.records() if not r.on_device)
+        assert plan.store_bytes(Tier.GPU) == sum(r.state_bytes() for r in rt.records() if r.on_device)
+        assert plan.store_bytes(tier) == rt.state_tier.stored_bytes()
+        if tier is Tier.NVME:
+            assert plan.get("nvme_staging", Tier.HOST) == rt.state_tier._pool.config.capacity  # type: ignore[attr-defined]
+        assert plan.pinned_bytes == rt.pool.config.capacity
+        for rec in rt.blocks:
+            spilled = rec.index in plan.spilled
+            assert (rt.tier_of(rec) is rt.state_tier) == spilled
+            assert rec.master_on_tier == (spilled and placement.get("master") == "nvme")
+            assert (rec.exp_avg is None) == spilled
+    finally:
+        rt.close()
+
+
+def spill_need(name: str, k: int, *overrides: str) -> int:
+    """The host need of recipe name with its last k streamed blocks' m and v on nvme."""
+    sets = (
+        "offload.placement.optimizer_state=nvme",
+        f"offload.placement.spill_blocks={k}",
+        "offload.nvme_dirs=[/x]",
+    )
+    return recipe_plan(name, *sets, *overrides).needed[Tier.HOST]
+
+
+def test_auto_spills_the_fewest_last_blocks_that_fit_the_host_budget() -> None:
+    budget = 60 * GiB
+    plan = recipe_plan(
+        "llama-7b.yaml",
+        "offload.placement.optimizer_state=auto",
+        f"offload.budgets.host_bytes={budget}",
+        "offload.nvme_dirs=[/x]",
+    )
+    k = plan.spill_blocks
+    assert plan.fits and 0 < k < plan.shape.blocks - plan.device_blocks
+    assert plan.placement["optimizer_state"] is Tier.NVME and plan.placement["master"] is Tier.HOST
+    assert (
+        spill_need("llama-7b.yaml", k)
+        == plan.needed[Tier.HOST]
+        <= budget
+        < spill_need("llama-7b.yaml", k - 1)
+    )
+    assert plan.spilled == range(plan.shape.blocks - k, plan.shape.blocks)
+    assert f"{plan.shape.blocks - plan.device_blocks - k} blocks host, {k} blocks nvme" in plan.table()
+    assert plan.to_json()["spill_blocks"] == k
+
+
+def test_auto_spills_masters_when_m_and_v_are_not_enough() -> None:
+    every = spill_need("llama-7b.yaml", 22)  # 32 blocks, 10 on the device: every streamed block's m and v
+    sets = (
+        "offload.placement.optimizer_state=auto",
+        f"offload.budgets.host_bytes={every - 1}",
+        "offload.nvme_dirs=[/x]",
+    )
+    kept = recipe_plan("llama-7b.yaml", *sets)  # master host (the recipe's): m and v only, over budget
+    assert not kept.fits and kept.spill_blocks == 22 and kept.placement["master"] is Tier.HOST
+    plan = recipe_plan("llama-7b.yaml", *sets, "offload.placement.master=auto")
+    assert plan.fits and plan.placement["master"] is Tier.NVME and plan.spill_blocks < 22
+    assert plan.get("master", Tier.NVME) == plan.spill_blocks * 4 * plan.shape.block_numel
+    assert "(master, m and v)" in plan.split()
+
+
+def test_runtime_follows_the_plans_automatic_spill(disk_dir: Path) -> None:
+    model = tiny("llama", layers=8)
+    base = {"device": "cpu", "dtype": "bfloat16", "nvme_dirs": [str(disk_dir)]}
+
+    def need(k: int) -> int:
+        cfg = load_config(None, **base, placement={"optimizer_state": "nvme", "spill_blocks": k})
+        return make_plan(model, cfg, batch_size=2, seq_len=16).needed[Tier.HOST]
+
+    cfg = load_config(None, **base, placement={"optimizer_state": "auto"}, budgets={"host_bytes": need(6)})
+    plan = make_plan(model, cfg, batch_size=2, seq_len=16)
+    assert plan.spill_blocks == 6 and need(5) > need(6)  # the fewest that fit
+    wrapped, _ = offload.wrap(model, cfg, plan=plan)
+    rt = wrapped.runtime
+    try:
+        assert rt.plan is plan and rt.spilled == range(2, 8)
+        assert plan.store_bytes(Tier.HOST) == sum(r.state_bytes() for r in rt.records())
+        assert plan.store_bytes(Tier.NVME) == rt.state_tier.stored_bytes()
+    finally:
+        rt.close()
+
+
+def test_runtime_without_a_plan_makes_one_without_the_batch_shape(disk_dir: Path) -> None:
+    model = tiny("llama", layers=8)
+    base = {"device": "cpu", "dtype": "bfloat16", "nvme_dirs": [str(disk_dir)]}
+    forced = load_config(None, **base, placement={"optimizer_state": "nvme", "spill_blocks": 6})
+    budget = make_plan(model, forced, batch_size=1, seq_len=1).needed[Tier.HOST]
+    cfg = load_config(None, **base, placement={"optimizer_state": "auto"}, budgets={"host_bytes": budget})
+    wrapped, _ = offload.wrap(model, cfg)
+    rt = wrapped.runtime
+    try:
+        assert rt.plan.batch_size == rt.plan.seq_len == 1
+        assert rt.plan.spill_blocks == 6 and rt.spilled == range(2, 8)
+    finally:
+        rt.close()
+
+
+def test_device_blocks_auto_fits_the_gpu_budget_on_the_cpu() -> None:
+    """On the CPU the gpu column is host RAM (counted there too), and a gpu budget, when given,
+    still bounds it: auto takes the most blocks whose gpu need, residents on the device, fits
+    the budget less the margin."""
+    from offload.plan.planner import DEVICE_MARGIN_BYTES
+
+    model = tiny("llama", layers=4)
+
+    def gpu_need(k: int) -> int:
+        cfg = load_config(None, device="cpu", placement={"device_blocks": k, "device_residents": True})
+        return make_plan(model, cfg, batch_size=2, seq_len=16).needed[Tier.GPU]
+
+    margin = DEVICE_MARGIN_BYTES + 2 * 16 * 96 * 6  # logits and their fp32 upcast, vocabulary 96
+    cfg = load_config(
+        None, device="cpu", placement={"device_blocks": "auto"}, budgets={"gpu_bytes": gpu_need(2) + margin}
+    )
+    plan = make_plan(model, cfg, batch_size=2, seq_len=16)
+    assert (plan.device_blocks, plan.residents_on_device) == (2, True) and gpu_need(3) > gpu_need(2)
+    assert any("device_blocks auto: 2" in n for n in plan.notes)
+    wrapped, _ = offload.wrap(model, cfg, plan=plan)
+    rt = wrapped.runtime
+    assert [r.on_device for r in rt.blocks] == [True, True, False, False] and rt.resident is not None
+    assert rt.resident.on_device
+    assert plan.store_bytes(Tier.GPU) == sum(r.state_bytes() for r in rt.records() if r.on_device)
+    rt.close()
+    unbounded = make_plan(
+        tiny("llama", layers=4), load_config(cfg, budgets={"gpu_bytes": None}), batch_size=2, seq_len=16
+    )
+    assert unbounded.device_blocks == 4 and any("no gpu budget" in n for n in unbounded.notes)
+    tight = make_plan(
+        tiny("llama", layers=4), load_config(cfg, budgets={"gpu_bytes": 1 << 20}), batch_size=2, seq_len=16
+    )
+    assert (tight.device_blocks, tight.residents_on_device) == (0, False)
+
+
+def test_device_blocks_auto_needs_a_plan_with_the_batch_shape() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"placement\.device_blocks = 'auto': needs the batch shape.*plan=offload\.plan\.make_plan",
+    ):
+        offload.wrap(tiny("llama"), device="cpu", placement={"device_blocks": "auto"})
+
+
+def test_a_plan_for_another_config_is_refused() -> None:
+    model = tiny("llama")
+    plan = make_plan(
+        model, load_config(None, device="cpu", placement={"device_blocks": 1}), batch_size=2, seq_len=8
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"the plan was made for another placement .*device_blocks=1.*make_plan\(model, config",
+    ):
+        offload.wrap(model, device="cpu", plan=plan)
+    other = make_plan(tiny("llama", layers=2), load_config(None, device="cpu"), batch_size=2, seq_len=8)
+    with pytest.raises(ValueError, match="the plan was made for another model"):
+        offload.wrap(tiny("llama"), device="cpu", plan=other)
+
+
+def test_cli_shows_the_split(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli(
+        str(REPO / "recipes" / "llama-7b.yaml"),
+        "--no-detect",
+        "--set",
+        "offload.placement.optimizer_state=auto",
+        "--set",
+        "offload.budgets.host_bytes=60GiB",
+        "--set",
+        "offload.nvme_dirs=[/x]",
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert re.search(r"optimizer_state: 10 blocks gpu, \d+ blocks host, \d+ blocks nvme\n", out), out

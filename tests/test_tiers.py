@@ -4,6 +4,7 @@ the same kernels run on the same numbers, only where m and v wait between steps 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -87,34 +88,103 @@ def test_nvme_state_trains_bitwise_like_host(disk_dir: Path, case: str, drives: 
     host.runtime.close()
 
 
+NUMA = Path("/sys/devices/system/node/node0").is_dir()
+PLACEMENTS: dict[str, dict[str, Any]] = {
+    "optimizer-nvme": {"placement": {"optimizer_state": "nvme"}},
+    "master-and-optimizer-nvme": {"placement": {"optimizer_state": "nvme", "master": "nvme"}},
+    "partial-spill": {"placement": {"optimizer_state": "nvme", "spill_blocks": 2}},
+    "partial-spill-with-masters": {
+        "placement": {"optimizer_state": "nvme", "master": "nvme", "spill_blocks": 1}
+    },
+    "optimizer-cxl-node-0": {"placement": {"optimizer_state": "cxl"}, "cxl_nodes": [0]},
+}
+
+
+@pytest.mark.parametrize(("dtype", "overlap"), [("bfloat16", True), ("float32", False)])
+def test_every_placement_trains_bitwise_alike(disk_dir: Path, dtype: str, overlap: bool) -> None:
+    """Issue 4's exactness: one tiny run, the same losses and weights bit for bit whichever tier
+    holds m, v and the masters (masters leave host RAM only in bfloat16: in float32 the master
+    is the pinned copy the device reads)."""
+    opt = {"lr": 3e-3, "overlap_backward": overlap}
+    _, ref_losses, ref_state = train(dtype, optimizer=opt)
+    for name, extra in PLACEMENTS.items():
+        if ("master" in name and dtype == "float32") or ("cxl" in name and not NUMA):
+            continue
+        wrapped, losses, state = train(dtype, optimizer=opt, nvme_dirs=[str(disk_dir)], **extra)
+        assert losses == ref_losses, name  # bitwise
+        for key, value in ref_state.items():
+            assert torch.equal(state[key], value), (name, key)
+        rt = wrapped.runtime
+        k = extra["placement"].get("spill_blocks", len(rt.blocks))
+        assert list(rt.spilled) == list(range(len(rt.blocks) - k, len(rt.blocks))), name  # the last k
+        masters_out = extra["placement"].get("master") == "nvme"
+        assert [r.master_on_tier for r in rt.blocks] == [masters_out and i in rt.spilled for i in range(4)]
+        rt.close()
+
+
+def test_masters_on_nvme_live_in_the_files(disk_dir: Path) -> None:
+    """The file of a spilled block holds master, m and v (each 4096-aligned), equal to what the
+    host placement keeps in its records; host RAM keeps the wire copy and the gradient."""
+    host, _, _ = train("bfloat16")
+    nvme, _, _ = train(
+        "bfloat16", placement={"optimizer_state": "nvme", "master": "nvme"}, nvme_dirs=[str(disk_dir)]
+    )
+    tier = nvme.runtime.state_tier
+    assert isinstance(tier, NvmeTier) and tier.master
+    nvme.runtime.wait_updates()
+    for rec, ref in zip(nvme.runtime.blocks, host.runtime.blocks):
+        half = _half_bytes(rec.numel) // 4
+        words = torch.from_numpy(np.fromfile(tier.path(rec), dtype=np.float32))
+        assert words.numel() == 3 * half
+        for k, t in enumerate((ref.master, ref.exp_avg, ref.exp_avg_sq)):
+            assert torch.equal(words[k * half : k * half + rec.numel], t)
+        assert rec.master.is_meta and rec.state_bytes() == 2 * 2 * rec.numel  # bf16 wire and gradient
+    assert tier.stored_bytes() == sum(3 * _half_bytes(r.numel) for r in nvme.runtime.blocks)
+    nvme.runtime.close()
+    host.runtime.close()
+
+
 @dataclass
 class FakeRecord:
     index: int
     numel: int
+    master: torch.Tensor
 
     @property
     def name(self) -> str:
         return f"block.{self.index}"
 
 
-def test_tier_stages_three_blocks_and_round_trips(disk_dir: Path) -> None:
-    tier = NvmeTier([str(disk_dir)], 3000)
-    recs = [FakeRecord(i, 3000 - i) for i in range(5)]
+@pytest.mark.parametrize("master", [False, True])
+def test_tier_stages_three_blocks_and_round_trips(disk_dir: Path, master: bool) -> None:
+    tier = NvmeTier([str(disk_dir)], 3000, master=master)
+    recs = [FakeRecord(i, 3000 - i, torch.full((3000 - i,), 0.5)) for i in range(5)]
     for rec in recs:
         tier.place(rec)  # type: ignore[arg-type]
+        assert rec.master.is_meta == master  # the file holds it now
+    halves = 3 if master else 2
     for step in range(1, 4):
         for k, rec in enumerate(recs):
             if k + 1 < len(recs):
                 tier.prefetch(recs[k + 1])  # type: ignore[arg-type]
-            m, v = tier.acquire(rec)  # type: ignore[arg-type]
+            w, m, v = tier.acquire(rec)  # type: ignore[arg-type]
             assert torch.equal(m, torch.full_like(m, step - 1.0)) and torch.equal(v, -m)
+            assert torch.equal(w, torch.full_like(w, 0.5 + step - 1)) if master else w is rec.master
             m.fill_(step)
             v.fill_(-step)
+            w.add_(1 if master else 0)
             tier.release(rec)  # type: ignore[arg-type]
-            assert tier._pool.stats().in_use <= 3 * 2 * _half_bytes(3000)
+            assert tier._pool.stats().in_use <= 3 * halves * _half_bytes(3000)
     tier.flush()
+    half = _half_bytes(3000) // 4
     words = np.fromfile(tier.path(recs[4]), dtype=np.float32)  # type: ignore[arg-type]
-    assert (words[: recs[4].numel] == 3).all() and (words[recs[4].numel : _half_bytes(3000) // 4] == 0).all()
+    assert words.size == halves * half
+    m_at = half if master else 0
+    assert (words[m_at : m_at + recs[4].numel] == 3).all() and (
+        words[m_at + recs[4].numel : m_at + half] == 0
+    ).all()
+    if master:
+        assert (words[: recs[4].numel] == 3.5).all()
     tier.close()
     with pytest.raises(RuntimeError, match="closed"):
         tier.acquire(recs[0])  # type: ignore[arg-type]
@@ -147,6 +217,79 @@ def test_dir_refusing_o_direct() -> None:
     with pytest.raises(ConfigError, match="refuses O_DIRECT") as e:
         NvmeTier([str(shm)], 100)
     assert "/dev/shm" in str(e.value)
+
+
+def test_filesystem_without_o_direct_is_refused(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tmpfs before Linux 6.6 (and some FUSE filesystems) refuse O_DIRECT with EINVAL at open.
+    This machine's tmpfs allows it, so the probe's open is made to refuse as theirs do: a clear
+    error naming the directory, no silent fallback to the page cache."""
+    real = os.open
+
+    def refuse_direct(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    with pytest.raises(ConfigError) as e:
+        offload.wrap(
+            tiny("llama"), device="cpu", placement={"optimizer_state": "nvme"}, nvme_dirs=[str(disk_dir)]
+        )
+    assert str(e.value) == (
+        f"nvme_dirs[0] = {str(disk_dir)!r}: the filesystem of {disk_dir} refuses O_DIRECT (tmpfs or similar): "
+        "Invalid argument"
+    )
+
+
+def test_disk_full_mid_run_names_the_tier_and_bytes_and_the_checkpoint_survives(
+    disk_dir: Path, tmp_path: Path
+) -> None:
+    """The drive fills after step 2: every write of block 2's state fails with ENOSPC, raised by
+    the io engine (the block's file is swapped for /dev/full). The error names the tier, the
+    block and the bytes; the last checkpoint, taken before, is intact and resumes."""
+    cfg: dict[str, Any] = {
+        "device": "cpu",
+        "dtype": "float32",
+        "optimizer": {"lr": 3e-3},
+        "placement": {"optimizer_state": "nvme"},
+        "nvme_dirs": [str(disk_dir)],
+    }
+    wrapped, opt = offload.wrap(tiny("llama", layers=4), **cfg)
+    data = batches(4)
+
+    def step(ids: torch.Tensor) -> None:
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step(data[0])
+    step(data[1])
+    offload.save(wrapped, opt, tmp_path / "ckpt", step=2).wait()
+    good = offload.state_dict(wrapped)
+    rt = wrapped.runtime
+    tier = rt.state_tier
+    assert isinstance(tier, NvmeTier)
+    victim = rt.blocks[2]
+    nbytes = 2 * _half_bytes(victim.numel)
+    real = tier._files[victim.index]
+    tier._files[victim.index] = oio.open("/dev/full", "r+", direct=False, engine=tier._engine)
+    try:
+        with pytest.raises((RuntimeError, OSError)) as e:
+            for ids in data[2:]:
+                step(ids)
+            rt.wait_updates()
+        assert (
+            f"nvme tier: moving block.2's m and v ({nbytes} bytes) failed: No space left on device "
+            f"(the disk is full) during write of {nbytes} bytes at offset 0"
+        ) in str(e.value)
+    finally:
+        real.close()
+        rt.close()
+    fresh, fresh_opt = offload.wrap(tiny("llama", layers=4), **cfg)
+    offload.load(fresh, fresh_opt, tmp_path / "ckpt")
+    for key, value in offload.state_dict(fresh).items():
+        assert torch.equal(value, good[key]), key
+    fresh.runtime.close()
 
 
 UNWRITABLE_SCRIPT = textwrap.dedent(

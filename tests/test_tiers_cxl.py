@@ -38,7 +38,7 @@ def test_cxl_state_trains_bitwise_like_host(dtype: str, nodes: list[int]) -> Non
     refs = host.runtime.blocks
     for k, (rec, ref) in enumerate(zip(cxl.runtime.blocks, refs)):
         assert tier.stripe_of(rec) == k % len(nodes)  # round-robin, block by block
-        m, v = tier.acquire(rec)
+        _, m, v = tier.acquire(rec)
         assert torch.equal(m, ref.exp_avg) and torch.equal(v, ref.exp_avg_sq)
         tier.release(rec)
         for lease in tier.leases(rec):

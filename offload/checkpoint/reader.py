@@ -65,12 +65,12 @@ def load(
                 raise CheckpointError(
                     f"{path}: the parameters of {rec.name} were saved at different steps {steps}"
                 )
-            with state.optimizer_state(rt, rec) as (m, v):
+            with state.optimizer_state(rt, rec) as (master, m, v):
                 for ref in refs:
-                    for kind, flat in zip(KINDS, (rec.master, m, v)):
+                    for kind, flat in zip(KINDS, (master, m, v)):
                         ref.view(flat).copy_(get(tensor_key(kind, saved_name[ref.names[0]])))
-            if rec.wire.data_ptr() != rec.master.data_ptr():
-                rec.wire.copy_(rec.master)
+                if rec.wire.data_ptr() != master.data_ptr():
+                    rec.wire.copy_(master)
             rec.step.fill_(float(steps.pop()))
             rec.version += 1  # device slots and the resident buffer must copy the new weights
     rt.wait_updates()  # the tier's write-backs of the loaded m and v are stored

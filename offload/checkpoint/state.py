@@ -2,9 +2,9 @@
 
 Parameters are addressed by their full model names, never by record or flat offset, so a
 checkpoint taken with one placement (all on the host, some blocks on the device, Adam state on
-NVMe) loads into another. Optimizer state is read and written through the record's StateTier
-(``Runtime.tier_of``): acquire gives the flat m and v wherever they live, release stores them back
-(an NVMe tier writes them to its file).
+NVMe) loads into another. Optimizer state and masters are read and written through the record's
+StateTier (``Runtime.tier_of``): acquire gives the flat master, m and v wherever they live, release
+stores them back (an NVMe tier writes them to its file).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from offload.engine.runtime import Runtime
 from offload.model.layout import ParamSlot
 from offload.store.record import BlockRecord
+from offload.store.tiers import Held
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +73,14 @@ def params_of(rt: Runtime) -> list[tuple[BlockRecord, list[ParamRef]]]:
 
 
 @contextlib.contextmanager
-def optimizer_state(rt: Runtime, rec: BlockRecord) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """rec's flat (exp_avg, exp_avg_sq) wherever its tier keeps them; stored back on exit.
+def optimizer_state(rt: Runtime, rec: BlockRecord) -> Iterator[Held]:
+    """rec's flat (master, exp_avg, exp_avg_sq) wherever its tier keeps them; stored back on exit.
     Call only while no update of rec runs or can start (after ``rt.wait_updates()``, or while a
     capture fence holds rec's next update back)."""
     tier = rt.tier_of(rec)
-    m, v = tier.acquire(rec)
+    held = tier.acquire(rec)
     try:
-        yield m, v
+        yield held
     finally:
         tier.release(rec)
 

@@ -138,11 +138,13 @@ class OffloadAdamW(torch.optim.Optimizer):
             if grad_fn is None or not rec.update_ranges:  # no gradient, or all frozen: torch skips these
                 return False
             rec.step += 1
-            exp_avg, exp_avg_sq = tier.acquire(rec)
+            # The master comes from the tier with m and v: a tier may hold it (placement.master
+            # nvme), and then rec.master is only a placeholder.
+            master, exp_avg, exp_avg_sq = tier.acquire(rec)
             if one_pass and not summed:
-                self._one_pass(rec, exp_avg, exp_avg_sq, coef, hparams)
+                self._one_pass(rec, master, exp_avg, exp_avg_sq, coef, hparams)
             else:
-                self._torch_pass(rec, exp_avg, exp_avg_sq, grad_fn(), coef, hparams)
+                self._torch_pass(rec, master, exp_avg, exp_avg_sq, grad_fn(), coef, hparams)
             tier.release(rec)
             return True
 
@@ -151,6 +153,7 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _one_pass(
         self,
         rec: BlockRecord,
+        master: torch.Tensor,  # the tier's master (rec.master unless the tier holds it)
         exp_avg: torch.Tensor,
         exp_avg_sq: torch.Tensor,
         coef: torch.Tensor | None,
@@ -161,7 +164,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         for g, start, end in rec.update_ranges:
             lr, beta1, beta2, eps, wd = hparams[g]
             fused_adamw_(
-                rec.master[start:end],
+                master[start:end],
                 exp_avg[start:end],
                 exp_avg_sq[start:end],
                 rec.grad[start:end],
@@ -179,6 +182,7 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _torch_pass(
         self,
         rec: BlockRecord,
+        master: torch.Tensor,  # the tier's master (rec.master unless the tier holds it)
         exp_avg: torch.Tensor,
         exp_avg_sq: torch.Tensor,
         grad: torch.Tensor,
@@ -191,7 +195,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         for g, start, end in rec.update_ranges:
             lr, beta1, beta2, eps, wd = hparams[g]
             torch._fused_adamw_(
-                [rec.master[start:end]],
+                [master[start:end]],
                 [grad[start:end]],
                 [exp_avg[start:end]],
                 [exp_avg_sq[start:end]],
@@ -205,8 +209,8 @@ class OffloadAdamW(torch.optim.Optimizer):
                 amsgrad=False,
                 maximize=False,
             )
-        if rec.wire.data_ptr() != rec.master.data_ptr():
-            rec.wire.copy_(rec.master)
+        if rec.wire.data_ptr() != master.data_ptr():
+            rec.wire.copy_(master)
 
     def _clip_coef(
         self, work: list[tuple[BlockRecord, Callable[[], torch.Tensor] | None]]

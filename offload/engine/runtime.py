@@ -9,13 +9,14 @@ block it is about to copy.
 from __future__ import annotations
 
 import atexit
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from offload.config import Config
+from offload.config import Config, ConfigError, Tier
 from offload.engine import build
 from offload.engine.device import Device
 from offload.engine.dist import Collective
@@ -29,6 +30,9 @@ from offload.model.init import Materialize, materialize_outside, materialize_tre
 from offload.model.layout import FlatLayout
 from offload.store.record import BlockRecord
 from offload.store.tiers import HostTier, StateTier, make_state_tier
+
+if TYPE_CHECKING:
+    from offload.plan import Plan
 
 
 class Runtime:
@@ -53,8 +57,11 @@ class Runtime:
         self.updater = Updater(self.tracer)
         # Multi-rank (torchrun): streamed blocks are sharded over the ranks (offload/engine/dist.py).
         self.group: Collective | None = None
-        # Adam state of the streamed blocks lives on state_tier (placement.optimizer_state); the
-        # residents' and the device blocks' stays in the record's own tensors.
+        # The plan this runtime follows (device blocks, spilled blocks); set by build().
+        self.plan: Plan
+        # The spilled blocks' state lives on state_tier (placement.optimizer_state: nvme or cxl);
+        # every other record's in its own tensors (memory_tier). tier_of() decides.
+        self.spilled = range(0)
         self.state_tier: StateTier = HostTier()
         self.memory_tier = HostTier()
 
@@ -69,9 +76,11 @@ class Runtime:
         device: Device,
         param_groups: Sequence[dict] | None,
         materialize: Materialize | None = None,
+        plan: Plan | None = None,
     ) -> Runtime:
         rt = cls(cfg, device, cfg.torch_dtype)
         rt.group = Collective.detect()
+        rt.plan = plan_for(model, stack, cfg, rt.group, plan)
         if materialize is not None:  # everything but the blocks now; each block when packed
             materialize_outside(model, materialize, stack.blocks)
         rt.group_specs = build.parse_param_groups(param_groups)
@@ -83,13 +92,21 @@ class Runtime:
         res_layout = FlatLayout.build(
             [(names, p, build.group_of(names[0], rt.group_specs)) for names, p in resident]
         )
-        n_dev = min(cfg.placement.device_blocks, len(stack.blocks))
+        # Where each block's state lives is the plan's decision (offload/plan/planner.py).
+        n_dev = rt.plan.device_blocks
         streamed = len(stack.blocks) - n_dev
-        res_on_device = cfg.placement.residents_on_device
+        res_on_device = rt.plan.residents_on_device
         pooled_residents = [res_layout.numel] if resident and not res_on_device else []
         block_numel = layout.numel if rt.group is None else rt.group.shard(layout.numel).numel
         rt._make_pool([block_numel] * streamed + pooled_residents)
-        rt.state_tier = make_state_tier(cfg, block_numel)
+        rt.spilled = rt.plan.spilled
+        if rt.spilled:
+            rt.state_tier = make_state_tier(
+                rt.plan.placement["optimizer_state"],
+                cfg,
+                block_numel,
+                master=rt.plan.placement["master"] is Tier.NVME,
+            )
         try:
             rt._pack(stack, layout, n_dev, materialize)
             if resident:
@@ -119,9 +136,13 @@ class Runtime:
                 block.to("meta")  # packed: free its memory (block 0 stays: it is the template)
 
     def tier_of(self, rec: BlockRecord) -> StateTier:
-        """Where rec's Adam state lives: the configured tier for streamed blocks; the record's own
-        tensors for the residents (small, updated first) and for blocks kept on the device."""
-        return self.memory_tier if rec.on_device or rec.index < 0 else self.state_tier
+        """Where rec's Adam state (and master, for a tier that holds it) lives: the spill tier
+        for the blocks the plan spilled (the last streamed ones); the record's own tensors for
+        the other streamed blocks, the residents (small, updated first) and the blocks kept on
+        the device."""
+        if rec.on_device or rec.index < 0 or rec.index not in self.spilled:
+            return self.memory_tier
+        return self.state_tier
 
     def _make_pool(self, numels: list[int]) -> None:
         """A pinned pool that holds exactly the store's DMA buffers: per record the wire copy
@@ -346,3 +367,53 @@ class Runtime:
 
     def check_update(self) -> None:
         self.updater.check()
+
+
+def plan_for(
+    model: nn.Module, stack: BlockStack, cfg: Config, group: Collective | None, plan: Plan | None
+) -> Plan:
+    """The plan a runtime follows: the one given (made for this model, config and world size),
+    or one made now. A plan made here does not know the batch shape (it counts the activations
+    of one token), so ``device_blocks: auto``, which must leave room for them, needs a plan."""
+    from offload.plan import make_plan, model_shape
+    from offload.plan.activations import ASSUMED
+
+    world = 1 if group is None else group.world
+    if plan is not None:
+        _check_plan(plan, model_shape(model, stack.path), cfg, world)
+        return plan
+    p = cfg.placement
+    if p.device_blocks == "auto":
+        raise ConfigError(
+            "placement.device_blocks",
+            "auto",
+            "needs the batch shape to leave room for the activations: pass offload.wrap(..., "
+            "plan=offload.plan.make_plan(model, config, batch_size=B, seq_len=T))",
+        )
+    return make_plan(
+        model,
+        cfg,
+        batch_size=1,
+        seq_len=1,
+        world_size=world,
+        local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+        blocks=stack.path,
+        detect=Tier.AUTO in (p.optimizer_state, p.master),  # budgets matter only to a choice
+        rates=ASSUMED,  # measuring the link is for offload_saved's estimate, not needed here
+    )
+
+
+def _check_plan(plan: Plan, shape: Any, cfg: Config, world: int) -> None:
+    made = plan.config
+    for what, theirs, ours in (
+        ("model", plan.shape, shape),
+        ("world size", plan.world_size, world),
+        ("dtype", plan.dtype, cfg.dtype),
+        ("placement", None if made is None else made.placement, cfg.placement),
+        ("slots", None if made is None else made.slots, cfg.slots),
+    ):
+        if theirs != ours:
+            raise ValueError(
+                f"the plan was made for another {what} ({theirs}, here {ours}): make it with "
+                "make_plan(model, config, ...) for the model and config you wrap"
+            )

@@ -4,6 +4,7 @@
 allocating anything; ``offload plan RECIPE.yaml`` prints one (docs/plan.md).
 """
 
+from offload.plan.account import Accounting, Figure, account
 from offload.plan.plan import Plan
 from offload.plan.planner import make_plan
 from offload.plan.shape import ModelShape, model_shape
@@ -14,8 +15,11 @@ __all__ = [
     "KINDS",
     "STORE_KINDS",
     "TIERS",
+    "Accounting",
+    "Figure",
     "ModelShape",
     "Plan",
+    "account",
     "make_plan",
     "model_shape",
 ]

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from offload.cli._table import format_table
-from offload.config import Tier
+from offload.config import Config, Tier
 from offload.plan.recompute import Choice
 from offload.plan.shape import ModelShape
-from offload.plan.tally import KINDS, STORE_KINDS, TIERS
+from offload.plan.tally import KINDS, STORE_KINDS, TIERS, spilled
 from offload.utils.sizes import format_bytes
 
 GiB = float(1 << 30)
@@ -50,6 +50,32 @@ class Plan:
     recompute: Choice | None = None
     """Which blocks offload their saved tensors instead of being recomputed, and the estimated
     step times (placement.offload_saved; None: never)."""
+    residents_on_device: bool = False
+    """The resident parameters keep their state on the device (placement.device_residents)."""
+    spill_blocks: int = 0
+    """Streamed blocks whose state is on ``placement["optimizer_state"]`` (with their masters
+    when ``placement["master"]`` is nvme): the last ones, :attr:`spilled`. The others keep it in
+    host RAM."""
+    config: Config | None = None
+    """The config the plan was made for (``Runtime.build`` checks it wraps with the same)."""
+
+    @property
+    def spilled(self) -> range:
+        """Indices of the blocks whose state is spilled (what ``Runtime.tier_of`` follows)."""
+        return spilled(self.shape.blocks, self.device_blocks, self.spill_blocks)
+
+    def split(self) -> str:
+        """Where each block's state lives, e.g. "2 blocks gpu, 12 blocks host, 12 blocks nvme"."""
+        tier = self.placement["optimizer_state"]
+        parts = [
+            (self.device_blocks, "gpu"),
+            (self.shape.blocks - self.device_blocks - self.spill_blocks, "host"),
+        ]
+        parts.append((self.spill_blocks, str(tier)))
+        text = ", ".join(f"{n} blocks {where}" for n, where in parts if n)
+        if self.spill_blocks and self.placement["master"] is Tier.NVME:
+            text += " (master, m and v)"
+        return text
 
     @property
     def fits(self) -> bool:
@@ -80,6 +106,7 @@ class Plan:
             )
         )
         place = "placement: " + ", ".join(f"{k} {v}" for k, v in self.placement.items())
+        place += f"\noptimizer_state: {self.split()}"
         if self.recompute is not None:
             place += f"\noffload_saved: {self.recompute.describe()}"
         rows: list[list[object]] = [
@@ -118,6 +145,9 @@ class Plan:
             "local_ranks": self.local_ranks,
             "placement": {k: str(v) for k, v in self.placement.items()},
             "device_blocks": self.device_blocks,
+            "residents_on_device": self.residents_on_device,
+            "spill_blocks": self.spill_blocks,
+            "spilled": [self.spilled.start, self.spilled.stop],
             "bytes": {kind: {str(t): self.get(kind, t) for t in TIERS} for kind in KINDS},
             "total_per_rank": {str(t): self.total(t) for t in TIERS},
             "pinned_bytes": self.pinned_bytes,

@@ -1,11 +1,12 @@
 """make_plan: where each kind of state goes and how many bytes each tier needs, without allocating.
 
-The model is only read (it may live on the meta device). The planner applies the runtime's current
-placement rules: the first ``placement.device_blocks`` blocks keep all their state on the compute
-device; the other blocks stream, with the fp32 master in host RAM and the wire copy and gradient in
-the pinned pool; Adam's m and v of the streamed blocks sit in host RAM or, with
-``optimizer_state: nvme``, in files (plus three blocks of staging in RAM). ``optimizer_state:
-auto`` takes host when it fits the host budget, else nvme. A tier over its budget becomes a
+The model is only read (it may live on the meta device). The planner decides what the runtime
+does (``Runtime.build`` makes or takes a plan and follows it): the first ``device_blocks``
+blocks keep all their state on the compute device (``auto``: as many as fit the gpu budget); the
+other blocks stream, with the wire copy and gradient in the pinned pool, and the fp32 master and
+Adam's m and v in host RAM, except for the last ``spill_blocks`` streamed blocks, whose m and v
+(and with ``master: nvme`` their master) live on the nvme or cxl tier. ``optimizer_state:
+auto`` spills the fewest blocks that fit the host budget. A tier over its budget becomes a
 problem that names the need, the budget and the smallest changes that would fit.
 """
 
@@ -27,8 +28,10 @@ from offload.plan.tally import Settings, Tally, tally
 from offload.utils.sizes import format_bytes
 
 _ITEM = {"bfloat16": 2, "float16": 2, "float32": 4}
-# The tier the runtime actually uses for each kind today, whatever the config asks (docs/design.md).
-_BUILT = {"master": Tier.HOST, "gradients": Tier.HOST}
+
+DEVICE_MARGIN_BYTES = 2 << 30
+"""Device memory ``device_blocks: auto`` keeps free besides the logits: the CUDA context, the
+caching allocator's fragmentation and one block's recompute (docs/plan.md, Limits)."""
 
 
 def make_plan(
@@ -72,25 +75,29 @@ def make_plan(
     base = Settings(
         item=_ITEM[cfg.dtype],
         slots=cfg.slots,
-        device_blocks=cfg.placement.device_blocks,
+        device_blocks=0,
         device_residents=cfg.placement.device_residents,
         world=world_size,
         optimizer=Tier.HOST,
         batch_size=batch_size,
         seq_len=seq_len,
         grad_accum=grad_accum,
+        activations=_activations_tier(cfg, notes),
     )
     need = _needs(shape, local, on_cpu)
-    settings = base.but(optimizer=_optimizer_tier(cfg, base, need, budgets, notes))
-    placement = _placement(cfg, settings, notes)
-    settings = settings.but(activations=placement["activations"])
+    settings = _device_blocks(shape, cfg, base, need, budgets[Tier.GPU], notes)
     recompute = None
     if cfg.placement.offload_saved != "never":
         recompute = _recompute(model, shape, cfg, settings, budgets, rates, detect, blocks, notes)
         if recompute is not None:
             settings = settings.but(saved_bytes=recompute.offloaded_bytes)
+    settings = _spill(shape, cfg, settings, need, budgets[Tier.HOST], notes)
+    placement = _placement(cfg, shape, settings, notes)
     if on_cpu:
-        notes.append("the compute device is the CPU: the gpu column lives in host RAM and counts there")
+        notes.append(
+            "the compute device is the CPU: the gpu column lives in host RAM and counts there "
+            "(and against budgets.gpu_bytes, when given)"
+        )
     if shape.hidden_size is None:
         notes.append("the model's config has no hidden_size: activations are not counted")
     t = tally(shape, settings)
@@ -109,7 +116,9 @@ def make_plan(
         world_size=world_size,
         local_ranks=local,
         placement=placement,
-        device_blocks=min(cfg.placement.device_blocks, shape.blocks),
+        device_blocks=settings.device_blocks,
+        residents_on_device=bool(shape.resident_numel) and settings.residents_on_device,
+        spill_blocks=len(settings.spilled(shape.blocks)),
         bytes=dict(t.bytes),
         pinned_bytes=t.pinned,
         needed=needed,
@@ -117,6 +126,7 @@ def make_plan(
         problems=tuple(problems),
         notes=tuple(notes),
         recompute=recompute,
+        config=cfg,
     )
 
 
@@ -131,7 +141,7 @@ def _needs(shape: ModelShape, local_ranks: int, on_cpu: bool) -> Needs:
         gpu = t.column(Tier.GPU)
         host = t.column(Tier.HOST) + (t.pinned - t.pooled) + (gpu if on_cpu else 0)
         return {
-            Tier.GPU: 0 if on_cpu else gpu,
+            Tier.GPU: gpu,  # on the CPU it is host RAM too: checked against a gpu budget if one is given
             Tier.HOST: local_ranks * host,
             Tier.CXL: local_ranks * t.column(Tier.CXL),
             Tier.NVME: local_ranks * t.column(Tier.NVME),
@@ -140,37 +150,112 @@ def _needs(shape: ModelShape, local_ranks: int, on_cpu: bool) -> Needs:
     return need
 
 
-def _optimizer_tier(
-    cfg: Config, s: Settings, need: Needs, budgets: dict[Tier, int | None], notes: list[str]
-) -> Tier:
-    asked = cfg.placement.optimizer_state
+def device_margin(shape: ModelShape, s: Settings) -> int:
+    """Device bytes ``device_blocks: auto`` leaves free: DEVICE_MARGIN_BYTES for the CUDA context,
+    the caching allocator's fragmentation and one block's recompute, plus the logits and the
+    loss's fp32 upcast (``batch * seq * vocab * 6``), which the gpu column does not count."""
+    return DEVICE_MARGIN_BYTES + s.batch_size * s.seq_len * (shape.vocab_size or 0) * 6
+
+
+def _device_blocks(
+    shape: ModelShape, cfg: Config, s: Settings, need: Needs, budget: int | None, notes: list[str]
+) -> Settings:
+    """placement.device_blocks resolved: the number given (at most the blocks there are), or for
+    auto the most blocks whose gpu need fits the gpu budget less device_margin, residents on the
+    device (unless device_residents is false, or they do not fit even with no block)."""
+    asked = cfg.placement.device_blocks
+    if asked != "auto":
+        return s.but(device_blocks=min(asked, shape.blocks))
+    residents = cfg.placement.device_residents
+    if budget is None:
+        notes.append("device_blocks auto: every block (no gpu budget to fit)")
+        return s.but(device_blocks=shape.blocks, device_residents=residents is not False)
+    room = budget - device_margin(shape, s)
+    for res in [True, False] if residents is None else [residents]:
+        for k in range(shape.blocks, -1, -1):
+            if need(s.but(device_blocks=k, device_residents=res))[Tier.GPU] <= room:
+                notes.append(
+                    f"device_blocks auto: {k} (the most that fit the gpu budget less a margin of "
+                    f"{format_bytes(budget - room)}; residents {'on the device' if res else 'on the host'})"
+                )
+                return s.but(device_blocks=k, device_residents=res)
+    notes.append("device_blocks auto: 0 (not even the streaming buffers fit the gpu budget less its margin)")
+    return s.but(device_blocks=0, device_residents=False if residents is None else residents)
+
+
+def _spill(
+    shape: ModelShape, cfg: Config, s: Settings, need: Needs, budget: int | None, notes: list[str]
+) -> Settings:
+    """Which streamed blocks keep their state off host RAM (Settings.optimizer, spill_blocks,
+    spill_master): nvme or cxl as asked (spill_blocks of them, else all); for auto the fewest last
+    blocks spilled to nvme that fit the host budget, m and v first, then their masters too
+    (placement.master auto or nvme, compute dtype not float32)."""
+    p = cfg.placement
+    streamed = shape.blocks - s.device_blocks
+    may_spill_master = p.master in (Tier.AUTO, Tier.NVME) and s.item != 4
+    masters = [True] if p.master is Tier.NVME else [False, True] if may_spill_master else [False]
+
+    def fits(c: Settings) -> bool:
+        return budget is None or need(c)[Tier.HOST] <= budget
+
+    def first_fit(candidates: list[Settings]) -> Settings:
+        return next((c for c in candidates if fits(c)), candidates[-1])
+
+    asked = p.optimizer_state
     if asked in (Tier.NVME, Tier.CXL):
-        return asked
-    if asked is Tier.AUTO:
-        host = budgets[Tier.HOST]
-        if host is None or need(s.but(optimizer=Tier.HOST))[Tier.HOST] <= host:
-            notes.append("optimizer_state auto: host (it fits the host budget)")
-            return Tier.HOST
-        if not cfg.nvme_dirs:
-            notes.append("optimizer_state auto: host, as no nvme_dirs are named (it does not fit there)")
-            return Tier.HOST
-        notes.append("optimizer_state auto: nvme (host would not fit its budget)")
-        return Tier.NVME
-    if asked is not Tier.HOST:
-        notes.append(f"optimizer_state {asked} is not built: the runtime keeps it in host RAM")
-    return Tier.HOST
+        k = streamed if p.spill_blocks is None else min(p.spill_blocks, streamed)
+        if asked is Tier.CXL:
+            return _spilling(s, Tier.CXL, k, False)
+        return first_fit([_spilling(s, Tier.NVME, k, m) for m in masters])
+    if asked is not Tier.AUTO:
+        if asked is not Tier.HOST:
+            notes.append(f"optimizer_state {asked} is not built: the runtime keeps it in host RAM")
+        return s
+    if p.spill_blocks is not None:
+        k = min(p.spill_blocks, streamed)
+        notes.append(f"optimizer_state auto: spill_blocks {k} given")
+        return first_fit([_spilling(s, Tier.NVME, k, m) for m in masters])
+    if fits(s):
+        notes.append("optimizer_state auto: host (it fits the host budget)")
+        return s
+    if not cfg.nvme_dirs:
+        notes.append("optimizer_state auto: host, as no nvme_dirs are named (it does not fit there)")
+        return s
+    choices = [_spilling(s, Tier.NVME, k, m) for m in masters for k in range(1, streamed + 1)]
+    chosen = first_fit(choices) if choices else s
+    if fits(chosen) and chosen.spill_blocks:
+        what = "master, m and v" if chosen.spill_master else "m and v"
+        notes.append(
+            f"optimizer_state auto: the last {chosen.spill_blocks} of {streamed} streamed blocks keep "
+            f"their {what} on nvme (the fewest that fit the host budget)"
+        )
+    else:
+        notes.append(
+            "optimizer_state auto: every streamed block spilled to nvme, and still over the host budget"
+        )
+    return chosen
 
 
-def _placement(cfg: Config, s: Settings, notes: list[str]) -> dict[str, Tier]:
-    out = {}
-    for kind, built in _BUILT.items():
-        asked = getattr(cfg.placement, kind)
-        if asked not in (built, Tier.AUTO):
-            notes.append(f"{kind} {asked} is not built: the runtime keeps it on {built}")
-        out[kind] = built
-    out["optimizer_state"] = s.optimizer
-    out["activations"] = _activations_tier(cfg, notes)
-    return out
+def _spilling(s: Settings, tier: Tier, k: int, master: bool) -> Settings:
+    """s with the last k streamed blocks' state on tier (none: everything on the host)."""
+    if k == 0:
+        return s.but(optimizer=Tier.HOST, spill_blocks=None, spill_master=False)
+    return s.but(optimizer=tier, spill_blocks=k, spill_master=master)
+
+
+def _placement(cfg: Config, shape: ModelShape, s: Settings, notes: list[str]) -> dict[str, Tier]:
+    spilled = bool(s.spilled(shape.blocks))
+    master = Tier.NVME if spilled and s.spill_master else Tier.HOST
+    if cfg.placement.master not in (Tier.HOST, Tier.AUTO, Tier.NVME):
+        notes.append(f"master {cfg.placement.master} is not built: the runtime keeps it on host")
+    if cfg.placement.gradients not in (Tier.HOST, Tier.AUTO):
+        notes.append(f"gradients {cfg.placement.gradients} is not built: the runtime keeps them on host")
+    return {
+        "master": master,
+        "gradients": Tier.HOST,
+        "optimizer_state": s.optimizer if spilled else Tier.HOST,
+        "activations": s.activations,
+    }
 
 
 def _activations_tier(cfg: Config, notes: list[str]) -> Tier:
@@ -283,12 +368,28 @@ def _fixes(
     assert budget is not None
     fixes = [f"raise budgets.{tier}_bytes by {format_bytes(need(s)[tier] - budget)}"]
     n_dev = min(s.device_blocks, shape.blocks)
-    if tier is Tier.HOST and s.optimizer is Tier.HOST and n_dev < shape.blocks:
-        alt = need(s.but(optimizer=Tier.NVME))
-        if alt[Tier.HOST] <= budget:
+    streamed = shape.blocks - n_dev
+    if tier is Tier.HOST and len(s.spilled(shape.blocks)) < streamed:
+        k = next(
+            (
+                k
+                for k in range(len(s.spilled(shape.blocks)) + 1, streamed + 1)
+                if need(_spilling(s, Tier.NVME, k, s.spill_master))[Tier.HOST] <= budget
+            ),
+            None,
+        )
+        if k is not None:
+            alt = need(_spilling(s, Tier.NVME, k, s.spill_master))
             extra = "" if cfg.nvme_dirs else " and name nvme_dirs"
-            fixes.append(f"put optimizer_state on nvme (needs {format_bytes(alt[Tier.NVME])} of nvme{extra})")
-    if tier is Tier.NVME and s.optimizer is Tier.NVME and _fits(need(s.but(optimizer=Tier.HOST)), budgets):
+            fixes.append(
+                f"put the last {k} blocks' optimizer_state on nvme (optimizer_state auto, or nvme with "
+                f"spill_blocks {k}: needs {format_bytes(alt[Tier.NVME])} of nvme{extra})"
+            )
+    if (
+        tier is Tier.NVME
+        and s.optimizer is Tier.NVME
+        and _fits(need(_spilling(s, Tier.HOST, 0, False)), budgets)
+    ):
         fixes.append("put optimizer_state on host")
     if tier is Tier.HOST and budgets[Tier.GPU] is not None:
         k = next(

@@ -33,6 +33,8 @@ class ModelShape:
     """Unique parameters of the model, without padding (tied weights once)."""
     hidden_size: int | None
     """Width of the block-boundary hidden state; None when the model does not say."""
+    vocab_size: int | None = None
+    """Rows of the output head (the logits' width); None when the model does not say."""
 
     def to_json(self) -> dict[str, int | None]:
         return {
@@ -41,6 +43,7 @@ class ModelShape:
             "resident_numel": self.resident_numel,
             "params": self.params,
             "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
         }
 
 
@@ -56,13 +59,15 @@ def model_shape(model: nn.Module, blocks: str | None = None) -> ModelShape:
         resident_numel=res_numel,
         resident_trainable=sum(p.numel() for _, p in resident if p.requires_grad),
         params=sum(p.numel() for _, p in named_unique(model)),
-        hidden_size=_hidden_size(model),
+        hidden_size=_config_int(model, ("hidden_size", "n_embd", "d_model")),
+        vocab_size=_config_int(model, ("vocab_size",)),
     )
 
 
-def _hidden_size(model: nn.Module) -> int | None:
+def _config_int(model: nn.Module, names: tuple[str, ...]) -> int | None:
+    """The first of names the model's config holds as an int."""
     config = getattr(model, "config", None)
-    for name in ("hidden_size", "n_embd", "d_model"):
+    for name in names:
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value

@@ -54,7 +54,8 @@ class Settings:
     slots: int
     device_blocks: int
     optimizer: Tier
-    """Where the streamed blocks' m and v live: Tier.HOST, Tier.CXL or Tier.NVME (already resolved)."""
+    """Where the spilled blocks' m and v live: Tier.HOST (nothing spills), Tier.CXL or Tier.NVME
+    (already resolved)."""
     batch_size: int
     seq_len: int
     activations: Tier = Tier.GPU
@@ -66,10 +67,21 @@ class Settings:
     """placement.device_residents (None: on the device when device_blocks > 0)."""
     world: int = 1
     """Ranks of the job: each holds a 1/world shard of every streamed block (engine/dist.py)."""
+    spill_blocks: int | None = None
+    """Streamed blocks whose m and v live on ``optimizer``, the last ones (:func:`spilled`);
+    None: all of them."""
+    spill_master: bool = False
+    """The spilled blocks' fp32 masters live in their nvme files too."""
 
     @property
     def residents_on_device(self) -> bool:
         return self.device_blocks > 0 if self.device_residents is None else self.device_residents
+
+    def spilled(self, blocks: int) -> range:
+        """The blocks whose state is on ``optimizer`` (empty when that is the host)."""
+        if self.optimizer is Tier.HOST:
+            return range(blocks, blocks)
+        return spilled(blocks, self.device_blocks, self.spill_blocks)
 
     def but(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -90,6 +102,17 @@ class Tally:
 
     def column(self, tier: Tier) -> int:
         return sum(n for (_, t), n in self.bytes.items() if t is tier)
+
+
+def spilled(blocks: int, device_blocks: int, spill_blocks: int | None) -> range:
+    """Indices of the blocks that keep their state on the spill tier: the last ``spill_blocks``
+    streamed blocks (None: every streamed block). The one rule the planner's tally and the
+    runtime's ``tier_of`` share. The last blocks spill because with overlap_backward their
+    updates run first, during backward, and the next forward needs them last, so their disk
+    reads and writes have the most time to hide (docs/plan.md)."""
+    streamed = blocks - min(device_blocks, blocks)
+    k = streamed if spill_blocks is None else min(spill_blocks, streamed)
+    return range(blocks - k, blocks)
 
 
 def shard_numel(numel: int, world: int) -> int:
@@ -115,8 +138,12 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
     streamed = shape.blocks - n_dev
     n, rn = shape.block_numel, shape.resident_numel
     part = shard_numel(n, s.world)  # a streamed record's elements on this rank
-    for _ in range(streamed):
-        _host_record(t, part, s, s.optimizer)
+    spill = s.spilled(shape.blocks)
+    for i in range(n_dev, shape.blocks):
+        if i in spill:
+            _host_record(t, part, s, s.optimizer, s.spill_master)
+        else:
+            _host_record(t, part, s, Tier.HOST)
     res_dev = bool(rn) and s.residents_on_device
     if rn and res_dev:
         _device_record(t, rn, s)
@@ -138,16 +165,21 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
     shards = 0 if s.world == 1 else (s.slots + 2) * part
     working = (s.slots + 2) * padded + shards + (0 if res_dev else 2 * rn) + shape.resident_trainable
     t.add("device_buffers", Tier.GPU, working * s.item)
-    if s.optimizer is Tier.NVME and streamed:
-        t.add("nvme_staging", Tier.HOST, NVME_STAGED_BLOCKS * 2 * nvme_half_bytes(part))
+    if s.optimizer is Tier.NVME and spill:
+        halves = 3 if s.spill_master else 2  # master (with master nvme), m, v
+        t.add("nvme_staging", Tier.HOST, NVME_STAGED_BLOCKS * halves * nvme_half_bytes(part))
     t.add("overhead", Tier.HOST, HOST_OVERHEAD_BYTES)
     return t
 
 
-def _host_record(t: Tally, numel: int, s: Settings, optimizer: Tier) -> None:
+def _host_record(t: Tally, numel: int, s: Settings, optimizer: Tier, master_spills: bool = False) -> None:
     """Runtime._host_record: pageable fp32 master, wire and gradient in the pinned pool; in
-    float32 the master is itself the pool buffer the device copies from (no separate wire)."""
-    t.add("master", Tier.HOST, 4 * numel)
+    float32 the master is itself the pool buffer the device copies from (no separate wire).
+    With master_spills the master is in the block's nvme file instead, before m and v."""
+    if master_spills:
+        t.add("master", Tier.NVME, nvme_half_bytes(numel))
+    else:
+        t.add("master", Tier.HOST, 4 * numel)
     if s.item != 4:
         t.add("wire", Tier.HOST, numel * s.item)
     t.add("gradients", Tier.HOST, numel * s.item)

@@ -17,7 +17,9 @@ class BlockRecord:
     index: int  # block index; -1 for the resident parameters
     name: str
     layout: FlatLayout
-    master: torch.Tensor  # fp32, flat: the model's weights
+    # fp32, flat: the model's weights. A placeholder on the meta device (no memory) when the
+    # record's StateTier holds the master (placement.master nvme): StateTier.acquire gives it then.
+    master: torch.Tensor
     # Adam m and v, fp32; None where placement.optimizer_state keeps them off RAM (the optimizer
     # gets them from the runtime's StateTier then).
     exp_avg: torch.Tensor | None
@@ -50,6 +52,11 @@ class BlockRecord:
         self.update_ranges = _ranges_without(self.layout, self.frozen, self.shard)
 
     @property
+    def master_on_tier(self) -> bool:
+        """The record's StateTier holds its master (``master`` is a meta placeholder)."""
+        return self.master.is_meta
+
+    @property
     def numel(self) -> int:
         """Elements of the record's flat tensors (its shard's, when sharded)."""
         return self.layout.numel if self.shard is None else self.shard[1] - self.shard[0]
@@ -60,14 +67,14 @@ class BlockRecord:
 
     def state_bytes(self) -> int:
         """Bytes of state this record holds in memory (on the host, or on the device if on_device);
-        optimizer state on another tier is counted by the tier (``StateTier.stored_bytes``)."""
+        state on another tier (m and v, a master) is counted by the tier (``StateTier.stored_bytes``)."""
         tensors = [self.master, self.grad]
         tensors += [t for t in (self.exp_avg, self.exp_avg_sq) if t is not None]
         if self.wire.data_ptr() != self.master.data_ptr():
             tensors.append(self.wire)
         if self.grad_acc is not None:
             tensors.append(self.grad_acc)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
     def freeze(self, slots: frozenset[int]) -> None:
         """Marks layout slots as frozen (requires_grad=False) and derives the ranges to update."""

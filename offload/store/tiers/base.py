@@ -1,29 +1,44 @@
 """StateTier: where a record's Adam state (m and v, fp32) lives, and HostTier, the tier in RAM.
 
-The optimizer asks a tier for a record's m and v around each update: ``prefetch(rec)`` may start
-bringing them in early, ``acquire(rec)`` returns them (waiting if they are still on their way),
-``release(rec)`` says the update is done with them (a tier off RAM starts writing them back).
+The optimizer asks a tier for a record's state around each update: ``prefetch(rec)`` may start
+bringing it in early, ``acquire(rec)`` returns it (waiting if it is still on its way),
+``release(rec)`` says the update is done with it (a tier off RAM starts writing it back).
 ``flush()`` waits for every write-back, ``close()`` frees what the tier holds.
+
+The state is always m and v; a tier may hold the fp32 master too (NvmeTier with
+``placement.master: nvme``). The record's ``master`` is then a placeholder on the meta device,
+and ``acquire`` is the only way to the values: :class:`Held` carries all three either way, so a
+caller never asks where the master is.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
 from offload.store.record import BlockRecord
 
 
+class Held(NamedTuple):
+    """A record's state while acquired: flat fp32 tensors, updated in place."""
+
+    master: torch.Tensor
+    """The record's own ``master``, or the tier's copy when the tier holds it."""
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+
+
 class StateTier(Protocol):
     def place(self, rec: BlockRecord) -> None:
-        """Makes room for rec's m and v, zero-filled (at wrap time)."""
+        """Makes room for rec's m and v, zero-filled (at wrap time); a tier that holds masters
+        takes rec's master too, and leaves a meta placeholder in the record."""
 
     def prefetch(self, rec: BlockRecord) -> None:
         """Starts bringing rec's state in, to be acquired soon; returns without waiting."""
 
-    def acquire(self, rec: BlockRecord) -> tuple[torch.Tensor, torch.Tensor]:
-        """rec's (exp_avg, exp_avg_sq), flat fp32, ready to be updated in place."""
+    def acquire(self, rec: BlockRecord) -> Held:
+        """rec's master, exp_avg and exp_avg_sq, flat fp32, ready to be updated in place."""
         ...
 
     def release(self, rec: BlockRecord) -> None:
@@ -52,10 +67,10 @@ class HostTier:
     def prefetch(self, rec: BlockRecord) -> None:
         pass
 
-    def acquire(self, rec: BlockRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    def acquire(self, rec: BlockRecord) -> Held:
         if rec.exp_avg is None or rec.exp_avg_sq is None:
             raise RuntimeError(f"{rec.name} has no optimizer state in memory: it was placed on another tier")
-        return rec.exp_avg, rec.exp_avg_sq
+        return Held(rec.master, rec.exp_avg, rec.exp_avg_sq)
 
     def release(self, rec: BlockRecord) -> None:
         pass

@@ -25,6 +25,7 @@ from offload.config import ConfigError
 from offload.memory import PinnedPool, numa
 from offload.memory.arena import Lease
 from offload.store.record import BlockRecord
+from offload.store.tiers.base import Held
 
 PAGE = 4096  # arena_bytes of one page: every lease is larger, so it maps an arena of its own
 
@@ -75,13 +76,13 @@ class CxlTier:
     def prefetch(self, rec: BlockRecord) -> None:
         pass  # always in memory
 
-    def acquire(self, rec: BlockRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    def acquire(self, rec: BlockRecord) -> Held:
         self._check()
         entry = self._state.get(rec.index)
         if entry is None:
             raise RuntimeError(f"{rec.name} has no optimizer state on the cxl tier")
         _, m, v = entry
-        return m.view(torch.float32, (rec.numel,)), v.view(torch.float32, (rec.numel,))
+        return Held(rec.master, m.view(torch.float32, (rec.numel,)), v.view(torch.float32, (rec.numel,)))
 
     def release(self, rec: BlockRecord) -> None:
         pass  # updated in place: nothing to write back

@@ -1,7 +1,9 @@
-"""NvmeTier: Adam's m and v of each streamed block in a file on NVMe, staged through 3 leases.
+"""NvmeTier: Adam's m and v of each spilled block in a file on NVMe, staged through 3 leases.
 
 One file per block, m and v back to back, each padded to 4096 bytes (O_DIRECT's alignment), moved
-whole through ``offload.io``. Blocks are striped round-robin over ``nvme_dirs`` (one directory per
+whole through ``offload.io``. With ``master=True`` (``placement.master: nvme``) the block's fp32
+master comes first in the file, so the three arrays move together; the record keeps only a meta
+placeholder, and host RAM only the block's pinned wire copy and gradient. Blocks are striped round-robin over ``nvme_dirs`` (one directory per
 drive), in a per-run subdirectory that ``close()`` removes. Files are zero-filled at wrap time, so
 the first read is real I/O and a full disk fails at wrap rather than mid-run.
 
@@ -27,6 +29,7 @@ from offload.memory import PinnedPool
 from offload.memory.arena import Lease
 from offload.memory.pool import PoolExhausted
 from offload.store.record import BlockRecord
+from offload.store.tiers.base import Held
 from offload.store.tiers.dirs import check_dir, run_dir
 
 ALIGN = 4096
@@ -44,18 +47,22 @@ class _Staged:
 
     lease: Lease
     io: oio.IoFuture | None
+    name: str
+    """The block's record name (block.N), for errors."""
     acquired: bool = False
 
 
 class NvmeTier:
     """See the module docstring."""
 
-    def __init__(self, dirs: Sequence[str], numel: int) -> None:
+    def __init__(self, dirs: Sequence[str], numel: int, *, master: bool = False) -> None:
         for i, d in enumerate(dirs):
             check_dir(d, i)
         self.dirs = [run_dir(d) for d in dirs]
+        self.master = master
+        self._halves = 3 if master else 2  # [master,] m, v
         self._engine = oio.Engine()
-        slot = 2 * _half_bytes(numel)
+        slot = self._halves * _half_bytes(numel)
         self._pool = PinnedPool(
             STAGED_BLOCKS * slot, arena_bytes=STAGED_BLOCKS * slot, pin=False, name="nvme-staging"
         )
@@ -67,19 +74,31 @@ class NvmeTier:
         self._closed = False
 
     def path(self, rec: BlockRecord) -> str:
-        """The file that holds rec's m (at offset 0) and v (at ``_half_bytes(rec.numel)``)."""
+        """The file that holds rec's state: m at offset 0 and v at ``_half_bytes(rec.numel)``;
+        with masters, the master at 0, m and v one and two halves further."""
         return self._files[rec.index].path
 
     def place(self, rec: BlockRecord) -> None:
         d = self.dirs[len(self._files) % len(self.dirs)]
         f = oio.open(d / f"{rec.name}.adam", "x", engine=self._engine)
         self._files[rec.index] = f
-        nbytes = 2 * _half_bytes(rec.numel)
-        f.allocate(nbytes)
+        nbytes = self._halves * _half_bytes(rec.numel)
         with self._pool.lease(nbytes, purpose="zero-fill") as lease:
             lease.tensor.zero_()
-            f.write_from(lease, 0).wait()  # the lease is reused at once: wait for the write
+            if self.master:
+                lease.tensor[: rec.numel * 4].view(torch.float32).copy_(rec.master)
+            try:
+                f.allocate(nbytes)  # a disk without room fails here, at wrap
+                f.write_from(lease, 0).wait()  # the lease is reused at once: wait for the write
+            except OSError as e:
+                raise OSError(
+                    e.errno,
+                    f"nvme tier: filling {rec.name}'s file ({nbytes} bytes) failed: {e.strerror}",
+                    f.path,
+                ) from e
         rec.exp_avg = rec.exp_avg_sq = None
+        if self.master:  # the file holds it now: the record keeps a placeholder without memory
+            rec.master = torch.empty(rec.numel, dtype=torch.float32, device="meta")
 
     def prefetch(self, rec: BlockRecord) -> None:
         with self._lock:
@@ -87,7 +106,7 @@ class NvmeTier:
             if rec.index not in self._staged:  # else already read, in use, or still in memory
                 self._read(rec)
 
-    def acquire(self, rec: BlockRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    def acquire(self, rec: BlockRecord) -> Held:
         with self._lock:
             self._check()
             st = self._staged.get(rec.index) or self._read(rec)
@@ -98,11 +117,11 @@ class NvmeTier:
             self._settle(rec.index, st)
             st.acquired = True
             self._touch(rec.index)
-            half = _half_bytes(rec.numel)
-            raw = st.lease.tensor
-            return raw[: rec.numel * 4].view(torch.float32), raw[half : half + rec.numel * 4].view(
-                torch.float32
-            )
+            half, n = _half_bytes(rec.numel), rec.numel * 4
+            arrays = [
+                st.lease.tensor[k * half : k * half + n].view(torch.float32) for k in range(self._halves)
+            ]
+            return Held(*arrays) if self.master else Held(rec.master, *arrays)
 
     def release(self, rec: BlockRecord) -> None:
         with self._lock:
@@ -152,8 +171,8 @@ class NvmeTier:
             raise self._failed
 
     def _read(self, rec: BlockRecord) -> _Staged:
-        lease = self._lease(2 * _half_bytes(rec.numel))
-        st = _Staged(lease, self._files[rec.index].read_into(lease, 0))
+        lease = self._lease(self._halves * _half_bytes(rec.numel))
+        st = _Staged(lease, self._files[rec.index].read_into(lease, 0), rec.name)
         self._staged[rec.index] = st
         return st
 
@@ -161,7 +180,7 @@ class NvmeTier:
         """A staging lease; when all are out, frees the least recently used one not in use."""
         while True:
             try:
-                return self._pool.lease(nbytes, purpose="adam m+v")
+                return self._pool.lease(nbytes, purpose="adam state")
             except PoolExhausted:
                 victim = next((i for i, st in self._staged.items() if not st.acquired), None)
                 if victim is None:
@@ -175,16 +194,25 @@ class NvmeTier:
 
     def _settle(self, index: int, st: _Staged) -> None:
         """Host wait for st's transfer. A failed one leaves the file behind the state: the tier
-        refuses all further work with the same error."""
+        refuses all further work with the same error, which names the tier, the block and the
+        bytes (a full disk: "No space left on device (the disk is full) during write of ...")."""
         if st.io is None:
             return
+        io = st.io
         try:
-            st.io.wait()
+            io.wait()
         except OSError as e:
-            self._failed = e
+            what = "master, m and v" if self.master else "m and v"
+            self._failed = OSError(
+                e.errno,
+                f"nvme tier: moving {st.name}'s {what} ({io.nbytes} bytes) failed: {e.strerror}; "
+                "the tier holds no consistent state now, so the run stops (resume from the last "
+                "checkpoint)",
+                io.path,
+            )
             del self._staged[index]
             st.lease.release()
-            raise
+            raise self._failed from e
         st.io = None
 
     def _touch(self, index: int) -> None:
