@@ -38,6 +38,11 @@ def test_tiny_recipe_trains_and_writes_a_loadable_model(
     assert "trained 6 steps" in printed.out and "step 6/6" in printed.err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_loss"] < summary["first_loss"]
+    # The run against its plan: the pinned pool and the nvme files exactly, the peak RSS reported.
+    figures = summary["plan_vs_measured"]
+    assert figures["pinned"]["ratio"] == figures["nvme state"]["ratio"] == 1.0
+    assert figures["host peak RSS"]["measured"] > 0
+    assert "plan vs measured (measured/predicted): pinned " in printed.out
     events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert any(e["name"] == "adamw" for e in events)
 

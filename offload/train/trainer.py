@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import sys
 import time
@@ -28,6 +29,7 @@ import torch
 
 from offload.checkpoint.format import CheckpointError, read_manifest, resolve
 from offload.config import config_to_dict
+from offload.plan import Accounting, Figure, Plan, account, make_plan
 from offload.train.data import batches
 from offload.train.recipe import Recipe, build_hf_config
 from offload.train.schedule import make_scheduler
@@ -58,6 +60,9 @@ class Summary:
     checkpoint_stall_s: float = 0.0
     """Training time the saves may have cost (SaveStats.stall_s, summed)."""
     last_checkpoint: str | None = None
+    plan_vs_measured: dict[str, Any] = field(default_factory=dict)
+    """Per figure (pinned, host store, host peak RSS, ...): the plan's prediction and what the
+    run measured, in bytes, and their ratio (``offload.plan.account``)."""
 
     def render(self) -> str:
         resumed = f" (resumed after step {self.start_step})" if self.start_step else ""
@@ -67,6 +72,8 @@ class Summary:
             f"peak host memory {self.peak_host_GiB:.2f} GiB, peak device memory {self.peak_device_GiB:.2f} GiB, "
             f"optimizer state in the store {self.store_state_GiB:.2f} GiB",
         ]
+        if self.plan_vs_measured:
+            lines.append(_accounting(self.plan_vs_measured).line())
         if self.checkpoints:
             lines.append(
                 f"{self.checkpoints} checkpoint(s), {self.checkpoint_GB:.3f} GB at {self.checkpoint_GBps:.2f} GB/s, "
@@ -101,7 +108,8 @@ def train(
     tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.model.path)
     model, init = build_model(recipe, tokenizer.vocab_size, tokenizer.eos_id)
     overrides = {"trace": trace} if trace else {}
-    wrapped, opt = offload.wrap(model, recipe.offload, init=init, **overrides)
+    plan = _plan(recipe, model)
+    wrapped, opt = offload.wrap(model, recipe.offload, init=init, plan=plan, **overrides)
     sched = make_scheduler(opt, t.schedule, t.steps)
     stream = batches(recipe.data, tokenizer, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed)
     start = 0
@@ -161,10 +169,35 @@ def train(
         output_dir=str(out),
         start_step=start,
         losses=losses,
+        plan_vs_measured=account(plan, wrapped.runtime).to_json(),
         **saves.figures(),
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
     return summary
+
+
+def _plan(recipe: Recipe, model: torch.nn.Module) -> Plan:
+    """The placement plan the run follows (and its summary is measured against): the recipe's
+    batch shape, budgets read from this machine where the recipe leaves them null."""
+    from offload.engine.dist import Collective
+
+    group = Collective.detect()
+    world = 1 if group is None else group.world
+    t = recipe.train
+    return make_plan(
+        model,
+        recipe.offload,
+        batch_size=t.batch_size,
+        seq_len=t.seq_len,
+        grad_accum=t.grad_accum,
+        world_size=world,
+        local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+        detect=True,
+    )
+
+
+def _accounting(figures: dict[str, Any]) -> Accounting:
+    return Accounting(tuple(Figure(name, f["predicted"], f["measured"]) for name, f in figures.items()))
 
 
 def fingerprint(recipe: Recipe) -> dict[str, Any]:
