@@ -35,7 +35,9 @@ OPT = {"lr": 3e-3, "weight_decay": 0.1, "max_grad_norm": 0.5}
 
 
 def make(schedule: bool = False, **overrides: Any) -> tuple[Any, Any, Any]:
-    model, opt = offload.wrap(tiny("llama"), device="cpu", dtype="float32", optimizer=OPT, **overrides)
+    model, opt = offload.wrap(
+        tiny("llama"), **{"device": "cpu", "dtype": "float32", "optimizer": OPT, **overrides}
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i)) if schedule else None
     return model, opt, sched
 
@@ -104,6 +106,18 @@ def test_exact_resume_with_scheduler(tmp_path: Path) -> None:
 def test_exact_resume_with_nvme_optimizer_state(tmp_path: Path, disk_dir: Path) -> None:
     nvme = {"placement": {"optimizer_state": "nvme"}, "nvme_dirs": [str(disk_dir / "state")]}
     resumed(tmp_path, nvme, nvme)
+
+
+def test_masters_on_nvme_resume_and_load_on_host(tmp_path: Path, disk_dir: Path) -> None:
+    """Two of four blocks keep master, m and v in their files: the checkpoint reads the masters
+    from the tier and loads them back into another placement."""
+    spilled = {
+        "dtype": "bfloat16",
+        "placement": {"optimizer_state": "nvme", "master": "nvme", "spill_blocks": 2},
+        "nvme_dirs": [str(disk_dir / "state")],
+    }
+    resumed(tmp_path / "a", spilled, spilled)
+    resumed(tmp_path / "b", spilled, {"dtype": "bfloat16"})
 
 
 def test_host_checkpoint_loads_with_device_blocks(tmp_path: Path) -> None:
