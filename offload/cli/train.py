@@ -2,11 +2,16 @@
 (recipes/tiny.yaml is the embedded default: a small model trained on the CPU on text that ships
 with the repository). ``--resume`` continues from the newest checkpoint in the recipe's
 train.checkpoint_dir, ``--resume PATH`` from that checkpoint (a step directory or a root), exactly
-where it stopped; a checkpoint of another model or recipe is refused, naming what differs."""
+where it stopped; a checkpoint of another model or recipe is refused, naming what differs.
+``--nproc N`` runs it on N ranks of this machine through torchrun (docs/distributed.md; for
+several machines see scripts/launch.sh)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from offload.cli import CliError
@@ -27,7 +32,32 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="continue from the newest checkpoint in train.checkpoint_dir, or from PATH (put it after the recipe)",
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="ranks on this machine (torchrun --standalone); the store is sharded over them",
+    )
     p.set_defaults(func=run)
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Runs this same command on args.nproc ranks under torchrun and returns its exit status."""
+    again = ["train", args.recipe, *(x for kv in args.overrides for x in ("--set", kv))]
+    if args.trace:
+        again += ["--trace", args.trace]
+    if args.resume:
+        again += ["--resume"] + ([] if args.resume is True else [str(args.resume)])
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+    ]
+    print(f"offload train: {args.nproc} ranks through torchrun", flush=True)
+    return subprocess.call([*torchrun, "-m", "offload.cli.main", *again])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,14 +66,20 @@ def run(args: argparse.Namespace) -> int:
     from offload.train.data import DataError
     from offload.train.trainer import train
 
-    recipe = read_recipe(args)
+    if args.nproc < 1:
+        raise CliError(f"--nproc {args.nproc}: must be >= 1")
+    recipe = read_recipe(args)  # a bad recipe is refused before any rank starts
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(args)
     path = Path(args.recipe)
-    print(
-        f"offload train: {recipe.name} ({path}), {recipe.train.steps} steps on {recipe.offload.resolve_device()}"
-    )
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    if main:
+        device = recipe.offload.resolve_device()
+        print(f"offload train: {recipe.name} ({path}), {recipe.train.steps} steps on {device}")
     try:
         summary = train(recipe, trace=args.trace, resume=args.resume)
     except (ConfigError, DataError, CheckpointError) as e:
         raise CliError(str(e)) from None
-    print(summary.render())
+    if main:
+        print(summary.render())
     return 0

@@ -31,6 +31,7 @@ from offload.checkpoint.format import CheckpointError, read_manifest, resolve
 from offload.config import config_to_dict
 from offload.plan import Accounting, Figure, Plan, account, make_plan
 from offload.train.data import batches
+from offload.train.ranks import Ranks, join
 from offload.train.recipe import Recipe, build_hf_config
 from offload.train.schedule import make_scheduler
 from offload.train.tokenizer import load_tokenizer
@@ -99,10 +100,24 @@ def train(
     """Runs recipe. resume: True continues from the newest checkpoint in train.checkpoint_dir, a
     path from that checkpoint (a step directory or a root). Raises CheckpointError, before
     anything is built, when there is none or it does not fit the recipe."""
+    ranks = join(recipe.offload.resolve_device())
+    try:
+        return _train(recipe, ranks, trace=trace, log=log, resume=resume)
+    finally:
+        ranks.leave()
+
+
+def _train(
+    recipe: Recipe, ranks: Ranks, *, trace: str | None, log: Log | None, resume: bool | str
+) -> Summary:
+    """train() on one rank of ranks: each reads its own share of every global batch
+    (train.batch_size rows each); rank 0 logs and writes the model."""
     import offload
 
-    log = log or _Progress().line
+    log = log or (_Progress().line if ranks.main else _quiet)
     t = recipe.train
+    if ranks.world > 1 and resume:
+        raise CheckpointError("--resume of a multi-rank run is not built yet: checkpoints are single-rank")
     point = resume_point(recipe, resume, log) if resume else None
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.model.path)
@@ -111,16 +126,26 @@ def train(
     plan = _plan(recipe, model)
     wrapped, opt = offload.wrap(model, recipe.offload, init=init, plan=plan, **overrides)
     sched = make_scheduler(opt, t.schedule, t.steps)
-    stream = batches(recipe.data, tokenizer, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed)
+    stream = batches(
+        recipe.data,
+        tokenizer,
+        batch_size=t.batch_size,
+        seq_len=t.seq_len,
+        seed=t.seed,
+        rank=ranks.rank,
+        world_size=ranks.world,
+    )
     start = 0
     if point is not None:
         extra = offload.load(wrapped, opt, point, scheduler=sched)
         stream.load_state_dict(extra["data"])
         start = int(read_manifest(point)["step"])
     device = wrapped.runtime.device
-    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * ranks.world
     losses: list[float] = []
     saves = _Saves(recipe, log)
+    if ranks.world > 1:
+        log(f"{ranks.world} ranks: checkpoints of multi-rank runs are not built yet, this run saves none")
     began = time.perf_counter()
     try:
         for step in range(start + 1, t.steps + 1):
@@ -130,11 +155,13 @@ def train(
                 loss = wrapped(**batch).loss / t.grad_accum
                 loss.backward()
                 total += loss.item()
+            total = ranks.mean(total, device.torch)  # the loss of the global batch
             opt.step()
             opt.zero_grad()
             sched.step()
             losses.append(total)
-            if step == t.steps or (t.save_every is not None and step % t.save_every == 0):
+            saving = step == t.steps or (t.save_every is not None and step % t.save_every == 0)
+            if saving and ranks.world == 1:
                 saves.start(
                     wrapped, opt, sched, step, {"data": stream.state_dict(), "recipe": fingerprint(recipe)}
                 )
@@ -152,7 +179,7 @@ def train(
     saves.settle()
     wrapped.runtime.wait_updates()
     seconds = time.perf_counter() - began
-    out = _save(wrapped, Path(t.output_dir or f"runs/{recipe.name}"))
+    out = _save(wrapped, Path(t.output_dir or f"runs/{recipe.name}"), ranks.main)
     if trace:
         wrapped.runtime.tracer.write()
     trained = len(losses)
@@ -172,7 +199,8 @@ def train(
         plan_vs_measured=account(plan, wrapped.runtime).to_json(),
         **saves.figures(),
     )
-    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
+    if ranks.main:
+        (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
     return summary
 
 
@@ -345,14 +373,17 @@ class _Saves:
         }
 
 
-def _save(wrapped: Any, out: Path) -> Path:
-    """model.safetensors + config.json: a directory transformers' from_pretrained loads."""
+def _save(wrapped: Any, out: Path, write: bool = True) -> Path:
+    """model.safetensors + config.json: a directory transformers' from_pretrained loads. Multi-rank
+    every rank takes part in gathering the weights; only the one told to write writes."""
     from safetensors.torch import save_file
 
     import offload
 
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in offload.state_dict(wrapped).items()}
+    if not write:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     if getattr(wrapped.module.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied: transformers re-ties it on load
     tmp = out / "model.safetensors.tmp"
@@ -360,6 +391,10 @@ def _save(wrapped: Any, out: Path) -> Path:
     tmp.replace(out / "model.safetensors")
     wrapped.module.config.save_pretrained(str(out))
     return out
+
+
+def _quiet(text: str) -> None:
+    """The log of a rank other than 0."""
 
 
 def _peak_host() -> int:
