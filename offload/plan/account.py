@@ -26,12 +26,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from offload.config import Tier
-from offload.plan.plan import Plan
+from offload.plan.plan import GiB, Plan
 
 if TYPE_CHECKING:
     from offload.engine.runtime import Runtime
-
-GiB = float(1 << 30)
 
 
 @dataclass(frozen=True, slots=True)
