@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from offload._version import __version__
-from offload.cli import CliError, bench_io, ckpt, doctor, plan, train
+from offload.cli import CliError, bench_io, ckpt, doctor, plan, snapshot, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(commands)
     plan.add_parser(commands)
     ckpt.add_parser(commands)
+    snapshot.add_parser(commands)
     bench = commands.add_parser("bench", help="measure this machine", description="Measure this machine.")
     bench_commands = bench.add_subparsers(dest="bench", metavar="BENCH")
     bench_io.add_parser(bench_commands)

@@ -1,0 +1,238 @@
+"""Restoring a restarted job: from the keepers' memory, rebuilt from parity, else from disk.
+
+``restore`` is a collective of every rank (each calls ``Snapshotter.restore`` at start-up):
+
+1. Each rank reports what its keeper holds of the job (``_status``: steps, chunks and cells that
+   pass their crc32); the reports are gathered, and survey.choose picks the newest step the
+   group can put together.
+2. Chunks lost with a node (or failing their crc32) are decoded from k surviving cells of their
+   stripe, sent by their holders, into a segment of the rank's (new) keeper; the rank's header
+   then commits the step there again, so a second crash finds it.
+3. Each rank loads its payload into the run (payload.load) and clears its slots holding any newer,
+   incomplete step, so that the next snapshot cannot be confused with them.
+
+If more nodes of a coding group are gone than its parity covers, the newest flushed snapshot under
+``flush_dir`` every rank has is loaded instead (for a one-rank run also an ``offload.save``
+checkpoint there, whichever is newer), with a message saying what was lost; with none,
+SnapshotLost says so. A job whose keepers never held a snapshot starts fresh (source "none").
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from offload.snapshot import codec, flush, parity, payload, segment
+from offload.snapshot.survey import Plan, Rebuild, choose, lost
+
+if TYPE_CHECKING:
+    from offload.snapshot.snapshotter import Snapshotter
+
+
+class SnapshotLost(RuntimeError):
+    """The in-memory snapshot cannot be restored and there is no disk checkpoint to fall back to."""
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    source: Literal["keeper", "parity", "disk", "none"]
+    """Where this rank's state came from."""
+    step: int | None
+    """The step restored (None: nothing; training starts fresh)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+    seconds: float = 0.0
+    rebuilt: tuple[int, ...] = ()
+    """Ranks whose snapshot was rebuilt from parity."""
+
+
+def restore(snap: Snapshotter, scheduler: Any) -> Restored:
+    t0 = time.perf_counter()
+    mine = _status(snap)
+    statuses = [mine] if snap.pg is None else parity.gather_json(snap.pg, mine)
+    plan = choose(statuses, snap.topo.m)
+    if plan is None:
+        return _fallback(snap, scheduler, statuses, t0)
+    data = _gather_chunks(snap, plan)
+    where = f"the snapshot of step {plan.step} of job '{snap.cfg.job}' (rank {snap.rank})"
+    idx, _ = payload.read_index(data.numpy())
+    payload.check(idx, snap.rt, snap.rank, snap.world, where)
+    extra = payload.load(snap.rt, snap.optimizer, data, scheduler=scheduler, where=where)
+    _clear_newer(snap, plan.step)
+    rebuilt = tuple(plan.rebuilt_ranks)
+    from_keepers = [r for r in range(snap.world) if r not in rebuilt]
+    message = f"offload snapshot: restored step {plan.step} of job '{snap.cfg.job}'"
+    message += f": ranks {from_keepers} from their keepers" if from_keepers else ""
+    message += f", ranks {list(rebuilt)} rebuilt from parity" if rebuilt else ""
+    _say(snap, message)
+    return Restored(
+        source="parity" if snap.rank in rebuilt else "keeper",
+        step=plan.step,
+        extra=extra,
+        message=message,
+        seconds=time.perf_counter() - t0,
+        rebuilt=rebuilt,
+    )
+
+
+def _status(snap: Snapshotter) -> dict[str, Any]:
+    """What this rank's keeper holds of the job, for survey.choose."""
+    topo, slots, seen = snap.topo, [], False
+    for slot in range(snap.cfg.buffers):
+        h = snap.header(slot)
+        if h is None:
+            continue
+        seen = seen or h.step >= 0
+        if (h.world, h.group, h.m) != (topo.world, topo.group, topo.m):
+            continue  # taken by a job of another shape: not restorable here
+        seg = snap.segments[slot]
+        slots.append(
+            {
+                "slot": slot,
+                "step": h.step,
+                "parity_step": h.parity_step,
+                "chunk": h.chunk,
+                "k": h.k,
+                "good": segment.good_chunks(seg.mm, h),
+                "cells": segment.good_cells(seg.mm, h),
+                "members": {str(c.stripe): list(c.members) for c in h.cells},
+            }
+        )
+    return {"rank": snap.rank, "group": list(topo.group), "seen": seen, "slots": slots}
+
+
+def _gather_chunks(snap: Snapshotter, plan: Plan) -> torch.Tensor:
+    """This rank's payload region at plan.step, with every lost chunk rebuilt; takes part in
+    sending the cells other ranks rebuild from."""
+    topo, chunk = snap.topo, plan.chunk
+    slot = plan.slots[snap.rank]
+    seg = snap.segments[slot] if slot is not None else snap.segment_for(chunk)
+    if slot is None:  # nothing of this step here (a new keeper): rebuilt whole into a fresh slot
+        seg.write_header(snap.blank(chunk))
+    whole = torch.frombuffer(seg.mm, dtype=torch.uint8)
+    data = whole[segment.HEADER_BYTES : segment.HEADER_BYTES + topo.k * chunk]
+    for rb in plan.rebuild:  # every rank walks the same list in the same order
+        _rebuild_one(snap, plan, rb, data)
+    if any(rb.rank == snap.rank for rb in plan.rebuild):
+        crcs = tuple(zlib.crc32(data[i * chunk : (i + 1) * chunk].numpy().data) for i in range(topo.k))
+        # The rebuilt data is committed in this keeper again (its parity cells come with the next snapshot).
+        seg.write_header(replace(snap.blank(chunk), step=plan.step, crcs=crcs))
+    return data
+
+
+def _rebuild_one(snap: Snapshotter, plan: Plan, rb: Rebuild, data: torch.Tensor) -> None:
+    """One lost chunk: its sources send their cells to rb.rank, which decodes it into data."""
+    chunk, k, m = plan.chunk, snap.topo.k, snap.topo.m
+    sends = []
+    for src in rb.sources:
+        if src.rank == snap.rank:
+            lo, hi = (segment.data_range if src.kind == "data" else segment.cell_range)(k, chunk, src.index)
+            sends.append((torch.frombuffer(snap.segments[src.slot].mm, dtype=torch.uint8)[lo:hi], rb.rank))
+    if rb.rank != snap.rank:
+        parity.transfer(snap.pg, sends, [])
+        return
+    inbox = {src.position: torch.empty(chunk, dtype=torch.uint8) for src in rb.sources}
+    parity.transfer(snap.pg, [], [(inbox[src.position], src.rank) for src in rb.sources])
+    cells: list[Any] = [inbox.get(p) for p in range(k + m)]
+    out: list[Any] = [None] * k
+    out[rb.chunk] = data[rb.chunk * chunk : (rb.chunk + 1) * chunk]
+    lost_data = [p for p in range(k) if cells[p] is None and p != rb.chunk]
+    for p in lost_data:
+        out[p] = torch.empty(chunk, dtype=torch.uint8)  # another lost member of the stripe: unused
+    codec.decode(cells, k, m, out=out)
+    got = zlib.crc32(out[rb.chunk].numpy().data)
+    if got != rb.crc:
+        raise SnapshotLost(
+            f"chunk {rb.chunk} of rank {rb.rank} rebuilt from parity fails its crc32 "
+            f"({got:#x}, the snapshot's was {rb.crc:#x})"
+        )
+
+
+def _clear_newer(snap: Snapshotter, step: int) -> None:
+    for slot in range(snap.cfg.buffers):
+        h = snap.header(slot)
+        if h is not None and max(h.step, h.parity_step) > step:
+            snap.segments[slot].write_header(h.invalid())
+
+
+def _fallback(snap: Snapshotter, scheduler: Any, statuses: list[dict[str, Any]], t0: float) -> Restored:
+    gone = lost(statuses)
+    seen = any(st["seen"] for st in statuses)
+    root = None if snap.cfg.flush_dir is None else Path(snap.cfg.flush_dir)
+    if gone is None:
+        what = f"no keeper holds a snapshot of job '{snap.cfg.job}'"
+    else:
+        step, ranks = gone
+        m = snap.topo.m
+        what = (
+            f"the in-memory snapshot of job '{snap.cfg.job}' is lost: step {step} is gone from "
+            f"ranks {ranks} (their node or keeper lost, or the snapshot incomplete), more than "
+            + (
+                f"the {m} lost node(s) per coding group parity can rebuild"
+                if m
+                else "can be rebuilt (parity 0)"
+            )
+        )
+    disk = _disk_step(snap, root)
+    if disk is None:
+        if not seen:
+            message = f"offload snapshot: {what}, and no disk snapshot: starting fresh"
+            _say(snap, message)
+            return Restored(source="none", step=None, message=message, seconds=time.perf_counter() - t0)
+        where = f"in {root}" if root is not None else "(SnapshotConfig.flush_dir is not set)"
+        raise SnapshotLost(
+            f"offload snapshot: {what}; and there is no disk checkpoint {where} to fall back to"
+        )
+    kind, step, path = disk
+    shown = path.parent if kind == "flushed" else path  # the step's directory: the same on every rank
+    message = f"offload snapshot: {what}; falling back to the disk checkpoint {shown} (step {step})"
+    _say(snap, message)
+    if kind == "checkpoint":
+        from offload.checkpoint import load
+
+        extra = load(snap.model, snap.optimizer, path, scheduler=scheduler)
+    else:
+        extra = _load_flushed(snap, path, scheduler)
+    return Restored(source="disk", step=step, extra=extra, message=message, seconds=time.perf_counter() - t0)
+
+
+def _disk_step(snap: Snapshotter, root: Path | None) -> tuple[str, int, Path] | None:
+    """The newest flushed snapshot every rank has under root: ("flushed", step, this rank's file);
+    one rank: or an offload.save checkpoint there, ("checkpoint", step, its directory), if newer."""
+    if root is None:
+        return None
+    have = flush.flushed_steps(root, rank=snap.rank)
+    everyone = [have] if snap.pg is None else parity.gather_json(snap.pg, have)
+    common = set(everyone[0]).intersection(*everyone[1:])
+    best = None if not common else ("flushed", max(common), flush.rank_file(root, max(common), snap.rank))
+    if snap.world == 1:
+        from offload.checkpoint import list_checkpoints
+
+        saved = list_checkpoints(root)
+        if saved and (best is None or saved[-1][0] > best[1]):
+            best = ("checkpoint", *saved[-1])
+    return best
+
+
+def _load_flushed(snap: Snapshotter, path: Path, scheduler: Any) -> dict[str, Any]:
+    h, raw = flush.read(path)
+    if (h.job, h.rank, h.world) != (snap.cfg.job, snap.rank, snap.world):
+        raise payload.SnapshotMismatch(
+            f"{path} holds rank {h.rank} of {h.world} of job '{h.job}', not rank {snap.rank} of "
+            f"{snap.world} of job '{snap.cfg.job}'"
+        )
+    data = torch.frombuffer(raw, dtype=torch.uint8)
+    idx, _ = payload.read_index(raw)
+    payload.check(idx, snap.rt, snap.rank, snap.world, str(path))
+    return payload.load(snap.rt, snap.optimizer, data, scheduler=scheduler, where=str(path))
+
+
+def _say(snap: Snapshotter, message: str) -> None:
+    if snap.rank == 0:
+        print(message, file=sys.stderr, flush=True)
