@@ -3,11 +3,13 @@ bytes), and killing a keeper the way a lost node loses it (SIGKILL), waiting unt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from offload.snapshot.keeper import PIDFILE
@@ -15,6 +17,17 @@ from offload.snapshot.keeper import PIDFILE
 
 def scratch() -> Path:
     return Path(tempfile.mkdtemp(prefix="osnap-", dir="/tmp"))
+
+
+@contextlib.contextmanager
+def keeper_dir() -> Iterator[Path]:
+    """A keeper directory (not made yet) under a scratch directory; every keeper under it is killed
+    on the way out."""
+    base = scratch()
+    try:
+        yield base / "k"
+    finally:
+        remove(base)
 
 
 def kill_keeper(where: Path) -> None:

@@ -13,14 +13,16 @@ import pytest
 import torch
 
 import offload
-from offload.config import ConfigError
-from offload.snapshot import flush, segment
+from offload.cli.main import main
+from offload.config import ConfigError, Tier, load_config
+from offload.plan import make_plan
+from offload.snapshot import flush, payload, segment
 from offload.snapshot.client import KeeperClient
-from offload.snapshot.config import SnapshotConfig, interval
+from offload.snapshot.config import SnapshotConfig, interval, memory_factor
 from offload.snapshot.payload import SnapshotMismatch
 from offload.snapshot.recovery import SnapshotLost
 from offload.snapshot.snapshotter import Snapshotter
-from tests.keepers import kill_keeper, remove, scratch
+from tests.keepers import keeper_dir, kill_keeper
 from tests.models import batches, tiny
 
 STEPS, SNAPPED = 5, 3
@@ -28,11 +30,8 @@ STEPS, SNAPPED = 5, 3
 
 @pytest.fixture
 def where() -> Iterator[Path]:
-    base = scratch()
-    try:
-        yield base / "k"
-    finally:
-        remove(base)
+    with keeper_dir() as d:
+        yield d
 
 
 def make(layers: int = 3, **overrides: Any) -> tuple[Any, Any, Any]:
@@ -242,3 +241,23 @@ def test_refusals(where: Path) -> None:
         match=r"snapshot parity = 1 needs at least 2 nodes \(each with its own keeper\); this job has 1",
     ):
         Snapshotter(model, opt, dir=str(where), parity=1)
+
+
+def test_the_plan_counts_what_the_keeper_holds(where: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, opt, sched = make()
+    snap = Snapshotter(model, opt, dir=str(where))
+    train(model, opt, sched, range(1, 3), snap)
+    snap.wait()
+    held = sum(seg.nbytes for seg in snap.segments.values())  # two buffers
+    cfg = load_config(None, device="cpu", dtype="float32")
+    plan = make_plan(tiny("gpt2", layers=3), cfg, batch_size=1, seq_len=1, snapshot=memory_factor(1))
+    planned = plan.get("snapshot", Tier.HOST)
+    # What the plan leaves out, per buffer: the header, the index (about 20 KiB: the RNG states)
+    # and page rounding.
+    assert 0 <= held - planned <= 2 * (segment.HEADER_BYTES + (32 << 10) + 2 * payload.BASE_ALIGN)
+    assert memory_factor(3) == 2 * 3 / 2 and memory_factor(5, parity=2, buffers=1) == 5 / 3
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
+    assert main(["plan", recipe, "--no-detect", "--snapshot-nodes", "3"]) == 0
+    assert "\nsnapshot " in capsys.readouterr().out
+    assert main(["plan", recipe, "--no-detect", "--snapshot-nodes", "3", "--snapshot-parity", "3"]) == 2
+    assert "snapshot parity = 3 needs at least 4 nodes" in capsys.readouterr().err

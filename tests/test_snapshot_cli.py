@@ -15,16 +15,13 @@ from offload.cli.main import main
 from offload.snapshot import flush, segment
 from offload.snapshot.client import KeeperClient
 from offload.snapshot.segment import Header
-from tests.keepers import remove, scratch
+from tests.keepers import keeper_dir
 
 
 @pytest.fixture
 def where() -> Iterator[Path]:
-    base = scratch()
-    try:
-        yield base / "k"
-    finally:
-        remove(base)
+    with keeper_dir() as d:
+        yield d
 
 
 def committed(where: Path, step: int = 9) -> None:

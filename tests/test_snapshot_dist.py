@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from offload.cli.main import main as cli
+from offload.snapshot import segment
 from tests.keepers import kill_keeper, remove, scratch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +85,9 @@ def test_kill_trainer_then_node_then_two_nodes(
     proc = launch({**spec, "phase": "reference", "victim": 2}, ref, ok=False)
     assert proc.returncode != 0 and (ref / "losses.json").exists(), proc.stderr[-4000:]
     nodes = [keepers / f"node{r}" for r in range(WORLD)]
+    stats = [json.loads((ref / f"stats_{r}.json").read_text()) for r in range(WORLD)]
+    chunk = segment.chunk_bytes(max(s["payload"] for s in stats), 2)  # k = 2 data chunks
+    assert {s["segment"] for s in stats} == {segment.HEADER_BYTES + 3 * chunk}  # and m = 1 parity cell
 
     assert cli(["snapshot", "status", *(f"--dir={n}" for n in nodes)]) == 0
     status = capsys.readouterr().out

@@ -20,19 +20,15 @@ from offload.snapshot import keeper, segment
 from offload.snapshot.client import KeeperClient, start_keeper
 from offload.snapshot.keeper import Keeper, KeeperError, secure_dir
 from offload.snapshot.segment import Cell, Header
-from tests.keepers import kill_keeper, remove, scratch
+from tests.keepers import keeper_dir, kill_keeper
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def where() -> Iterator[Path]:
-    """A keeper directory short enough for a socket path; its keeper is killed afterwards."""
-    base = scratch()
-    try:
-        yield base / "k"
-    finally:
-        remove(base)
+    with keeper_dir() as d:
+        yield d
 
 
 def header(**changes: object) -> Header:

@@ -47,6 +47,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="matmul TFLOPS for offload_saved's choice (default: measured on CUDA, else 300)",
     )
+    p.add_argument(
+        "--snapshot-nodes",
+        type=int,
+        default=None,
+        help="count in-memory snapshots (offload.snapshot) over this many nodes (keepers)",
+    )
+    p.add_argument(
+        "--snapshot-parity", type=int, default=None, help="their parity m (default 1, 0 on one node)"
+    )
+    p.add_argument("--snapshot-buffers", type=int, default=2, help="segments per rank (default 2)")
     p.set_defaults(func=run)
 
 
@@ -63,6 +73,15 @@ def _rates(args: argparse.Namespace) -> Rates | None:
     link = ASSUMED.h2d_bytes_s if args.link_gbs is None else args.link_gbs * 1e9
     flops = ASSUMED.flops if args.tflops is None else args.tflops * 1e12
     return Rates(link, link, flops)
+
+
+def _snapshot(args: argparse.Namespace) -> float:
+    """The keeper's memory as a multiple of the state (0: no --snapshot-nodes)."""
+    if args.snapshot_nodes is None:
+        return 0.0
+    from offload.snapshot.config import memory_factor
+
+    return memory_factor(args.snapshot_nodes, args.snapshot_parity, args.snapshot_buffers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             local_ranks=args.nproc_per_node,
             detect=args.detect,
             rates=_rates(args),
+            snapshot=_snapshot(args),
         )
     except (ConfigError, UnsupportedModelError, ValueError) as e:
         raise CliError(str(e)) from None

@@ -46,6 +46,7 @@ def make_plan(
     blocks: str | None = None,
     detect: bool = False,
     rates: Rates | None = None,
+    snapshot: float = 0.0,
 ) -> Plan:
     """The placement plan of model (meta device is enough) under cfg.
 
@@ -55,7 +56,8 @@ def make_plan(
     None are read from the machine (host RAM, free space under nvme_dirs, the CUDA device's
     memory); without it None is unbounded. rates: the host link's and the matmul's, for the
     recompute-or-offload choice of placement.offload_saved; None: measured when detecting on a
-    CUDA machine, else assumed.
+    CUDA machine, else assumed. snapshot: the snapshot keeper's host memory as a multiple of the
+    rank's master, m and v (offload.snapshot.config.memory_factor; 0: none).
     """
     local = world_size if local_ranks is None else local_ranks
     for name, value in (
@@ -83,6 +85,7 @@ def make_plan(
         seq_len=seq_len,
         grad_accum=grad_accum,
         activations=_activations_tier(cfg, notes),
+        snapshot=snapshot,
     )
     need = _needs(shape, local, on_cpu)
     settings = _device_blocks(shape, cfg, base, need, budgets[Tier.GPU], notes)

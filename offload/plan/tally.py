@@ -26,6 +26,7 @@ KINDS = (
     "saved",
     "device_buffers",
     "nvme_staging",
+    "snapshot",
     "overhead",
 )
 """Rows of the plan: the store's per-record state first (master, optimizer, wire, gradients: what
@@ -72,6 +73,9 @@ class Settings:
     None: all of them."""
     spill_master: bool = False
     """The spilled blocks' fp32 masters live in their nvme files too."""
+    snapshot: float = 0.0
+    """The node's snapshot keeper holds this many times the rank's master, m and v (buffers *
+    (k + m) / k, offload.snapshot.config.memory_factor); 0: no snapshots."""
 
     @property
     def residents_on_device(self) -> bool:
@@ -168,6 +172,9 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
     if s.optimizer is Tier.NVME and spill:
         halves = 3 if s.spill_master else 2  # master (with master nvme), m, v
         t.add("nvme_staging", Tier.HOST, NVME_STAGED_BLOCKS * halves * nvme_half_bytes(part))
+    # The keeper's segments (offload/snapshot): every record's master, m, v and step count.
+    snapshot_state = 12 * (streamed * part + n_dev * n + rn) + 64 * (shape.blocks + 1)
+    t.add("snapshot", Tier.HOST, int(s.snapshot * snapshot_state))
     t.add("overhead", Tier.HOST, HOST_OVERHEAD_BYTES)
     return t
 

@@ -121,3 +121,13 @@ def interval(stall_s: float, step_s: float, budget: float) -> int:
     if step_s <= 0 or stall_s <= 0:
         return 1
     return max(1, math.ceil(stall_s / (budget * step_s)))
+
+
+def memory_factor(nodes: int, parity: int | None = None, buffers: int = 2) -> float:
+    """The keeper's memory as a multiple of a rank's snapshot payload: buffers * (k + m) / k for
+    a coding group of ``nodes`` nodes (the planner's ``snapshot`` row)."""
+    from offload.snapshot.topology import node_keys_to_topology
+
+    SnapshotConfig(parity=parity, buffers=buffers)  # the checks and messages of the config's fields
+    t = node_keys_to_topology([str(n) for n in range(nodes)], 0, parity)
+    return buffers * (t.k + t.m) / t.k
