@@ -94,17 +94,30 @@ def run_offload(a: argparse.Namespace) -> dict:
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(a.size, a.seq))
     nparams = sum(p.numel() for p in model.parameters())
-    model, opt = offload.wrap(
-        model,
-        init="random",
+    from offload.config import load_config
+    from offload.plan import account, make_plan
+
+    cfg = load_config(
+        None,
         device=a.device,
         dtype="bfloat16",
         slots=a.slots,
-        placement={"device_blocks": a.device_blocks, "optimizer_state": a.optimizer_state},
+        placement={
+            "device_blocks": a.device_blocks,
+            "optimizer_state": a.optimizer_state,
+            "master": a.master,
+            "spill_blocks": a.spill_blocks,
+        },
         nvme_dirs=[a.nvme_dir] if a.nvme_dir else [],
+        budgets={"host_bytes": a.host_bytes, "gpu_bytes": a.gpu_bytes},
         optimizer={"lr": 1e-5, "overlap_backward": bool(a.overlap), "threads": a.adam_threads},
         trace=a.trace,
     )
+    # The plan the runtime follows, and what this run is measured against (plan_vs_measured).
+    plan = make_plan(model, cfg, batch_size=a.batch, seq_len=a.seq, world_size=world, detect=True)
+    if rank == 0:
+        print(plan.table(), flush=True)
+    model, opt = offload.wrap(model, cfg, init="random", plan=plan)
     init_s = time.perf_counter() - t0
     print(f"offload: {nparams / 1e9:.2f}B params, rank {rank} of {world}, init {init_s:.1f}s", flush=True)
     g = torch.Generator().manual_seed(rank)  # each rank its own batch
@@ -154,7 +167,9 @@ def run_offload(a: argparse.Namespace) -> dict:
         rss_peak_per_rank_GiB=[b / 2**30 for b in rss_peaks],
         pool=rt.pool.stats().table(),
     )
-    if a.optimizer_state == "nvme":
+    out["plan_vs_measured"] = account(plan, rt).to_json()
+    out["plan"] = plan.to_json()
+    if a.nvme_dir:
         out["nvme"] = disk_floor(a.nvme_dir, rt.state_tier.stored_bytes(), step_s)
     if a.trace:
         busy = rt.tracer.summary()
@@ -213,6 +228,10 @@ def run_baseline(script: str, args: list[str], outname: str, env: dict) -> dict:
     return r
 
 
+def _blocks(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="3b", choices=sorted(SHAPES))
@@ -226,7 +245,15 @@ def main() -> None:
     ap.add_argument(
         "--adam-threads", type=int, default=None, help="CPU optimizer threads (default: cores - 2)"
     )
-    ap.add_argument("--device-blocks", type=int, default=0, help="blocks whose state stays on the GPU")
+    ap.add_argument(
+        "--device-blocks", type=_blocks, default=0, help="blocks whose state stays on the GPU, or auto"
+    )
+    ap.add_argument(
+        "--spill-blocks", type=int, default=None, help="placement.spill_blocks (null: from budgets)"
+    )
+    ap.add_argument("--master", default="host", choices=["host", "nvme", "auto"], help="placement.master")
+    ap.add_argument("--host-bytes", default=None, help="budgets.host_bytes, e.g. 120GiB")
+    ap.add_argument("--gpu-bytes", default=None, help="budgets.gpu_bytes, e.g. 74GiB")
     ap.add_argument(
         "--optimizer-state", default="host", choices=["host", "nvme"], help="where Adam m and v live"
     )
