@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 import offload
 from offload.config import Tier, load_config
 from offload.plan import make_plan
-from tests.models import batches, tiny
+from tests.models import run_steps, tiny
+from tests.test_dist import global_batch
 
 
 def main(spec: dict) -> None:
@@ -30,20 +31,16 @@ def main(spec: dict) -> None:
         model = tiny(spec["family"], layers=spec.get("layers", 3))
         wrapped, opt = offload.wrap(model, device=device, dtype="float32", **spec["wrap"])
         per_rank = spec["batch"] // world
-        losses = []
-        for step in range(spec["steps"]):
-            total = torch.zeros(())
-            for micro in range(spec.get("accum", 1)):
-                ids = batches(1, batch=spec["batch"], seed=100 + step * 10 + micro)[0]
-                mine = ids[rank * per_rank : (rank + 1) * per_rank]
-                loss = wrapped(input_ids=mine, labels=mine).loss / spec.get("accum", 1)
-                loss.backward()
-                total += loss.detach().cpu()
-            opt.step()
-            opt.zero_grad()
-            total = total.to(wrapped.runtime.device.torch)
+
+        def mine(step: int, micro: int) -> torch.Tensor:
+            return global_batch(spec, step, micro)[rank * per_rank : (rank + 1) * per_rank]
+
+        def mean_over_ranks(loss: float) -> float:
+            total = torch.tensor([loss], device=wrapped.runtime.device.torch)
             dist.all_reduce(total)
-            losses.append(float(total) / world)
+            return float(total) / world
+
+        losses = run_steps(wrapped, opt, spec["steps"], spec.get("accum", 1), mine, mean_over_ranks)
         rt = wrapped.runtime
         streamed = [r for r in rt.blocks if not r.on_device]
         dev = wrapped.runtime.device.torch

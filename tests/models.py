@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import (
     GPT2Config,
@@ -101,3 +103,29 @@ class Stack(torch.nn.Module):
         for layer in self.layers:
             h = layer(h)
         return torch.nn.functional.mse_loss(self.head(h).squeeze(-1), y)
+
+
+def run_steps(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    accum: int,
+    batch_of: Callable[[int, int], torch.Tensor],
+    reduce: Callable[[float], float] = float,
+) -> list[float]:
+    """The plain training loop of the exactness tests: per step, accum micro-batches
+    ``batch_of(step, micro)`` (the loss divided by accum, as a reference loop does), then
+    step() and zero_grad(). Returns each step's loss, passed through reduce (e.g. a mean over
+    ranks)."""
+    losses = []
+    for step in range(steps):
+        total = 0.0
+        for micro in range(accum):
+            ids = batch_of(step, micro)
+            loss = model(input_ids=ids, labels=ids).loss / accum
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        losses.append(reduce(total))
+    return losses

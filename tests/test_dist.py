@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import offload
-from tests.models import batches, tiny
+from tests.models import batches, run_steps, tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,18 +29,15 @@ def one_rank(spec: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
         dtype="float32",
         **spec["wrap"],
     )
-    losses = []
-    for step in range(spec["steps"]):
-        total = 0.0
-        for micro in range(spec.get("accum", 1)):
-            ids = batches(1, batch=spec["batch"], seed=100 + step * 10 + micro)[0]
-            loss = wrapped(input_ids=ids, labels=ids).loss / spec.get("accum", 1)
-            loss.backward()
-            total += loss.item()
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
+    losses = run_steps(
+        wrapped, opt, spec["steps"], spec.get("accum", 1), lambda step, micro: global_batch(spec, step, micro)
+    )
     return losses, offload.state_dict(wrapped)
+
+
+def global_batch(spec: dict, step: int, micro: int) -> torch.Tensor:
+    """The batch of every rank together at (step, micro): the same in the worker and here."""
+    return batches(1, batch=spec["batch"], seed=100 + step * 10 + micro)[0]
 
 
 def torchrun(world: int, spec: dict, out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:

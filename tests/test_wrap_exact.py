@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import offload
-from tests.models import batches, tiny
+from tests.models import batches, run_steps, tiny
 
 STEPS = 10
 
@@ -45,17 +45,7 @@ def train_offload(model, data, accum, lr, wd, clip, placement, **config):
         placement=placement,
         **config,
     )
-    losses = []
-    for step in range(STEPS):
-        total = 0.0
-        for micro in range(accum):
-            ids = data[step * accum + micro]
-            loss = wrapped(input_ids=ids, labels=ids).loss / accum
-            loss.backward()
-            total += loss.item()
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
+    losses = run_steps(wrapped, opt, STEPS, accum, lambda step, micro: data[step * accum + micro])
     return losses, offload.state_dict(wrapped)
 
 
