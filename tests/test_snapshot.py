@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import offload
+from offload.checkpoint.capture import CaptureFence
 from offload.cli.main import main
 from offload.config import ConfigError, Tier, load_config
 from offload.plan import make_plan
@@ -261,3 +262,40 @@ def test_the_plan_counts_what_the_keeper_holds(where: Path, capsys: pytest.Captu
     assert "\nsnapshot " in capsys.readouterr().out
     assert main(["plan", recipe, "--no-detect", "--snapshot-nodes", "3", "--snapshot-parity", "3"]) == 2
     assert "snapshot parity = 3 needs at least 4 nodes" in capsys.readouterr().err
+
+
+def test_adam_state_on_nvme_is_captured_through_its_tier(where: Path, disk_dir: Path) -> None:
+    nvme = {"placement": {"optimizer_state": "nvme"}, "nvme_dirs": [str(disk_dir / "state")]}
+    ref = reference(where, nvme)
+    restored, losses, state = resume(ref[2], **nvme)
+    assert (restored.source, restored.step) == ("keeper", SNAPPED)
+    assert_continues(ref, losses, state)
+
+
+def test_a_failed_snapshot_is_reported_once_and_the_last_one_stays(
+    where: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, opt, sched = make(layers=2)
+    snap = Snapshotter(model, opt, dir=str(where))
+    train(model, opt, sched, range(1, 2), snap)
+    snap.wait()
+    rt = model.runtime
+    ready = CaptureFence.wait_ready
+
+    def save_meanwhile(fence: CaptureFence, rec: Any) -> None:
+        ready(fence, rec)
+        rt.updater.fence = None  # as offload.save() would have replaced the snapshot's fence
+
+    monkeypatch.setattr(CaptureFence, "wait_ready", save_meanwhile)
+    failed = snap.snapshot(2)
+    with pytest.raises(
+        RuntimeError, match=r"a checkpoint save started while this snapshot was being captured"
+    ):
+        failed.wait()
+    monkeypatch.undo()
+    steps = [h.step for h in (snap.header(0), snap.header(1)) if h is not None]
+    assert sorted(steps) == [-1, 1]  # the failed one's slot holds nothing; step 1 stays
+    snap.snapshot(3).wait()
+    snap.snapshot(4).wait()
+    err = capsys.readouterr().err
+    assert err.count("offload snapshot: the snapshot of step 2 failed: a checkpoint save started") == 1

@@ -18,7 +18,6 @@ records are copied inside the call. One snapshot at a time: the next call waits 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import os
 import signal
@@ -73,6 +72,7 @@ class Snapshotter:
         self.topo = node_keys_to_topology(keys, self.rank, self.cfg.parity)
         self.segments: dict[int, Segment] = {}
         self.current: SnapshotHandle | None = None
+        self._reported: SnapshotHandle | None = None  # the last failed snapshot already printed
         self.crc_pool = ThreadPoolExecutor(CRC_THREADS, thread_name_prefix="offload-snapshot-crc")
         self._next: int | None = None  # the step auto takes its next snapshot at
         self._last_call: tuple[int, float] | None = None
@@ -170,17 +170,28 @@ class Snapshotter:
             self.current.wait()
 
     def wait_idle(self) -> None:
-        """Waits for the snapshot in flight (its error stays with its handle)."""
-        if self.current is not None:
-            with contextlib.suppress(BaseException):
-                self.current.wait()
+        """Waits for the snapshot in flight. Its error stays with its handle and is printed once:
+        training goes on, and the keeper still holds the last snapshot that committed."""
+        last = self.current
+        if last is None:
+            return
+        try:
+            last.wait()
+        except BaseException as e:
+            if last is not self._reported:
+                self._reported = last
+                print(
+                    f"offload snapshot: the snapshot of step {last.step} failed: {e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def _proposed_interval(self) -> int:
         """Steps until the next snapshot by this rank's measurements (auto), or 1."""
         last = self.current
-        if self.cfg.every != "auto" or last is None or not last.done() or last._stats is None:
+        if self.cfg.every != "auto" or last is None or not last.done():
             return 1
-        return interval(last._stats.stall_s, self._step_s, self.cfg.budget)
+        return interval(last.stats.stall_s, self._step_s, self.cfg.budget)
 
     def _agree(self, need: int, every: int) -> tuple[int, int]:
         """The largest payload and interval over the ranks: one chunk size and schedule for all."""
