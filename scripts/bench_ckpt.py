@@ -30,7 +30,6 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_train import llama_config  # noqa: E402
+from bench_train import llama_config, train_step  # noqa: E402
 
 DEFAULTS = {  # size -> (batch, seq) when not given: 4 x 2048 as bench_train, smaller on the CPU
     "cuda": (4, 2048),
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda" if cuda else "cpu")
     for _ in range(a.warmup):
         train_step(model, opt, x, cuda)
-    plain = [train_step(model, opt, x, cuda) for _ in range(a.steps)]
+    plain = [train_step(model, opt, x, cuda)[0] for _ in range(a.steps)]
     ours = run_saves(a, model, opt, x, cuda)
     shutil.rmtree(a.dir / "offload", ignore_errors=True)
     dcp = run_dcp(a, model, opt, x, cuda) if not a.no_dcp else None
@@ -133,24 +132,6 @@ def wrap(a: argparse.Namespace, model: Any, cuda: bool, nparams: int) -> tuple[A
     return model, opt
 
 
-def train_step(model: Any, opt: Any, x: Any, cuda: bool, after: Callable[[], None] | None = None) -> float:
-    """One step's wall time, the device drained at both ends (the optimizer's worker runs on);
-    after: called at the step boundary, inside the timed span (a save)."""
-    import torch
-
-    if cuda:
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    loss = model(input_ids=x, labels=x).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    if after is not None:
-        after()
-    loss.item()
-    return time.perf_counter() - t
-
-
 def run_saves(a: argparse.Namespace, model: Any, opt: Any, x: Any, cuda: bool) -> dict[str, Any]:
     """N steps, a save after every --save-every of them (the save() call inside the step's time)."""
     import offload
@@ -167,7 +148,7 @@ def run_saves(a: argparse.Namespace, model: Any, opt: Any, x: Any, cuda: bool) -
         def save(step: int = step) -> None:
             handles.append(offload.save(model, opt, root, step=step, staging_bytes=staging))
 
-        times.append(train_step(model, opt, x, cuda, save if saving else None))
+        times.append(train_step(model, opt, x, cuda, save if saving else None)[0])
         if saving and len(handles) > 1:  # save() waited for it: committed; keep one on disk
             shutil.rmtree(handles[-2].wait(), ignore_errors=True)
         print(f"step {step} {times[-1]:.3f} s{' (save)' if saving else ''}", flush=True)
@@ -215,7 +196,7 @@ def run_dcp(a: argparse.Namespace, model: Any, opt: Any, x: Any, cuda: bool) -> 
     call_s = time.perf_counter() - t0
     times = []
     while not fut.done() and len(times) < a.steps:
-        times.append(train_step(model, opt, x, cuda))
+        times.append(train_step(model, opt, x, cuda)[0])
     fut.result()
     total_s = time.perf_counter() - t0
     written = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

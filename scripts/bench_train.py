@@ -23,8 +23,10 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -81,6 +83,26 @@ def per_rank(value: float, world: int) -> list[float]:
     return [float(p.item()) for p in parts]
 
 
+def train_step(
+    model: Any, opt: Any, x: Any, cuda: bool, after: Callable[[], None] | None = None
+) -> tuple[float, float]:
+    """One step's wall time and loss, the device drained at both ends (the optimizer's worker runs on);
+    after: called at the step boundary, inside the timed span (a save)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    if after is not None:
+        after()
+    value = loss.item()  # syncs the device; the optimizer's updates run on
+    return time.perf_counter() - t, value
+
+
 def run_offload(a: argparse.Namespace) -> dict:
     import psutil
     import torch
@@ -124,15 +146,9 @@ def run_offload(a: argparse.Namespace) -> dict:
     x = torch.randint(0, 32000, (a.batch, a.seq), generator=g).to(a.device)
     times, losses = [], []
     for s in range(a.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())  # syncs the device; the optimizer's updates run on
-        times.append(time.perf_counter() - t)
+        seconds, loss = train_step(model, opt, x, cuda)
+        times.append(seconds)
+        losses.append(loss)
         if rank == 0:
             print(f"step {s} {times[-1]:.3f}s loss {losses[-1]:.3f}", flush=True)
     rt = model.runtime
