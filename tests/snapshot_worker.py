@@ -27,8 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import offload
-from offload.snapshot.config import SnapshotConfig
-from offload.snapshot.snapshotter import Snapshotter
+from offload.snapshot import SnapshotConfig, Snapshotter
 
 
 class Layer(nn.Module):

@@ -234,9 +234,10 @@ class Snapshotter:
                 self.segments[slot] = seg
         return seg
 
-    def header(self, slot: int) -> Header | None:
-        """The header of this rank's segment in slot when it belongs to this job, else None."""
-        seg = self.open(slot)
+    def header(self, slot: int, *, ask: bool = True) -> Header | None:
+        """The header of this rank's segment in slot when it belongs to this job, else None.
+        ask=False: only from a segment already mapped (no request to the keeper)."""
+        seg = self.open(slot) if ask else self.segments.get(slot)
         h = None if seg is None else seg.header()
         return h if h is not None and h.job == self.cfg.job else None
 
@@ -251,14 +252,20 @@ class Snapshotter:
 
     def flush(self, root: str | os.PathLike[str] | None = None, *, wait: bool = True) -> Path:
         """Writes this rank's newest committed snapshot to root (default: flush_dir) as
-        ``snap_<step>/rank_<r>.snap``; with wait, the snapshot in flight first."""
+        ``snap_<step>/rank_<r>.snap``; with wait, the snapshot in flight first. wait=False (the
+        SIGTERM handler) neither waits nor asks the keeper anything: the signal may have come in
+        the middle of a request on this thread, and the connection is not reentrant."""
         where = root if root is not None else self.cfg.flush_dir
         if where is None:
             raise ValueError("flush() needs a directory: pass root= or set SnapshotConfig.flush_dir")
         if wait:
             self.wait_idle()
         best = max(
-            ((h.step, slot) for slot in range(self.cfg.buffers) if (h := self.header(slot)) is not None),
+            (
+                (h.step, slot)
+                for slot in range(self.cfg.buffers)
+                if (h := self.header(slot, ask=wait)) is not None
+            ),
             default=(-1, -1),
         )
         if best[0] < 0:
@@ -267,7 +274,10 @@ class Snapshotter:
             )
         seg = self.segments[best[1]]
         h = seg.header()
-        assert h is not None
+        if h is None or h.step != best[0]:
+            raise flush.FlushError(
+                f"the snapshot of step {best[0]} changed while it was flushed: flush again"
+            )
         return flush.write(seg.mm, h, Path(where))
 
     def install_sigterm(self) -> None:
