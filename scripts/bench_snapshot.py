@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_train import init_ranks, llama_config  # noqa: E402
+from bench_train import init_ranks, llama_config, train_step  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -115,20 +115,8 @@ def snapshotter(model: Any, opt: Any, a: argparse.Namespace, scratch: Path, rank
 
 
 def step(model: Any, opt: Any, x: Any, cuda: bool, after: Any = None) -> float:
-    """One step's wall time, the device drained at both ends; after: called at the step boundary."""
-    import torch
-
-    if cuda:
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    loss = model(input_ids=x, labels=x).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    if after is not None:
-        after()
-    loss.item()
-    return time.perf_counter() - t
+    """One step's wall time (bench_train's timed step); after: called at the step boundary."""
+    return train_step(model, opt, x, cuda, after)[0]
 
 
 def run(snap: Any, model: Any, opt: Any, x: Any, cuda: bool, steps: int, lazy: bool) -> dict[str, Any]:
