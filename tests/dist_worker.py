@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,21 @@ def main(spec: dict) -> None:
             dist.all_reduce(total)
             return float(total) / world
 
-        losses = run_steps(wrapped, opt, spec["steps"], spec.get("accum", 1), mine, mean_over_ranks)
+        accum, start = spec.get("accum", 1), spec.get("start", 0)
+        if "load" in spec:  # a checkpoint saved at step `start`, by any number of ranks
+            offload.load(wrapped, opt, spec["load"])
+        save_at = spec.get("save_at", spec["steps"])
+
+        def shifted(begin: int) -> Any:
+            return lambda step, micro: mine(begin + step, micro)
+
+        losses = run_steps(wrapped, opt, save_at - start, accum, shifted(start), mean_over_ranks)
+        if "save_at" in spec:  # every rank calls save(); rank 0 writes
+            try:
+                offload.save(wrapped, opt, spec.get("save_root", spec["out"] + "/ckpt"), step=save_at).wait()
+            except Exception as e:  # the failure test: every rank must get an error, none may hang
+                Path(spec["out"], f"save_error.{rank}").write_text(f"{type(e).__name__}: {e}")
+        losses += run_steps(wrapped, opt, spec["steps"] - save_at, accum, shifted(save_at), mean_over_ranks)
         rt = wrapped.runtime
         streamed = [r for r in rt.blocks if not r.on_device]
         dev = wrapped.runtime.device.torch

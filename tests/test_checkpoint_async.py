@@ -189,18 +189,6 @@ def test_failed_save_surfaces_on_wait_and_leaves_no_checkpoint(
     model.runtime.close()
 
 
-def test_save_refuses_a_multi_rank_run(tmp_path: Path) -> None:
-    model, opt = make(CLIP)
-    model.runtime.group = object()  # as under torchrun: records hold shards
-    with pytest.raises(NotImplementedError, match="multi-rank runs cannot be saved yet"):
-        save(model, opt, tmp_path, step=1)
-    with pytest.raises(NotImplementedError, match="multi-rank runs cannot be loaded yet"):
-        load(model, opt, tmp_path)
-    model.runtime.group = None
-    model.runtime.close()
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_staging_bytes_must_be_positive(tmp_path: Path) -> None:
     model, opt = make(CLIP)
     with pytest.raises(ValueError, match="staging_bytes = 0"):

@@ -41,6 +41,7 @@ def global_batch(spec: dict, step: int, micro: int) -> torch.Tensor:
 
 
 def torchrun(world: int, spec: dict, out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    out.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "out": str(out)}
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
@@ -106,3 +107,40 @@ def test_two_gpus_match_one_gpu(tmp_path: Path) -> None:
         "wrap": {"optimizer": {"lr": 3e-3, "overlap_backward": True}, "placement": {"device_blocks": 1}},
     }
     assert_matches(2, spec, tmp_path)
+
+
+def test_checkpoint_saved_at_one_world_size_loads_at_another(tmp_path: Path) -> None:
+    """Saved by 2 ranks (rank 0 writes the whole blocks their shards make), loaded by 3 ranks
+    and by 1: the steps after the checkpoint equal the run that went straight on."""
+    spec = {
+        "family": "llama",
+        "batch": 6,
+        "steps": 4,
+        "wrap": {"optimizer": {"lr": 3e-3, "weight_decay": 0.1}},
+    }
+    straight_losses, straight = torchrun(2, {**spec, "save_at": 2}, tmp_path / "two")
+    ckpt = tmp_path / "two" / "ckpt"
+    assert (ckpt / "latest").read_text().strip() == "step_000002"
+    resumed = {**spec, "start": 2, "load": str(ckpt)}
+    losses, state = torchrun(3, resumed, tmp_path / "three")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(straight_losses[2:]), rtol=1e-5, atol=1e-6)
+    for k, v in straight.items():
+        torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # and into a single process
+    wrapped, opt = offload.wrap(tiny("llama"), device="cpu", dtype="float32", **spec["wrap"])
+    offload.load(wrapped, opt, ckpt)
+    one = run_steps(wrapped, opt, 2, 1, lambda step, micro: global_batch(spec, 2 + step, micro))
+    torch.testing.assert_close(torch.tensor(one), torch.tensor(straight_losses[2:]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_save_rank_0_cannot_start_fails_on_every_rank(tmp_path: Path) -> None:
+    """Rank 0 alone touches the disk; when its save() fails (the root is a file), the other rank
+    must not wait for it in the writers' collectives: both get an error, training goes on."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    spec = {"family": "llama", "batch": 4, "steps": 3, "save_at": 2, "save_root": str(blocker / "ckpt")}
+    torchrun(2, {**spec, "wrap": {}}, tmp_path / "run")
+    errors = {p.name: p.read_text() for p in (tmp_path / "run").glob("save_error.*")}
+    assert sorted(errors) == ["save_error.0", "save_error.1"]
+    assert errors["save_error.0"].startswith(("FileExistsError", "NotADirectoryError"))
+    assert "another rank could not start this save" in errors["save_error.1"]

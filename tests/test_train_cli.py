@@ -153,7 +153,7 @@ def test_resume_is_exact(runs: dict[str, Path], capsys: pytest.CaptureFixture) -
     [
         (
             ["--set", "train.batch_size=4"],
-            "saved by a different recipe: train.batch_size: checkpoint 2, recipe 4",
+            "saved by a different recipe: train.global_batch_size: checkpoint 2, recipe 4",
         ),
         (["--set", "model.num_layers=2"], "model.num_layers: checkpoint 4, recipe 2"),
         (["--set", "offload.optimizer.lr=0.1"], "offload.optimizer.lr: checkpoint 0.003, recipe 0.1"),

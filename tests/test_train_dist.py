@@ -62,3 +62,29 @@ def test_two_ranks_equal_one_rank_with_the_whole_batch(tmp_path: Path) -> None:
 def test_nproc_must_be_positive(capsys: pytest.CaptureFixture) -> None:
     assert main(["train", TINY, "--nproc", "0"]) == 2
     assert "--nproc 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_two_ranks_resume_from_a_one_rank_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint written by one rank at step 2 resumes on two ranks (the store re-sharded)
+    and the remaining steps equal the run that went straight on."""
+    straight = tmp_path / "straight"
+    assert main(["train", *recipe_args(straight, batch=4), "--set", "train.save_every=2"]) == 0
+    ckpt = straight / "checkpoints" / "step_000002"
+    assert ckpt.is_dir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    resumed = [
+        *recipe_args(tmp_path / "resumed", batch=2),
+        "--set",
+        "train.save_every=2",
+        "--resume",
+        str(ckpt),
+    ]
+    cmd = [sys.executable, "-m", "offload.cli.main", "train", *resumed, "--nproc", "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((straight / "summary.json").read_text())
+    two = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert two["start_step"] == 2
+    torch.testing.assert_close(
+        torch.tensor(two["losses"]), torch.tensor(one["losses"][2:]), rtol=1e-5, atol=1e-6
+    )

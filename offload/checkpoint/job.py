@@ -88,19 +88,26 @@ class SaveJob:
     t0: float = 0.0
     call_s: float = 0.0
     waited_s: float = 0.0
+    group: Any = None  # multi-rank: the Collective (its side channel carries the shards to rank 0)
+    failed: BaseException | None = None  # the first write error (rank 0 of a multi-rank save)
 
     def run(self) -> None:
         start = time.perf_counter()
         try:
             for plan in self.plans:
                 with self.rt.tracer.span("checkpoint", "io", block=plan.rec.index):
-                    self._write(plan)
+                    if self.group is None:
+                        self._write(plan)
+                    else:
+                        self._write_ranked(plan)
             self.fence.release(self.rt)
-            self.staging.drain()  # every chunk's write has landed (or raises its error)
-            for f in self.files:
-                f.sync()
-                f.close()
-            self._commit()
+            if self.group is None or self.group.rank == 0:
+                self._guarded(self._finish)
+            if self.group is not None and not self.group.agree(self.failed is None):
+                # every rank learns the outcome from rank 0, and only after its commit
+                raise self.failed or RuntimeError("rank 0 could not write the checkpoint")
+            if self.failed is not None:
+                raise self.failed
         except BaseException as e:
             self.handle._error = e
             self._abandon()
@@ -122,11 +129,7 @@ class SaveJob:
 
     def _write(self, plan: RecordPlan) -> None:
         rec = plan.rec
-        f = oio.open(self.tmp / plan.file, "x", direct=self.direct, engine=self.staging.engine)
-        self.files.append(f)
-        f.allocate(plan.nbytes)  # a full disk fails here, before any byte of the file moves
-        fs = self.current = FileStream(self.staging, f, self.stream)
-        fs.put(None, torch.frombuffer(bytearray(plan.header), dtype=torch.uint8))
+        fs = self._open(plan)
         snap = self.snaps.pop(id(rec), None)
         if snap is None:
             self.fence.wait_ready(rec)
@@ -144,6 +147,18 @@ class SaveJob:
                 step = int(snap.step.to("cpu").item())
             self._put(fs, plan, snap.master, snap.exp_avg, snap.exp_avg_sq)
             fs.finish()
+        self._index(plan, fs, step)
+
+    def _open(self, plan: RecordPlan) -> FileStream:
+        f = oio.open(self.tmp / plan.file, "x", direct=self.direct, engine=self.staging.engine)
+        self.files.append(f)
+        f.allocate(plan.nbytes)  # a full disk fails here, before any byte of the file moves
+        fs = self.current = FileStream(self.staging, f, self.stream)
+        fs.put(None, torch.frombuffer(bytearray(plan.header), dtype=torch.uint8))
+        return fs
+
+    def _index(self, plan: RecordPlan, fs: FileStream, step: int) -> None:
+        """The record's file is written: its parameters and tensors go into the manifest."""
         self.current = None
         self.bytes += fs.bytes
         for ref in plan.refs:
@@ -153,12 +168,55 @@ class SaveJob:
         for key, entry in plan.index.items():
             self.tensors[key] = {"file": plan.file, **entry, "crc32": crcs[key]}
 
+    # ---- multi-rank: rank 0 writes the whole blocks the ranks' shards make ----------------------
+
+    def _write_ranked(self, plan: RecordPlan) -> None:
+        """A record of a multi-rank run. A sharded one: every rank hands its captured shard to rank
+        0 over the side channel (a collective, so every rank goes through every sharded record in
+        the same order, even after rank 0 failed to write one) and releases it; rank 0 writes the
+        whole block, the same file a single-rank save writes. A replicated one: rank 0 alone."""
+        assert self.group is not None
+        rec, root = plan.rec, self.group.rank == 0
+        if rec.shard is None:
+            if root:
+                self._guarded(lambda: self._write(plan))
+            return
+        self.fence.wait_ready(rec)
+        with state.optimizer_state(self.rt, rec) as held:
+            step = int(rec.step.item())
+            wholes = [self.group.gather_to_root(t) for t in held_state(rec, held)]
+        self.fence.captured(rec)  # the gathered copies are the save's: the next update may run
+        if root:
+            self._guarded(lambda: self._write_whole(plan, step, [w for w in wholes if w is not None]))
+
+    def _write_whole(self, plan: RecordPlan, step: int, wholes: list[torch.Tensor]) -> None:
+        fs = self._open(plan)
+        self._put(fs, plan, *wholes)
+        fs.finish()
+        self._index(plan, fs, step)
+
+    def _guarded(self, write: Any) -> None:
+        """Rank 0 keeps the first write error and writes nothing more, but stays in the collectives."""
+        if self.failed is not None:
+            return
+        try:
+            write()
+        except Exception as e:
+            self.failed = e
+
     @staticmethod
     def _put(fs: FileStream, plan: RecordPlan, *flats: torch.Tensor) -> None:
         """Each parameter's master, exp_avg and exp_avg_sq, from the record's flat buffers."""
         for ref in plan.refs:
             for kind, flat in zip(KINDS, flats):
                 fs.put(tensor_key(kind, ref.names[0]), ref.view(flat).reshape(-1).view(torch.uint8))
+
+    def _finish(self) -> None:
+        self.staging.drain()  # every chunk's write has landed (or raises its error)
+        for f in self.files:
+            f.sync()
+            f.close()
+        self._commit()
 
     def _commit(self) -> None:
         tmp, final = self.tmp, self.handle.path
@@ -175,6 +233,10 @@ class SaveJob:
         if self.retention is not None:
             prune(root, self.retention, protect=[final])  # after latest moved: the old one may go too
             fsync_dir(root)
+
+    def abandon(self) -> None:
+        """A save that never started its thread: the fence lifted, the directory removed."""
+        self._abandon()
 
     def _abandon(self) -> None:
         """After a failure: unblock the worker, let every write finish, remove the directory."""

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 
 from offload.checkpoint import state
@@ -36,7 +37,6 @@ def load(
     """Restores the checkpoint at path_or_root (a step directory, or a root: its ``latest``) and
     returns the ``extra`` dict it was saved with. Call it between steps (after zero_grad())."""
     rt = state.runtime_of(model, optimizer)
-    state.refuse_sharded(rt, "loaded")
     drain(rt)  # a save in flight still reads the records this overwrites
     path = resolve(path_or_root)
     problems = verify(path)
@@ -66,9 +66,14 @@ def load(
                     f"{path}: the parameters of {rec.name} were saved at different steps {steps}"
                 )
             with state.optimizer_state(rt, rec) as (master, m, v):
-                for ref in refs:
-                    for kind, flat in zip(KINDS, (master, m, v)):
-                        ref.view(flat).copy_(get(tensor_key(kind, saved_name[ref.names[0]])))
+                for kind, flat in zip(KINDS, (master, m, v)):
+                    # Multi-rank, a record holds a shard: the whole block is put together, one
+                    # kind at a time, and this rank keeps its part (any world size loads).
+                    whole = flat if rec.shard is None else torch.zeros(state.padded_numel(rt, rec))
+                    for ref in refs:
+                        ref.view(whole).copy_(get(tensor_key(kind, saved_name[ref.names[0]])))
+                    if rec.shard is not None:
+                        flat.copy_(whole[rec.shard[0] : rec.shard[1]])
                 if rec.wire.data_ptr() != master.data_ptr():
                     rec.wire.copy_(master)
             rec.step.fill_(float(steps.pop()))

@@ -48,13 +48,11 @@ def runtime_of(model: Any, optimizer: Any) -> Runtime:
     return rt
 
 
-def refuse_sharded(rt: Runtime, what: str) -> None:
-    """Checkpoints hold whole parameters; a multi-rank run's records hold shards of them."""
-    if rt.group is not None:
-        raise NotImplementedError(
-            f"checkpoints of multi-rank runs cannot be {what} yet: each rank holds a shard of every "
-            "streamed block (save from a single-process run)"
-        )
+def padded_numel(rt: Runtime, rec: BlockRecord) -> int:
+    """Elements of rec's whole flat buffer as the ranks shard it (the layout's, rounded up)."""
+    if rec.shard is None or rt.group is None:
+        return rec.layout.numel
+    return rt.group.shard(rec.layout.numel).padded
 
 
 def _same(a: object, b: object) -> bool:

@@ -38,7 +38,7 @@ from offload import io as oio
 from offload._version import __version__
 from offload.checkpoint import state
 from offload.checkpoint.capture import CaptureFence, snapshot, snapshot_bytes, step_reserve
-from offload.checkpoint.format import FORMAT_VERSION, step_dirname
+from offload.checkpoint.format import FORMAT_VERSION, CheckpointError, step_dirname
 from offload.checkpoint.handle import SaveHandle, SaveStats
 from offload.checkpoint.job import SaveJob, plan_record, write_order
 from offload.checkpoint.retention import Retention
@@ -137,7 +137,8 @@ def save(
     if staging_bytes is not None and staging_bytes < 1:
         raise ValueError(f"staging_bytes = {staging_bytes!r}: must be >= 1")
     rt = state.runtime_of(model, optimizer)
-    state.refuse_sharded(rt, "saved")
+    if rt.group is not None:
+        rt.group.side()  # made by every rank's first save(), here, in step with the others
     sched = _plain("scheduler.state_dict()", scheduler.state_dict()) if scheduler is not None else None
     extra = _plain("extra", extra if extra is not None else {})
     root = Path(root)
@@ -150,7 +151,21 @@ def save(
     rt.check_update()  # an update that already failed: the records do not hold a step
     with rt.tracer.span("save", "host", step=step):
         handle = SaveHandle(final, step)
-        job = _start(rt, model, optimizer, saver, root, handle, sched, extra, retention, staging_bytes)
+        try:
+            job: SaveJob | None = _start(
+                rt, model, optimizer, saver, root, handle, sched, extra, retention, staging_bytes
+            )
+            error: BaseException | None = None
+        except BaseException as e:
+            job, error = None, e
+    # Multi-rank: the writers meet in collectives, so either every rank starts this save or none.
+    if rt.group is not None and not rt.group.all_ok(error is None):
+        if job is not None:
+            job.abandon()
+        raise error or CheckpointError(f"checkpoint {final}: another rank could not start this save")
+    if error is not None:
+        raise error
+    assert job is not None
     job.waited_s = waited_s
     job.call_s = time.perf_counter() - t0
     job.t0 = t0
@@ -189,16 +204,21 @@ def _start(
     }
     plans = [plan_record(rec, refs) for rec, refs in state.params_of(rt)]
     staging = saver.staging_for(rt, max(p.nbytes for p in plans), staging_bytes)
-    root.mkdir(parents=True, exist_ok=True)
-    if root not in saver.direct:
-        saver.direct[root] = oio.check_direct(root).ok
+    # Multi-rank: rank 0 writes everything (the ranks hand it their shards); the others only
+    # capture their shards, so their fence holds just those and they snapshot nothing.
+    writes = rt.group is None or rt.group.rank == 0
     tmp = root / f"{handle.path.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
+    if writes:
+        root.mkdir(parents=True, exist_ok=True)
+        if root not in saver.direct:
+            saver.direct[root] = oio.check_direct(root).ok
+        tmp.mkdir()
     host = write_order([p for p in plans if not p.rec.on_device], rt.cfg.optimizer.overlap_backward)
-    fence = CaptureFence([p.rec for p in host], rt.tracer)
-    fence.install(rt, [p.rec for p in host])
+    fenced = [p.rec for p in host if writes or p.rec.shard is not None]
+    fence = CaptureFence(fenced, rt.tracer)
+    fence.install(rt, fenced)
     try:
-        on_device = [p.rec for p in plans if p.rec.on_device]
+        on_device = [p.rec for p in plans if p.rec.on_device and writes]
         saver.reserve = max(saver.reserve, step_reserve(rt.device.torch) - saver.snapshot)
         snaps, where = snapshot(rt, on_device, saver.reserve)
         saver.snapshot = snapshot_bytes(on_device) if where == "device" else 0
@@ -212,13 +232,14 @@ def _start(
         tmp=tmp,
         retention=retention,
         staging=staging,
-        direct=saver.direct[root],
+        direct=saver.direct.get(root, False),
         plans=host + [p for p in plans if p.rec.on_device],
         fence=fence,
         snaps=snaps,
         device_copy=where,
         manifest=base,
         stream=torch.cuda.Stream(rt.device.torch) if rt.device.cuda else None,
+        group=rt.group,
     )
 
 

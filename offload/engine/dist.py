@@ -54,6 +54,7 @@ class Collective:
     def __init__(self, rank: int, world: int) -> None:
         self.rank = rank
         self.world = world
+        self._side: Any = None
 
     @classmethod
     def detect(cls) -> Collective | None:
@@ -94,3 +95,31 @@ class Collective:
         full = torch.empty(shard.padded, dtype=part.dtype, device=device)
         _all_gather(full, staged, async_op=False)
         return full.cpu()
+
+    # ---- the checkpoint writer's side channel ----------------------------------------------------
+
+    def side(self) -> Any:
+        """A gloo group of the same ranks for the checkpoint writer's thread, so its collectives
+        never interleave with the training thread's on the default group. Created by the first
+        call, which every rank makes at the same point (offload.save is called by all ranks)."""
+        if self._side is None:
+            self._side = dist.new_group(backend="gloo")
+        return self._side
+
+    def gather_to_root(self, part: torch.Tensor) -> torch.Tensor | None:
+        """Rank 0 gets every rank's part (host tensors of one size) end to end; the others None."""
+        parts = [torch.empty_like(part) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(part.contiguous(), parts, dst=0, group=self.side())
+        return torch.cat(parts) if parts is not None else None
+
+    def agree(self, ok: bool) -> bool:
+        """Rank 0's verdict, on every rank."""
+        t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.broadcast(t, src=0, group=self.side())
+        return bool(t.item())
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether every rank is ok."""
+        t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.side())
+        return bool(t.item())

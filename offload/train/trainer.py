@@ -116,9 +116,7 @@ def _train(
 
     log = log or (_Progress().line if ranks.main else _quiet)
     t = recipe.train
-    if ranks.world > 1 and resume:
-        raise CheckpointError("--resume of a multi-rank run is not built yet: checkpoints are single-rank")
-    point = resume_point(recipe, resume, log) if resume else None
+    point = resume_point(recipe, resume, log, ranks.world) if resume else None
     torch.manual_seed(t.seed)
     tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.model.path)
     model, init = build_model(recipe, tokenizer.vocab_size, tokenizer.eos_id)
@@ -144,8 +142,6 @@ def _train(
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * ranks.world
     losses: list[float] = []
     saves = _Saves(recipe, log)
-    if ranks.world > 1:
-        log(f"{ranks.world} ranks: checkpoints of multi-rank runs are not built yet, this run saves none")
     began = time.perf_counter()
     try:
         for step in range(start + 1, t.steps + 1):
@@ -161,9 +157,13 @@ def _train(
             sched.step()
             losses.append(total)
             saving = step == t.steps or (t.save_every is not None and step % t.save_every == 0)
-            if saving and ranks.world == 1:
+            if saving:  # multi-rank: every rank calls save(), rank 0 writes
                 saves.start(
-                    wrapped, opt, sched, step, {"data": stream.state_dict(), "recipe": fingerprint(recipe)}
+                    wrapped,
+                    opt,
+                    sched,
+                    step,
+                    {"data": stream.state_dict(), "recipe": fingerprint(recipe, ranks.world)},
                 )
             saves.report_done()
             if step % t.log_every == 0 or step == t.steps:
@@ -228,9 +228,10 @@ def _accounting(figures: dict[str, Any]) -> Accounting:
     return Accounting(tuple(Figure(name, f["predicted"], f["measured"]) for name, f in figures.items()))
 
 
-def fingerprint(recipe: Recipe) -> dict[str, Any]:
+def fingerprint(recipe: Recipe, world: int = 1) -> dict[str, Any]:
     """The recipe fields a resumed run must share with the run that saved, to compute the same
-    numbers (the device and the placement may differ: checkpoints do not depend on them)."""
+    numbers (the device, the placement and the number of ranks may differ: checkpoints do not
+    depend on them; the global batch, train.batch_size rows on each of world ranks, must not)."""
     t, opt = recipe.train, recipe.offload.optimizer
     model = {k: v for k, v in config_to_dict(recipe.model).items() if k != "path"}
     return {
@@ -241,7 +242,7 @@ def fingerprint(recipe: Recipe) -> dict[str, Any]:
             "tokenizer": recipe.data.tokenizer,
         },
         "train": {
-            "batch_size": t.batch_size,
+            "global_batch_size": t.batch_size * world,
             "seq_len": t.seq_len,
             "grad_accum": t.grad_accum,
             "seed": t.seed,
@@ -258,7 +259,7 @@ def fingerprint(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def resume_point(recipe: Recipe, resume: bool | str, log: Log) -> Path:
+def resume_point(recipe: Recipe, resume: bool | str, log: Log, world: int = 1) -> Path:
     """The checkpoint to resume from, after checking that it fits recipe (CheckpointError if not)."""
     where = Path(str(recipe.train.checkpoint_dir)) if resume is True else Path(str(resume))
     try:
@@ -272,7 +273,7 @@ def resume_point(recipe: Recipe, resume: bool | str, log: Log) -> Path:
             f"{path} was not saved by offload train (no recipe or data position in it): "
             "load it with offload.load() in a script instead"
         )
-    now = fingerprint(recipe)
+    now = fingerprint(recipe, world)
     diffs = [
         f"{key}: checkpoint {a!r}, recipe {b!r}"
         for key, a, b in _differences(saved, now, "")
