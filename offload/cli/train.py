@@ -2,7 +2,8 @@
 (recipes/tiny.yaml is the embedded default: a small model trained on the CPU on text that ships
 with the repository). ``--resume`` continues from the newest checkpoint in the recipe's
 train.checkpoint_dir, ``--resume PATH`` from that checkpoint (a step directory or a root), exactly
-where it stopped; a checkpoint of another model or recipe is refused, naming what differs.
+where it stopped; a checkpoint of another model or recipe is refused, naming what differs. With
+train.snapshot set, a run also starts from its job's newest in-memory snapshot (docs/snapshot.md).
 ``--nproc N`` runs it on N ranks of this machine through torchrun (docs/distributed.md; for
 several machines see scripts/launch.sh)."""
 

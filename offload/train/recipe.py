@@ -23,6 +23,7 @@ from offload.config import (
     from_dict,
     load_yaml,
 )
+from offload.snapshot.config import SnapshotConfig
 from offload.train.data import DataSpec
 from offload.train.schedule import ScheduleSpec
 
@@ -125,6 +126,10 @@ class TrainSpec:
     """Keep the newest this many checkpoints, pruning older ones after each save; None: keep all."""
     keep_every: int | None = None
     """With keep_last: also keep every checkpoint whose step is divisible by this."""
+    snapshot: SnapshotConfig | None = None
+    """In-memory snapshots (docs/snapshot.md): taken every ``every`` steps after the optimizer
+    step, restored on start when the keepers hold one of the job newer than --resume's checkpoint;
+    job "default" becomes the recipe's name. None (the default): no snapshots."""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -5,6 +5,10 @@ its safetensors shards; or from the recipe's architecture, initialised block by 
 with offload, runs the loop with a progress line, and writes the final weights as a Hugging Face
 directory (model.safetensors + config.json) that transformers loads.
 
+With ``train.snapshot`` set, in-memory snapshots (docs/snapshot.md) are taken too, and a run
+starts from the newest one of its job the keepers hold when that is newer than what ``--resume``
+finds on disk (offload/train/snapshots.py).
+
 Checkpoints (docs/checkpoint.md) are saved asynchronously every ``train.save_every`` steps and at
 the end, with the data position and the scheduler's state, so ``offload train --resume`` continues
 exactly where the run stopped: a resumed run computes what the uninterrupted one would have,
@@ -34,6 +38,7 @@ from offload.train.data import batches
 from offload.train.ranks import Ranks, join
 from offload.train.recipe import Recipe, build_hf_config
 from offload.train.schedule import make_scheduler
+from offload.train.snapshots import Snapshots
 from offload.train.tokenizer import load_tokenizer
 
 Log = Callable[[str], None]
@@ -61,6 +66,11 @@ class Summary:
     checkpoint_stall_s: float = 0.0
     """Training time the saves may have cost (SaveStats.stall_s, summed)."""
     last_checkpoint: str | None = None
+    resumed_from: str | None = None
+    """Where the state of start_step came from: "checkpoint", or a snapshot's "keeper", "parity"
+    or "disk" (a flushed one); None for a fresh start."""
+    snapshots: int = 0
+    """In-memory snapshots this invocation took (train.snapshot)."""
     plan_vs_measured: dict[str, Any] = field(default_factory=dict)
     """Per figure (pinned, host store, host peak RSS, ...): the plan's prediction and what the
     run measured, in bytes, and their ratio (``offload.plan.account``)."""
@@ -133,11 +143,14 @@ def _train(
         rank=ranks.rank,
         world_size=ranks.world,
     )
-    start = 0
-    if point is not None:
-        extra = offload.load(wrapped, opt, point, scheduler=sched)
-        stream.load_state_dict(extra["data"])
-        start = int(read_manifest(point)["step"])
+    stamp = fingerprint(recipe, ranks.world)
+    snaps = Snapshots(t.snapshot, recipe.name, wrapped, opt, ranks) if t.snapshot is not None else None
+    try:
+        start, source = _start(wrapped, opt, sched, stream, point, snaps, stamp, t.steps, log)
+    except BaseException:
+        if snaps is not None:
+            snaps.settle()  # closes its connection to the keeper, which keeps the snapshot
+        raise
     device = wrapped.runtime.device
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * ranks.world
     losses: list[float] = []
@@ -156,16 +169,15 @@ def _train(
             opt.zero_grad()
             sched.step()
             losses.append(total)
+            extra = {"data": stream.state_dict(), "recipe": stamp}
             saving = step == t.steps or (t.save_every is not None and step % t.save_every == 0)
             if saving:  # multi-rank: every rank calls save(), rank 0 writes
-                saves.start(
-                    wrapped,
-                    opt,
-                    sched,
-                    step,
-                    {"data": stream.state_dict(), "recipe": fingerprint(recipe, ranks.world)},
-                )
+                if snaps is not None:
+                    snaps.before_save()
+                saves.start(wrapped, opt, sched, step, extra)
             saves.report_done()
+            if snaps is not None:  # after the save: its capture is drained first
+                snaps.after_step(step, sched, extra)
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.perf_counter() - began
                 log(
@@ -175,8 +187,12 @@ def _train(
                 )
     except BaseException:
         saves.settle(raise_errors=False)  # the save in flight commits before the error goes up
+        if snaps is not None:
+            snaps.settle()  # and so does the snapshot in flight: the next run restores it
         raise
     saves.settle()
+    if snaps is not None:
+        snaps.finish()
     wrapped.runtime.wait_updates()
     seconds = time.perf_counter() - began
     out = _save(wrapped, Path(t.output_dir or f"runs/{recipe.name}"), ranks.main)
@@ -195,6 +211,8 @@ def _train(
         store_state_GiB=sum(r.state_bytes() for r in wrapped.runtime.records()) / 2**30,
         output_dir=str(out),
         start_step=start,
+        resumed_from=source,
+        snapshots=0 if snaps is None else snaps.taken,
         losses=losses,
         plan_vs_measured=account(plan, wrapped.runtime).to_json(),
         **saves.figures(),
@@ -202,6 +220,39 @@ def _train(
     if ranks.main:
         (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
     return summary
+
+
+def _start(
+    wrapped: Any,
+    opt: Any,
+    sched: Any,
+    stream: Any,
+    point: Path | None,
+    snaps: Snapshots | None,
+    stamp: dict[str, Any],
+    steps: int,
+    log: Log,
+) -> tuple[int, str | None]:
+    """Loads the newest state the run has: its job's snapshot (keeper, parity or flushed to disk)
+    or the --resume checkpoint, whichever is at the later step (the checkpoint on a tie: it needs
+    no keeper). Returns the step and where it came from (None: a fresh start)."""
+    import offload
+
+    disk = -1 if point is None else int(read_manifest(point)["step"])
+    got = None if snaps is None else snaps.restore(sched, stamp, steps)
+    if snaps is not None and got is not None and got[1] > disk:
+        source, step, extra = got
+        stream.load_state_dict(extra["data"])
+        how = {"keeper": "from the keeper", "parity": "rebuilt from parity", "disk": "flushed to disk"}
+        log(f"resuming from the snapshot of job '{snaps.cfg.job}', {how.get(source, source)} (step {step})")
+        return step, source
+    if point is None:
+        return 0, None
+    if got is not None:
+        log(f"the snapshot of step {got[1]} is not newer than {point}: loading the checkpoint")
+    extra = offload.load(wrapped, opt, point, scheduler=sched)
+    stream.load_state_dict(extra["data"])
+    return disk, "checkpoint"
 
 
 def _plan(recipe: Recipe, model: torch.nn.Module) -> Plan:
@@ -276,7 +327,7 @@ def resume_point(recipe: Recipe, resume: bool | str, log: Log, world: int = 1) -
     now = fingerprint(recipe, world)
     diffs = [
         f"{key}: checkpoint {a!r}, recipe {b!r}"
-        for key, a, b in _differences(saved, now, "")
+        for key, a, b in differences(saved, now, "")
         if key != "steps"
     ]
     if diffs:
@@ -295,11 +346,12 @@ def resume_point(recipe: Recipe, resume: bool | str, log: Log, world: int = 1) -
     return path
 
 
-def _differences(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+def differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) for every leaf where two nested dicts differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
-            out += _differences(a.get(k), b.get(k), f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+            out += differences(a.get(k), b.get(k), f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
         return out
     return [] if a == b else [(prefix, a, b)]
 
