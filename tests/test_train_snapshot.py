@@ -90,3 +90,33 @@ def test_a_snapshot_of_another_recipe_is_refused(
 def test_bad_snapshot_field_is_named(capsys: pytest.CaptureFixture) -> None:
     assert main(["train", TINY, "--set", "train.snapshot.every=0"]) == 2
     assert "train.snapshot.every = 0: must be >= 1 or 'auto'" in capsys.readouterr().err
+
+
+def test_two_ranks_snapshot_and_drop_them_when_done(keepers: Path, tmp_path: Path) -> None:
+    """--nproc 2, each rank its own keeper (two "nodes", parity 1): a snapshot every step on both,
+    and the finished run leaves nothing of its job in either keeper."""
+    import os
+    import subprocess
+    import sys
+
+    from offload.snapshot.client import KeeperClient
+
+    repo = Path(TINY).parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    where = "train.snapshot={every: 1, dir: '" + str(keepers / "node{rank}") + "', idle_timeout_s: 60}"
+    argv = ["train", TINY, *short(tmp_path, "--set", "train.steps=3", "--set", where), "--nproc", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "offload.cli.main", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["snapshots"] == 3
+    for rank in (0, 1):
+        client = KeeperClient.connect(str(keepers / f"node{rank}"), idle_timeout=60)
+        try:
+            assert [s for s in client.list() if s["job"] == "tiny"] == []
+        finally:
+            client.close()
