@@ -44,3 +44,16 @@ def disk_dir(tmp_path: Path) -> Iterator[Path]:
         yield alt
     finally:
         shutil.rmtree(alt, ignore_errors=True)
+
+
+@pytest.fixture
+def keepers() -> Iterator[Path]:
+    """A short directory for snapshot keepers' sockets; every keeper started under it is killed
+    afterwards (tests/keepers.py)."""
+    from tests.keepers import remove, scratch
+
+    base = scratch()
+    try:
+        yield base
+    finally:
+        remove(base)

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,20 +26,10 @@ from safetensors.torch import load_file
 
 from offload.cli.main import main as cli
 from offload.snapshot import segment
-from tests.keepers import kill_keeper, remove, scratch
+from tests.keepers import kill_keeper
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 3
-
-
-@pytest.fixture
-def keepers() -> Iterator[Path]:
-    """A short directory for the keepers' sockets; every keeper started under it is killed after."""
-    base = scratch()
-    try:
-        yield base
-    finally:
-        remove(base)
 
 
 def launch(spec: dict, out: Path, ok: bool = True) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,6 @@ directory of their own and are killed after it (tests/keepers.py)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from offload.cli.main import main
-from tests.keepers import remove, scratch
 from tests.test_train_cli import TINY, Interrupt, short
-
-
-@pytest.fixture
-def keepers() -> Iterator[Path]:
-    base = scratch()
-    try:
-        yield base
-    finally:
-        remove(base)
 
 
 def snapshots(keeper: Path) -> list[str]:
