@@ -144,3 +144,20 @@ def test_a_save_rank_0_cannot_start_fails_on_every_rank(tmp_path: Path) -> None:
     assert sorted(errors) == ["save_error.0", "save_error.1"]
     assert errors["save_error.0"].startswith(("FileExistsError", "NotADirectoryError"))
     assert "another rank could not start this save" in errors["save_error.1"]
+
+
+def test_two_ranks_with_state_on_nvme_and_activations_on_the_host(tmp_path: Path) -> None:
+    """The tiers hold each rank's shards: spilled m and v in this rank's files, boundary states in
+    host memory; the numbers stay those of one rank."""
+    (tmp_path / "nvme").mkdir()
+    spec = {
+        "family": "llama",
+        "batch": 4,
+        "steps": 3,
+        "wrap": {
+            "optimizer": {"lr": 3e-3},
+            "placement": {"optimizer_state": "nvme", "spill_blocks": 2, "activations": "host"},
+            "nvme_dirs": [str(tmp_path / "nvme")],
+        },
+    }
+    assert_matches(2, spec, tmp_path / "run")
