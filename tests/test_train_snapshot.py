@@ -109,3 +109,42 @@ def test_two_ranks_snapshot_and_drop_them_when_done(keepers: Path, tmp_path: Pat
             assert [s for s in client.list() if s["job"] == "tiny"] == []
         finally:
             client.close()
+
+
+def test_sigterm_flushes_the_newest_snapshot_and_the_run_resumes_from_it(
+    keepers: Path, tmp_path: Path
+) -> None:
+    """A preemption: SIGTERM to `offload train` writes its newest committed snapshot to
+    flush_dir before the process ends; with the keeper gone too, the next run restores it from
+    disk. After the run ends the trainer's handler is gone again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.keepers import kill_keeper
+
+    flushed = tmp_path / "flushed"
+    snap = [
+        "--set",
+        f"train.snapshot={{every: 1, dir: {keepers / 'k'}, idle_timeout_s: 60, flush_dir: {flushed}}}",
+    ]
+    argv = [sys.executable, "-m", "offload.cli.main", "train", TINY, *short(tmp_path / "run", *snap)]
+    argv += ["--set", "train.steps=40"]  # long enough to be interrupted
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == -signal.SIGTERM  # then the default action: the process ends
+    assert "offload snapshot: SIGTERM: flushed to" in rest
+    (written,) = flushed.glob("snap_*/rank_0.snap")  # the newest committed: step 2 or 3
+    step = int(written.parent.name.split("_")[1])
+    kill_keeper(keepers / "k")  # the node's memory is gone as well: only the disk copy is left
+    assert main(["train", TINY, *short(tmp_path / "run", *snap), "--set", "train.steps=40"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["resumed_from"], summary["start_step"]) == ("disk", step) and step >= 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
@@ -280,9 +281,10 @@ class Snapshotter:
             )
         return flush.write(seg.mm, h, Path(where))
 
-    def install_sigterm(self) -> None:
+    def install_sigterm(self) -> Callable[[], None]:
         """On SIGTERM (a preemption), flush the newest committed snapshot to flush_dir, then let the
-        signal do what it did before (by default: end the process). Call from the main thread."""
+        signal do what it did before (by default: end the process). Call from the main thread.
+        Returns the function that puts the previous handler back (if this one is still installed)."""
         if self.cfg.flush_dir is None:
             raise ValueError("install_sigterm() needs SnapshotConfig.flush_dir: where the snapshot goes")
         previous = signal.getsignal(signal.SIGTERM)
@@ -300,6 +302,12 @@ class Snapshotter:
                 os.kill(os.getpid(), signal.SIGTERM)
 
         signal.signal(signal.SIGTERM, on_sigterm)
+
+        def uninstall() -> None:
+            if signal.getsignal(signal.SIGTERM) is on_sigterm:
+                signal.signal(signal.SIGTERM, previous)
+
+        return uninstall
 
     def close(self) -> None:
         self.wait_idle()

@@ -10,6 +10,7 @@ run of the recipe starts fresh; one that stops on an error first lets the snapsh
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -31,6 +32,11 @@ class Snapshots:
         self.ranks = ranks
         self.snap = Snapshotter(model, opt, self.cfg)
         self.taken = 0
+        # A preemption's SIGTERM flushes the newest snapshot to flush_dir first (when one is named;
+        # only the main thread may install a handler); the run's end puts the old handler back.
+        self._uninstall: Callable[[], None] = lambda: None
+        if self.cfg.flush_dir is not None and threading.current_thread() is threading.main_thread():
+            self._uninstall = self.snap.install_sigterm()
 
     def restore(
         self, sched: Any, fingerprint: dict[str, Any], steps: int
@@ -79,12 +85,14 @@ class Snapshots:
 
     def settle(self) -> None:
         """The run stops on an error: the snapshot in flight commits (its error is printed)."""
+        self._uninstall()
         with contextlib.suppress(Exception):
             self.snap.close()
 
     def finish(self) -> None:
         """The run is done: its snapshots are dropped from the keepers once every rank has
         committed its last one (a rank's keeper may serve the others of its node)."""
+        self._uninstall()
         self.snap.wait()
         self.ranks.barrier()
         client = self.snap.client
