@@ -174,7 +174,7 @@ def test_gpu_over_budget_suggests_fewer_device_blocks() -> None:
     assert not plan.fits
     (problem,) = plan.problems
     assert problem.startswith(
-        "gpu: needs 27.8 GiB, budget 16 GiB (over by 11.8 GiB): raise budgets.gpu_bytes"
+        "gpu: needs 30.8 GiB, budget 16 GiB (over by 14.8 GiB): raise budgets.gpu_bytes"
     )
     k = int(problem.split("lower placement.device_blocks to ")[1].split(",")[0])
     assert recipe_plan(

@@ -30,8 +30,8 @@ from offload.utils.sizes import format_bytes
 _ITEM = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 DEVICE_MARGIN_BYTES = 2 << 30
-"""Device memory ``device_blocks: auto`` keeps free besides the logits: the CUDA context, the
-caching allocator's fragmentation and one block's recompute (docs/plan.md, Limits)."""
+"""Device memory ``device_blocks: auto`` keeps free beyond the plan's gpu column: the CUDA context
+and the caching allocator's fragmentation (docs/plan.md, Limits)."""
 
 
 def make_plan(
@@ -154,10 +154,9 @@ def _needs(shape: ModelShape, local_ranks: int, on_cpu: bool) -> Needs:
 
 
 def device_margin(shape: ModelShape, s: Settings) -> int:
-    """Device bytes ``device_blocks: auto`` leaves free: DEVICE_MARGIN_BYTES for the CUDA context,
-    the caching allocator's fragmentation and one block's recompute, plus the logits and the
-    loss's fp32 upcast (``batch * seq * vocab * 6``), which the gpu column does not count."""
-    return DEVICE_MARGIN_BYTES + s.batch_size * s.seq_len * (shape.vocab_size or 0) * 6
+    """Device bytes ``device_blocks: auto`` leaves free beyond the gpu column (which counts the
+    logits and one block's recompute in its working row): DEVICE_MARGIN_BYTES."""
+    return DEVICE_MARGIN_BYTES
 
 
 def _device_blocks(

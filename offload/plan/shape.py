@@ -35,6 +35,8 @@ class ModelShape:
     """Width of the block-boundary hidden state; None when the model does not say."""
     vocab_size: int | None = None
     """Rows of the output head (the logits' width); None when the model does not say."""
+    intermediate_size: int | None = None
+    """Width of the blocks' MLP; None when the model does not say (4 x hidden is assumed)."""
 
     def to_json(self) -> dict[str, int | None]:
         return {
@@ -44,6 +46,7 @@ class ModelShape:
             "params": self.params,
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,
+            "intermediate_size": self.intermediate_size,
         }
 
 
@@ -61,6 +64,7 @@ def model_shape(model: nn.Module, blocks: str | None = None) -> ModelShape:
         params=sum(p.numel() for _, p in named_unique(model)),
         hidden_size=_config_int(model, ("hidden_size", "n_embd", "d_model")),
         vocab_size=_config_int(model, ("vocab_size",)),
+        intermediate_size=_config_int(model, ("intermediate_size", "n_inner", "ffn_dim")),
     )
 
 

@@ -22,6 +22,7 @@ KINDS = (
     "gradients",
     "grad_accum",
     "activations",
+    "working",
     "activation_staging",
     "saved",
     "device_buffers",
@@ -160,6 +161,7 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
         t.add("grad_accum", Tier.GPU, 4 * (n_dev * n + (rn if res_dev else 0)))
     hidden = shape.hidden_size or 0
     _activations(t, shape.blocks, s.batch_size * s.seq_len * hidden * s.item, s)
+    t.add("working", Tier.GPU, working_bytes(shape, s))
     # Weight slots, double-buffered gradient staging (Executor), the residents' .grad, and for
     # host residents their device copy and the staging buffer that gathers the .grad for the host
     # (a device resident record's wire and grad are those buffers).
@@ -207,6 +209,18 @@ def _device_record(t: Tally, numel: int, s: Settings) -> None:
     if s.item != 4:
         t.add("wire", Tier.GPU, numel * s.item)
     t.add("gradients", Tier.GPU, numel * s.item)
+
+
+def working_bytes(shape: ModelShape, s: Settings) -> int:
+    """The step's transient device memory besides the buffers above, per token: the logits in the
+    compute dtype, their fp32 upcast for the loss and its fp32 gradient (vocab x (i + 8)), and one
+    block's recompute for backward (about 4 hidden-wide and 3 MLP-wide tensors in the compute
+    dtype). Calibrated on the H100 (docs/plan.md): Llama 3.4B and 6.7B from 2K to 32K tokens, within
+    about 1% of the measured peak."""
+    hidden = shape.hidden_size or 0
+    inter = shape.intermediate_size or 4 * hidden
+    per_token = (shape.vocab_size or 0) * (s.item + 8) + (4 * hidden + 3 * inter) * s.item
+    return s.batch_size * s.seq_len * per_token
 
 
 def _activations(t: Tally, blocks: int, per_block: int, s: Settings) -> None:
