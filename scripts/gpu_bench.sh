@@ -49,7 +49,7 @@ case "${1:?phase}" in
   big)  # issue 4 (b): the largest model, its state spilled to NVMe where the host budget ends
     mkdir -p /tmp/nvme-state
     python3 scripts/bench_train.py --size "${SIZE:-13b}" --systems offload --device-blocks auto \
-      --optimizer-state auto --master auto --nvme-dir /tmp/nvme-state --host-bytes "${HOST_BYTES:-120GiB}" \
+      --optimizer-state auto --master auto --nvme-dir /tmp/nvme-state --host-bytes "${HOST_BYTES:-120GiB}" --gpu-bytes "${GPU_BYTES:-76GiB}" \
       --steps 4 --out "$OUT/train_${SIZE:-13b}_spill.json" 2>&1 | grep -vi warn | tail -30 ;;
   train-more)
     for db in 12 0; do
