@@ -153,17 +153,11 @@ def _needs(shape: ModelShape, local_ranks: int, on_cpu: bool) -> Needs:
     return need
 
 
-def device_margin(shape: ModelShape, s: Settings) -> int:
-    """Device bytes ``device_blocks: auto`` leaves free beyond the gpu column (which counts the
-    logits and one block's recompute in its working row): DEVICE_MARGIN_BYTES."""
-    return DEVICE_MARGIN_BYTES
-
-
 def _device_blocks(
     shape: ModelShape, cfg: Config, s: Settings, need: Needs, budget: int | None, notes: list[str]
 ) -> Settings:
     """placement.device_blocks resolved: the number given (at most the blocks there are), or for
-    auto the most blocks whose gpu need fits the gpu budget less device_margin, residents on the
+    auto the most blocks whose gpu need fits the gpu budget less DEVICE_MARGIN_BYTES, residents on the
     device (unless device_residents is false, or they do not fit even with no block)."""
     asked = cfg.placement.device_blocks
     if asked != "auto":
@@ -172,7 +166,7 @@ def _device_blocks(
     if budget is None:
         notes.append("device_blocks auto: every block (no gpu budget to fit)")
         return s.but(device_blocks=shape.blocks, device_residents=residents is not False)
-    room = budget - device_margin(shape, s)
+    room = budget - DEVICE_MARGIN_BYTES
     for res in [True, False] if residents is None else [residents]:
         for k in range(shape.blocks, -1, -1):
             if need(s.but(device_blocks=k, device_residents=res))[Tier.GPU] <= room:
