@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_train import init_ranks, llama_config, train_step  # noqa: E402
+from bench_train import llama_config, train_step  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     cuda = torch.cuda.is_available() and not a.cpu
-    rank, world = init_ranks("cuda" if cuda else "cpu")
+    from offload.train.ranks import join
+
+    ranks = join("cuda" if cuda else "cpu")
+    rank, world = ranks.rank, ranks.world
     scratch = Path(a.dir or tempfile.mkdtemp(prefix="osnap-bench-", dir="/tmp"))
     model, opt, nparams = wrap(a, cuda)
     x = torch.randint(0, 32000, (a.batch, a.seq), device="cuda" if cuda else "cpu")

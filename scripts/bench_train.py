@@ -55,21 +55,6 @@ def llama_config(size: str, seq: int):  # type: ignore[no-untyped-def]
     )
 
 
-def init_ranks(device: str) -> tuple[int, int]:
-    """(rank, world) of a torchrun launch, the process group initialised (NCCL, or gloo for a
-    CPU check run); (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return dist.get_rank(), world
-
-
 def per_rank(value: float, world: int) -> list[float]:
     """value from every rank, in rank order."""
     if world == 1:
@@ -109,8 +94,10 @@ def run_offload(a: argparse.Namespace) -> dict:
     from transformers import LlamaForCausalLM
 
     import offload
+    from offload.train.ranks import join
 
-    rank, world = init_ranks(a.device)
+    ranks = join(a.device)  # torchrun's process group (NCCL, or gloo for a CPU check run)
+    rank, world = ranks.rank, ranks.world
     cuda = a.device == "cuda"
     t0 = time.perf_counter()
     with torch.device("meta"):
