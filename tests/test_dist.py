@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import offload
+from offload.train import ranks
 from tests.models import batches, run_steps, tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def torchrun(world: int, spec: dict, out: Path) -> tuple[list[float], dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "out": str(out)}
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    cmd = ranks.torchrun(world)
     proc = subprocess.run(
         [*cmd, str(REPO / "tests" / "dist_worker.py"), json.dumps(spec)],
         cwd=REPO,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from safetensors.torch import load_file
 
 from offload.cli.main import main as cli
 from offload.snapshot import segment
+from offload.train.ranks import torchrun
 from tests.keepers import kill_keeper
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ WORLD = 3
 def launch(spec: dict, out: Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
+    cmd = torchrun(WORLD)
     proc = subprocess.run(
         [*cmd, str(REPO / "tests" / "snapshot_worker.py"), json.dumps({**spec, "out": str(out)})],
         cwd=REPO,

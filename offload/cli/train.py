@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from offload.cli import CliError
@@ -50,15 +49,10 @@ def launch(args: argparse.Namespace) -> int:
         again += ["--trace", args.trace]
     if args.resume:
         again += ["--resume"] + ([] if args.resume is True else [str(args.resume)])
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.nproc}",
-    ]
+    from offload.train.ranks import torchrun
+
     print(f"offload train: {args.nproc} ranks through torchrun", flush=True)
-    return subprocess.call([*torchrun, "-m", "offload.cli.main", *again])
+    return subprocess.call([*torchrun(args.nproc), "-m", "offload.cli.main", *again])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ touches nothing."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -62,3 +63,9 @@ def join(device: str) -> Ranks:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), owned=True)
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The command that starts what follows it on nproc ranks of this machine (torchrun
+    --standalone, run by this interpreter): `offload train --nproc` and the multi-rank tests."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
