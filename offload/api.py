@@ -121,7 +121,7 @@ def state_dict(model: OffloadedModel) -> dict[str, torch.Tensor]:
         master = rec.master if tier is None else tier.acquire(rec).master
         try:
             if rec.shard is not None and rt.group is not None:  # the ranks' shards put together
-                master = rt.group.gather_full(master, rt.group.shard(rec.layout.numel), rt.device.torch)
+                master = rt.group.gather_full(master, rt.device.torch)
             for name, k in names.get(id(rec), []):
                 slot = rec.layout.params[k]
                 view = master[slot.offset : slot.offset + slot.numel].view(slot.shape)

@@ -49,7 +49,7 @@ class Shard:
 
 
 class Collective:
-    """rank and world size, and the four collectives the engine uses."""
+    """rank and world size, and the collectives the engine and the checkpoint writer use."""
 
     def __init__(self, rank: int, world: int) -> None:
         self.rank = rank
@@ -88,11 +88,12 @@ class Collective:
         current stream)."""
         dist.all_reduce(t)
 
-    def gather_full(self, part: torch.Tensor, shard: Shard, device: torch.device) -> torch.Tensor:
-        """Every rank's shard of a flat buffer, put together on the host (a collective: every
-        rank calls it in the same order). NCCL needs device tensors, so the parts travel there."""
+    def gather_full(self, part: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Every rank's shard of a flat buffer (equal parts), put together on the host (a
+        collective: every rank calls it in the same order). NCCL needs device tensors, so the
+        parts travel there."""
         staged = part.to(device)
-        full = torch.empty(shard.padded, dtype=part.dtype, device=device)
+        full = torch.empty(part.numel() * self.world, dtype=part.dtype, device=device)
         _all_gather(full, staged, async_op=False)
         return full.cpu()
 

@@ -54,7 +54,8 @@ class Executor:
         self.check_update = check_update  # raises if the optimizer's worker failed
         layout = blocks[0].layout
         # Multi-rank: flat buffers padded so every rank's shard has the same size.
-        padded = layout.numel if group is None else group.shard(layout.numel).padded
+        shard = None if group is None else group.shard(layout.numel)
+        padded = layout.numel if shard is None else shard.padded
         self.slots = WeightSlots(device, layout, dtype, slots, padded)
         # Streamed blocks take the slots in turn; blocks kept on the device use their own buffers.
         self.streamed = [r.index for r in blocks if not r.on_device]
@@ -66,7 +67,7 @@ class Executor:
         self.staging_views = [layout.views(s) for s in self.staging]
         # Multi-rank: this rank's shard on the device, per slot (the all-gather's input) and per
         # staging buffer (the reduce-scatter's output).
-        part = 0 if group is None else group.shard(layout.numel).numel
+        part = 0 if shard is None else shard.numel
         self.gather_parts = [torch.empty(part, dtype=dtype, device=device.torch) for _ in range(slots)]
         self.grad_parts = [torch.empty(part, dtype=dtype, device=device.torch) for _ in range(2)]
         self.staging_free: list[Any] = [None, None]
