@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,12 +95,6 @@ class CaptureFence:
             ev.set()
 
 
-def held_state(rec: BlockRecord, held: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """(master, exp_avg, exp_avg_sq) from what rec's StateTier acquired: (m, v), or all three when
-    the tier may hold the master too (placement.master: nvme leaves a placeholder in the record)."""
-    return tuple(held) if len(held) == 3 else (rec.master, *held)
-
-
 @dataclass(slots=True)
 class Snapshot:
     """A device record's state as of save(): copies of master, m, v and the step count."""
@@ -126,7 +119,7 @@ def snapshot(rt: Runtime, records: list[BlockRecord], reserve: int) -> tuple[dic
     copies = {}
     for rec in records:
         tier = rt.tier_of(rec)
-        master, m, v = held_state(rec, tier.acquire(rec))
+        master, m, v = tier.acquire(rec)
         try:
             # On the caller's current (compute) stream: after this step's update kernels, before
             # the next step's. A copy to the host is synchronous.

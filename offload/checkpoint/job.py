@@ -24,7 +24,7 @@ import torch
 
 from offload import io as oio
 from offload.checkpoint import state
-from offload.checkpoint.capture import CaptureFence, Snapshot, held_state
+from offload.checkpoint.capture import CaptureFence, Snapshot
 from offload.checkpoint.format import KINDS, LATEST, MANIFEST, record_filename, tensor_key
 from offload.checkpoint.handle import SaveHandle, SaveStats
 from offload.checkpoint.retention import Retention, prune
@@ -135,7 +135,7 @@ class SaveJob:
             self.fence.wait_ready(rec)
             with state.optimizer_state(self.rt, rec) as held:
                 step = int(rec.step.item())
-                self._put(fs, plan, *held_state(rec, held))
+                self._put(fs, plan, *held)
                 fs.finish()
             self.fence.captured(rec)
         else:
@@ -184,7 +184,7 @@ class SaveJob:
         self.fence.wait_ready(rec)
         with state.optimizer_state(self.rt, rec) as held:
             step = int(rec.step.item())
-            wholes = [self.group.gather_to_root(t) for t in held_state(rec, held)]
+            wholes = [self.group.gather_to_root(t) for t in held]
         self.fence.captured(rec)  # the gathered copies are the save's: the next update may run
         if root:
             self._guarded(lambda: self._write_whole(plan, step, [w for w in wholes if w is not None]))

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from offload.checkpoint import state
-from offload.checkpoint.capture import held_state
 from offload.engine.runtime import Runtime
 from offload.store.record import BlockRecord
 
@@ -130,7 +129,7 @@ def capture(rt: Runtime, rec: BlockRecord, dst: tuple[torch.Tensor, ...]) -> Non
     """Copies rec's master, m, v and step count into dst. Call only while no update of rec can
     run (a capture fence holds it, or ``rt.wait_updates()`` ran and the caller does not step)."""
     with state.optimizer_state(rt, rec) as held:
-        for src, out in zip((*held_state(rec, held), rec.step.reshape(1)), dst):
+        for src, out in zip((*held, rec.step.reshape(1)), dst):
             if src.is_cuda:
                 out.copy_(src)  # to pageable memory: returns once the copy has landed
             else:  # one thread's memcpy: torch's would take every core from the optimizer
@@ -168,11 +167,10 @@ def load(rt: Runtime, optimizer: Any, data: torch.Tensor, *, scheduler: Any, whe
     for rec, entry in zip(rt.records(), idx["records"]):
         master, m, v, step = views(data, base, Span(entry["at"], entry["numel"]))
         with state.optimizer_state(rt, rec) as held:
-            flats = held_state(rec, held)
-            for dst, src in zip(flats, (master, m, v)):
+            for dst, src in zip(held, (master, m, v)):
                 dst.copy_(src)
-            if rec.wire.data_ptr() != flats[0].data_ptr():
-                rec.wire.copy_(flats[0])
+            if rec.wire.data_ptr() != held.master.data_ptr():
+                rec.wire.copy_(held.master)
         rec.step.copy_(step[0])
         rec.version += 1  # device slots and the resident buffer must copy the new weights
     rt.wait_updates()  # the tier's write-backs of the loaded state are stored
