@@ -21,39 +21,22 @@ VOCAB = 96
 
 def tiny(family: str, layers: int = 3, seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, max_position_embeddings=64)
+    # The Llama-like families share their sizes (Mistral adds a sliding window, Qwen2 ties).
+    sizes = dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
     if family == "llama":
-        cfg = LlamaConfig(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            **common,
-        )
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(LlamaConfig(**sizes))
     elif family == "mistral":
-        cfg = MistralConfig(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=8,
-            **common,
-        )
-        model = MistralForCausalLM(cfg)
+        model = MistralForCausalLM(MistralConfig(sliding_window=8, **sizes))
     elif family == "qwen2":
-        cfg = Qwen2Config(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            **common,
-        )
-        model = Qwen2ForCausalLM(cfg)
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **sizes))
     elif family == "gpt2":
         cfg = GPT2Config(
             n_embd=48,
