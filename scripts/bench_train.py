@@ -172,7 +172,7 @@ def run_offload(a: argparse.Namespace) -> dict:
     )
     out["plan_vs_measured"] = account(plan, rt).to_json()
     out["plan"] = plan.to_json()
-    if a.nvme_dir:
+    if a.nvme_dir and rt.state_tier.stored_bytes():
         out["nvme"] = disk_floor(a.nvme_dir, rt.state_tier.stored_bytes(), step_s)
     if a.trace:
         busy = rt.tracer.summary()
@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument("--host-bytes", default=None, help="budgets.host_bytes, e.g. 120GiB")
     ap.add_argument("--gpu-bytes", default=None, help="budgets.gpu_bytes, e.g. 74GiB")
     ap.add_argument(
-        "--optimizer-state", default="host", choices=["host", "nvme"], help="where Adam m and v live"
+        "--optimizer-state", default="host", choices=["host", "nvme", "auto"], help="where Adam m and v live"
     )
     ap.add_argument("--nvme-dir", default=None, help="directory for --optimizer-state nvme")
     ap.add_argument("--systems", default="offload,gpu,deepspeed")

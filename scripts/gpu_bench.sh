@@ -50,7 +50,7 @@ case "${1:?phase}" in
     mkdir -p /tmp/nvme-state
     python3 scripts/bench_train.py --size "${SIZE:-13b}" --systems offload --device-blocks auto \
       --optimizer-state auto --master auto --nvme-dir /tmp/nvme-state --host-bytes "${HOST_BYTES:-120GiB}" --gpu-bytes "${GPU_BYTES:-76GiB}" \
-      --steps 4 --out "$OUT/train_${SIZE:-13b}_spill.json" 2>&1 | grep -vi warn | tail -30 ;;
+      --steps 4 --trace "$OUT/trace_${SIZE:-13b}_spill.json" --out "$OUT/train_${SIZE:-13b}_spill.json" 2>&1 | grep -vi warn | tail -30 ;;
   train-more)
     for db in 12 0; do
       python3 scripts/bench_train.py --size 3b --systems offload --device-blocks $db \

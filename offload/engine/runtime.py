@@ -151,7 +151,8 @@ class Runtime:
         page = 4096
         item = torch.finfo(self.dtype).bits // 8
         sizes = [n * item for n in numels for _ in range(2)]  # wire (or master) + grad
-        capacity = sum(-(-max(s, 1) // page) * page for s in sizes)
+        # At least a page: a run whose every block and resident stays on the device streams nothing.
+        capacity = max(page, sum(-(-max(s, 1) // page) * page for s in sizes))
         self.pool = PinnedPool(capacity, arena_bytes=page, pin=self.device.cuda, name="store")
 
     def _lease(self, numel: int, dtype: torch.dtype, purpose: str, rec_leases: list[Any]) -> torch.Tensor:
