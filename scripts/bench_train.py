@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -99,6 +100,7 @@ def run_offload(a: argparse.Namespace) -> dict:
     ranks = join(a.device)  # torchrun's process group (NCCL, or gloo for a CPU check run)
     rank, world = ranks.rank, ranks.world
     cuda = a.device == "cuda"
+    rates = disk_rates(a.nvme_dir) if a.nvme_dir and rank == 0 else None
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(a.size, a.seq))
@@ -172,8 +174,7 @@ def run_offload(a: argparse.Namespace) -> dict:
     )
     out["plan_vs_measured"] = account(plan, rt).to_json()
     out["plan"] = plan.to_json()
-    if a.nvme_dir and rt.state_tier.stored_bytes():
-        out["nvme"] = disk_floor(a.nvme_dir, rt.state_tier.stored_bytes(), step_s)
+    compute_s = None
     if a.trace:
         busy = rt.tracer.summary()
         span = max(e["ts"] + e["dur"] for e in rt.tracer.events()) - min(e["ts"] for e in rt.tracer.events())
@@ -183,31 +184,44 @@ def run_offload(a: argparse.Namespace) -> dict:
             "span_s": span / 1e6,
             "gpu_busy_fraction": busy.get("compute", 0) / (span / 1e6),
         }
+        compute_s = busy.get("compute", 0) / len(times) if cuda else None
+    if rates is not None and rt.state_tier.stored_bytes():
+        mean_s = statistics.mean(times[1:] or times)  # every step after the first
+        out["nvme"] = disk_floor(rates, rt.state_tier.stored_bytes(), mean_s, compute_s)
     return out
 
 
-def disk_floor(directory: str, stored: int, step_s: float) -> dict:
-    """The disk's O_DIRECT bandwidth measured now, in the directory the state lives in, and the
-    step time it allows: every step reads and writes back each block's m and v once, so the floor
-    is stored / read bandwidth + stored / write bandwidth (the disk does one after the other)."""
+def disk_rates(directory: str) -> dict:
+    """The disk's O_DIRECT read and write bandwidth in the directory the state will live in,
+    measured before the model takes the host memory the probe's buffers need."""
     from offload.cli.bench_io import BenchIoConfig, run_bench
 
     r = run_bench(BenchIoConfig(dir=Path(directory), size=4 << 30, backends=("io_uring",), repeat=1))
-    read = max(r["baseline"]["read_GBps"], r["backends"]["io_uring"]["read_GBps"]) * 1e9
-    write = max(r["baseline"]["write_GBps"], r["backends"]["io_uring"]["write_GBps"]) * 1e9
-    floor = stored / read + stored / write
+    read = max(r["baseline"]["read_GBps"], r["backends"]["io_uring"]["read_GBps"])
+    write = max(r["baseline"]["write_GBps"], r["backends"]["io_uring"]["write_GBps"])
+    return {"read_GBps": read, "write_GBps": write, "bench_io": r}
+
+
+def disk_floor(rates: dict, stored: int, step_s: float, compute_s: float | None) -> dict:
+    """The step time the disk allows: every step reads and writes back each spilled block's state
+    once, so the floor is stored / read bandwidth + stored / write bandwidth (the disk does one
+    after the other). Against max(GPU compute, that floor) when the trace gave compute."""
+    floor = stored / (rates["read_GBps"] * 1e9) + stored / (rates["write_GBps"] * 1e9)
+    bound = max(floor, compute_s or 0.0)
     print(
-        f"disk: read {read / 1e9:.2f} GB/s, write {write / 1e9:.2f} GB/s; {stored / 1e9:.1f} GB each way "
-        f"per step: floor {floor:.1f} s, step {step_s:.1f} s ({step_s / floor:.2f}x the floor)",
+        f"disk: read {rates['read_GBps']:.2f} GB/s, write {rates['write_GBps']:.2f} GB/s; {stored / 1e9:.1f} GB "
+        f"each way per step: floor {floor:.1f} s"
+        + (f", GPU compute {compute_s:.1f} s" if compute_s else "")
+        + f"; step {step_s:.1f} s = {step_s / bound:.2f}x max(compute, floor)",
         flush=True,
     )
     return {
+        **rates,
         "stored_bytes": stored,
-        "read_GBps": read / 1e9,
-        "write_GBps": write / 1e9,
         "floor_s": floor,
+        "compute_s": compute_s,
         "step_over_floor": step_s / floor,
-        "bench_io": r,
+        "step_over_bound": step_s / bound,
     }
 
 

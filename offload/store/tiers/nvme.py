@@ -12,6 +12,13 @@ ahead (``prefetch``), the current one's being updated (``acquire``), the previou
 written behind (``release``). A lease goes back to the pool only once its write has completed. The
 optimizer's worker thread makes every call but ``flush()``/``close()``, which run on the training
 thread while the worker is idle; a lock orders them anyway.
+
+Across steps: the blocks are updated in the same order every step, so the tier remembers the
+order of the last round of acquires, and each ``release`` also reads ahead the block that came
+next in that order, wrapping around: releasing the round's last block starts reading the next
+step's first one while forward and backward run, instead of leaving the disk idle until that
+update asks for it. That read takes only a lease that is free or holds a settled block (never a
+wait); a guess that turns out wrong costs one read and is evicted like any staged block.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from offload import io as oio
+from offload.config import Tier
 from offload.memory import PinnedPool
 from offload.memory.arena import Lease
 from offload.memory.pool import PoolExhausted
@@ -68,7 +76,10 @@ class NvmeTier:
         )
         self._pool.attach_io(self._engine)  # registered buffers where io_uring takes them
         self._files: dict[int, oio.DirectFile] = {}  # block index -> its file
+        self._names: dict[int, str] = {}  # block index -> its record's name (for errors)
         self._staged: dict[int, _Staged] = {}  # block index -> staged state, least recently used first
+        self._round: list[int] = []  # block indices in the order acquired since the round began
+        self._last_round: list[int] = []  # the round before (the order to read ahead in)
         self._lock = threading.Lock()
         self._failed: OSError | None = None
         self._closed = False
@@ -82,6 +93,7 @@ class NvmeTier:
         d = self.dirs[len(self._files) % len(self.dirs)]
         f = oio.open(d / f"{rec.name}.adam", "x", engine=self._engine)
         self._files[rec.index] = f
+        self._names[rec.index] = rec.name
         nbytes = self._halves * _half_bytes(rec.numel)
         with self._pool.lease(nbytes, purpose="zero-fill") as lease:
             lease.tensor.zero_()
@@ -117,6 +129,9 @@ class NvmeTier:
             self._settle(rec.index, st)
             st.acquired = True
             self._touch(rec.index)
+            if rec.index in self._round:  # a block's second update: a new round (a new step)
+                self._last_round, self._round = self._round, []
+            self._round.append(rec.index)
             half, n = _half_bytes(rec.numel), rec.numel * 4
             arrays = [
                 st.lease.tensor[k * half : k * half + n].view(torch.float32) for k in range(self._halves)
@@ -131,6 +146,9 @@ class NvmeTier:
             st.acquired = False
             st.io = self._files[rec.index].write_from(st.lease, 0)  # write-behind; waited on eviction
             self._touch(rec.index)
+            ahead = self._after(rec.index)
+            if ahead is not None and ahead not in self._staged:
+                self._read_if_free(ahead)
 
     def flush(self) -> None:
         with self._lock:
@@ -159,7 +177,9 @@ class NvmeTier:
             for d in self.dirs:
                 shutil.rmtree(d, ignore_errors=True)
 
-    def stored_bytes(self) -> int:
+    def stored_bytes(self, tier: Tier | None = None) -> int:
+        if tier not in (None, Tier.NVME):
+            return 0
         return sum(f.size() for f in self._files.values())
 
     # ---- staging ---------------------------------------------------------------------------------
@@ -175,6 +195,37 @@ class NvmeTier:
         st = _Staged(lease, self._files[rec.index].read_into(lease, 0), rec.name)
         self._staged[rec.index] = st
         return st
+
+    def _after(self, index: int) -> int | None:
+        """The block acquired after index in the last full round; after that round's last block,
+        the first of the round under way (the next step's first update). None before a round is
+        complete (the first step): the order is not known yet."""
+        order = self._last_round
+        if index not in order:
+            return None
+        k = order.index(index) + 1
+        return order[k] if k < len(order) else self._round[0]
+
+    def _read_if_free(self, index: int) -> None:
+        """Starts reading index's state into a lease that is free or holds a block whose transfer
+        is done (evicting it); does nothing rather than wait."""
+        f = self._files[index]
+        nbytes = f.size()  # the file is exactly the staged state: [master,] m, v, each padded
+        try:
+            lease = self._pool.lease(nbytes, purpose="adam state")
+        except PoolExhausted:
+            victim = next(
+                (i for i, st in self._staged.items() if not st.acquired and (st.io is None or st.io.done())),
+                None,
+            )
+            if victim is None:
+                return
+            st = self._staged[victim]
+            self._settle(victim, st)  # no wait (its transfer is done); a failed write raises here
+            del self._staged[victim]
+            st.lease.release()
+            lease = self._pool.lease(nbytes, purpose="adam state")
+        self._staged[index] = _Staged(lease, f.read_into(lease, 0), self._names[index])
 
     def _lease(self, nbytes: int) -> Lease:
         """A staging lease; when all are out, frees the least recently used one not in use."""
