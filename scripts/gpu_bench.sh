@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's benchmark session (see README "Results"): build, then one phase per call so
 # each stays inside the device tool's 10-minute command limit. Results land in $OUT.
-#   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more|nvme3b|big|ckpt3b|act7b|dist7b|dist13b
+#   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more|nvme3b|big|snap3b|ckpt3b|act7b|dist7b|dist13b
 #   (train3b: DEVICE_BLOCKS=12, RUN=1; dist7b and dist13b need 2 GPUs: kind nvidia-h200-x2)
 # DeepSpeed's wheels and libaio come from .bench/deps (../shared/baselines/fetch_deps.sh).
 set -euo pipefail
@@ -50,7 +50,10 @@ case "${1:?phase}" in
     mkdir -p /tmp/nvme-state
     python3 scripts/bench_train.py --size "${SIZE:-13b}" --systems offload --device-blocks auto \
       --optimizer-state auto --master auto --nvme-dir /tmp/nvme-state --host-bytes "${HOST_BYTES:-120GiB}" --gpu-bytes "${GPU_BYTES:-76GiB}" \
-      --steps 4 --trace "$OUT/trace_${SIZE:-13b}_spill.json" --out "$OUT/train_${SIZE:-13b}_spill.json" 2>&1 | grep -vi warn | tail -30 ;;
+      --steps "${STEPS:-5}" --trace "$OUT/trace_${SIZE:-13b}_spill.json" --out "$OUT/train_${SIZE:-13b}_spill.json" 2>&1 | grep -vi warn | tail -30 ;;
+  snap3b)  # issue 8: what a snapshot of the 3.4B state costs a step, and how fast it comes back
+    python3 scripts/bench_snapshot.py --size 3b --batch 4 --seq 2048 --steps "${STEPS:-3}" \
+      --out "$OUT/snapshot_3b.json" 2>&1 | grep -vi warn | tail -16 ;;
   train-more)
     for db in 12 0; do
       python3 scripts/bench_train.py --size 3b --systems offload --device-blocks $db \
