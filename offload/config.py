@@ -407,12 +407,15 @@ class PlacementConfig:
     host copies them to pinned host memory during forward and back during backward, a few
     blocks ahead, so the device holds only a window of them; nvme writes them to files under
     nvme_dirs. auto: gpu for now (the planner says where they would fit)."""
-    offload_saved: Literal["never", "auto", "always"] | list[int] = "never"
-    """Blocks that keep their autograd-saved tensors in host memory instead of being recomputed
-    in backward (SSDTrain's offload-instead-of-recompute): "never" recomputes every block,
-    "always" offloads every block, a list names the blocks (0-based), "auto" recomputes every
-    block in the first step while measuring, then offloads the blocks the planner's cost model
-    picks (offload.plan.recompute)."""
+    offload_saved: Literal["never", "auto", "always"] | list[int] | dict[str, list[int]] = "never"
+    """What blocks keep for their backward instead of being recomputed (docs/activations.md):
+    "never" recomputes every block; "always" keeps every block's graph with its saved tensors in
+    host memory (SSDTrain's offload instead of recompute), a list those blocks' (0-based); a
+    mapping names the blocks of each kind: {device: [..]} keep their graph on the device, {host:
+    [..]} in host memory, {attention: [..]} keep their attention output and log-sum-exp on the
+    device and recompute the rest, {attention_host: [..]} the same in host memory. "auto"
+    recomputes every block in the first step while measuring, then keeps what the cost model
+    picks (offload.plan.recompute): nothing unless that saves at least 10% of the step."""
     device_blocks: int | Literal["auto"] = 0
     """How many of the first blocks keep all their state (weights, master, Adam m and v,
     gradients) on the compute device instead of streaming: spare device memory as the fastest
@@ -447,12 +450,30 @@ class PlacementConfig:
                 f"needs optimizer_state nvme or auto, not {self.optimizer_state}: a spilled "
                 "block's file holds its master with its m and v (the coldest state spills first)",
             )
-        if isinstance(self.offload_saved, list):
-            for i, block in enumerate(self.offload_saved):
-                if block < 0:
-                    raise ConfigError(f"offload_saved[{i}]", block, "must be a block index >= 0")
-                if block in self.offload_saved[:i]:
-                    raise ConfigError(f"offload_saved[{i}]", block, "is listed twice")
+        _check_offload_saved(self.offload_saved)
+
+
+_KEEP_KINDS = ("device", "host", "attention", "attention_host")  # offload.plan.recompute.Keep
+
+
+def _check_offload_saved(value: object) -> None:
+    """Block lists of placement.offload_saved: indices >= 0, each block listed once, known kinds."""
+    if isinstance(value, str):
+        return
+    kinds = {"": value} if isinstance(value, list) else value
+    assert isinstance(kinds, dict)
+    seen: dict[int, str] = {}
+    for kind, blocks in kinds.items():
+        name = "offload_saved" + (f".{kind}" if kind else "")
+        if kind and kind not in _KEEP_KINDS:
+            raise ConfigError(name, blocks, f"unknown kind; expected one of {', '.join(_KEEP_KINDS)}")
+        for i, block in enumerate(blocks):
+            if block < 0:
+                raise ConfigError(f"{name}[{i}]", block, "must be a block index >= 0")
+            if block in seen:
+                where = f" (also under {seen[block]})" if seen[block] != name else ""
+                raise ConfigError(f"{name}[{i}]", block, f"is listed twice{where}")
+            seen[block] = name
 
 
 @dataclass(kw_only=True, slots=True)

@@ -247,3 +247,37 @@ def test_rebuilt_tensors_keep_their_alignment() -> None:
     p.copy_out(buf)
     for got, want in zip(p.rebuild(buf), views):
         assert got.data_ptr() % 64 == want.data_ptr() % 64
+
+
+class _Copy:
+    """A copy out that is in flight until waited for."""
+
+    def __init__(self, log: list[int], index: int) -> None:
+        self.log, self.index, self.landed = log, index, False
+
+    def done(self) -> bool:
+        return self.landed
+
+    def wait(self) -> None:
+        self.log.append(self.index)
+        self.landed = True
+
+
+def test_outstanding_copies_are_bounded() -> None:
+    """With outstanding=1 a put first waits (on the host) for the copy before it, so groups
+    whose device memory waits for their copy cannot pile up while the host runs ahead."""
+    waited: list[int] = []
+
+    class Slow(HostStore):
+        def _copy_out(self, st):  # type: ignore[no-untyped-def]
+            super()._copy_out(st)
+            st.out = _Copy(waited, st.index)
+
+    bounded, free = Slow(CPU, blocks=4, outstanding=1), Slow(CPU, blocks=4)
+    for i in range(4):
+        bounded.put(i, [torch.randn(64)])
+        free.put(i, [torch.randn(64)])
+    assert waited == [0, 1, 2]  # each put waited for the previous copy; the unbounded store none
+    assert len(bounded._outgoing) == 1 and len(free._outgoing) == 4
+    bounded.close()
+    free.close()

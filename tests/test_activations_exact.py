@@ -1,6 +1,7 @@
 """Where activations wait does not change the mathematics: tiny models in float32 on the CPU,
-with boundary states on gpu (the device), host or nvme, and with saved tensors offloaded instead
-of recomputed, train bitwise like each other and like plain PyTorch with
+with boundary states on gpu (the device), host or nvme, and with blocks that keep their graph
+(on the device or in host memory) or their attention output (on the device or in host memory)
+instead of being recomputed, train bitwise like each other and like plain PyTorch with
 torch.optim.AdamW(fused=True) (tests/test_wrap_exact.py explains why bitwise holds there)."""
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ PLACEMENTS = {
     "offload": {"offload_saved": "always"},
     "offload+nvme": {"offload_saved": [0, 2], "activations": "nvme"},
     "auto+host": {"offload_saved": "auto", "activations": "host"},
+    "device": {"offload_saved": {"device": [0, 1, 2]}},
+    "attention": {"offload_saved": {"attention": [0, 1, 2]}},
+    "attention_host+nvme": {"offload_saved": {"attention_host": [0, 1, 2]}, "activations": "nvme"},
+    "mixed": {"offload_saved": {"device": [2], "host": [0], "attention_host": [1]}, "activations": "host"},
 }
 
 
@@ -49,7 +54,20 @@ def test_every_placement_trains_like_adamw(
     assert_every_placement_matches(tiny(family, dropout=dropout), data, accum, clip, PLACEMENTS, disk_dir)
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_kept_attention_and_graphs_in_other_families(family: str, disk_dir: Path) -> None:
+    """Mistral passes a mask (its attention is recomputed, not kept); Qwen2 ties its embeddings."""
+    placements = {
+        "attention": {"offload_saved": {"attention": [0, 1], "device": [2]}},
+        "attention_host": {"offload_saved": {"attention_host": [0, 2], "host": [1]}},
+    }
+    assert_every_placement_matches(tiny(family), batches(STEPS), 1, None, placements, disk_dir)
+
+
 def test_device_blocks_with_offloaded_saved_tensors(disk_dir: Path) -> None:
     """Blocks whose weights stay on the device keep references to their own buffers."""
-    placement = {"device_blocks": 1, "offload_saved": "always", "activations": "host"}
-    assert_every_placement_matches(tiny("qwen2"), batches(STEPS), 1, None, {"device": placement}, disk_dir)
+    placements = {
+        "host": {"device_blocks": 1, "offload_saved": "always", "activations": "host"},
+        "device": {"device_blocks": 1, "offload_saved": {"device": [0, 1], "attention": [2]}},
+    }
+    assert_every_placement_matches(tiny("qwen2"), batches(STEPS), 1, None, placements, disk_dir)

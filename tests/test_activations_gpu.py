@@ -133,3 +133,92 @@ def test_host_boundaries_lower_the_device_peak() -> None:
     boundary = 12 * 8 * 4096 * 1024 * 4  # blocks x tokens x width x float32
     gpu, host = peak({}), peak({"activations": "host"})
     assert gpu - host >= 0.4 * boundary, (gpu, host, boundary)
+
+
+def train_bf16(placement: dict, steps: int = 3) -> tuple[list[float], dict, object]:
+    """The small Llama in bfloat16 (flash attention's dtype), batch 2 x 256."""
+    wrapped, opt = offload.wrap(
+        llama(), device="cuda", dtype="bfloat16", optimizer={"lr": 1e-3}, placement=placement
+    )
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(0, 512, (2, 256), generator=g).cuda()
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    state = offload.state_dict(wrapped)
+    acts = wrapped.runtime.activations
+    wrapped.runtime.close()
+    return losses, state, acts
+
+
+def test_kept_graphs_and_attention_train_like_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeping graphs on the device or attention outputs (flash attention's kernels called
+    directly) trains like recomputing, to bfloat16 rounding; the attention calls of the
+    recompute were answered from what forward kept."""
+    from offload.engine import function
+    from offload.engine.attention import Replay
+
+    answered: list[Replay] = []
+
+    class Spy(Replay):
+        def __init__(self, records, index):  # type: ignore[no-untyped-def]
+            super().__init__(records, index)
+            answered.append(self)
+
+    monkeypatch.setattr(function, "Replay", Spy)
+    want = train_bf16({})
+    for placement in (
+        {"offload_saved": {"device": [0, 1, 2, 3]}},
+        {"offload_saved": {"attention": [0, 1], "attention_host": [2, 3]}},
+        {"offload_saved": {"host": [0], "device": [3], "attention": [1, 2]}, "activations": "host"},
+    ):
+        got = train_bf16(placement)
+        torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(want[0]), rtol=2e-2, atol=2e-2)
+        for key in want[1]:
+            torch.testing.assert_close(got[1][key], want[1][key], rtol=5e-2, atol=5e-3, msg=key)
+    assert answered and all(r.records and r.records[0] is not None for r in answered)
+
+
+def test_host_kept_graphs_do_not_pile_up_on_the_device() -> None:
+    """Blocks with almost no compute per byte saved: the copies out fall behind, and without the
+    window every block's saved tensors would wait on the device for theirs. With it, keeping
+    every graph in host memory costs at most the window's groups beyond recomputing."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from offload.engine.packing import Packing
+    from offload.plan.recompute import SAVED_WINDOW
+    from tests.models import Block
+
+    x = torch.randn(8, 4096, 1024, device="cuda")
+    seen: list[torch.Tensor] = []
+    block = Block(1024).cuda()
+    with saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        block(x.requires_grad_())
+    params = {p.data_ptr() for p in block.parameters()}
+    saved = Packing([t for t in seen if t.data_ptr() not in params]).nbytes
+
+    def peak(placement: dict) -> int:
+        torch.manual_seed(0)
+        model, opt = offload.wrap(
+            Stack(d=1024, layers=12), device="cuda", dtype="float32", placement=placement
+        )
+        xs, ys = torch.randn(8, 4096, 8).cuda(), torch.randn(8, 4096).cuda()
+        model(xs, ys).backward()  # warms the pools and the allocator
+        opt.step()
+        opt.zero_grad()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        model(xs, ys).backward()
+        opt.step()
+        opt.zero_grad()
+        torch.cuda.synchronize()
+        result = torch.cuda.max_memory_allocated()
+        model.runtime.close()
+        return result
+
+    recompute, host = peak({}), peak({"offload_saved": "always"})
+    assert host - recompute <= SAVED_WINDOW * saved, (host, recompute, saved)

@@ -262,7 +262,32 @@ def test_batches_with_too_few_tokens(tmp_path: Path) -> None:
     spec = DataSpec(files=["*.txt"])
     with pytest.raises(DataError) as e:
         batches(spec, ByteTokenizer(), batch_size=1, seq_len=128, root=tmp_path)
-    assert str(e.value) == "data.files (2 files) hold 11 tokens, fewer than one window of train.seq_len = 128"
+    assert str(e.value) == (
+        "data.files (2 files) hold 11 tokens, fewer than one window of train.seq_len = 128 "
+        "(data.cycle: true repeats them)"
+    )
+
+
+def test_cycle_fills_a_window_longer_than_the_corpus(tmp_path: Path) -> None:
+    """A long-context recipe over a small corpus: the corpus, end to start, fills one batch."""
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "b.txt").write_text("tiers")
+    spec = DataSpec(files=["*.txt"], cycle=True)
+    stream = batches(spec, ByteTokenizer(), batch_size=2, seq_len=16, root=tmp_path)
+    corpus = [*b"hello", EOS, *b"tiers", EOS]
+    assert stream.num_windows == 2  # 36 tokens: three passes over the 12 of the corpus
+    b = next(stream)
+    got = sorted(b["input_ids"].tolist())
+    assert got == sorted([(corpus * 3)[:16], (corpus * 3)[16:32]])
+    assert torch.equal(b["labels"], b["input_ids"])
+    # A corpus long enough already is left as it is.
+    long = batches(spec, ByteTokenizer(), batch_size=1, seq_len=4, root=tmp_path)
+    assert long.num_windows == 3
+
+
+def test_cycle_is_a_checked_boolean() -> None:
+    with pytest.raises(ConfigError, match="cycle = 'yes': expected bool"):
+        from_dict(DataSpec, {"files": ["x"], "cycle": "yes"})
 
 
 def test_batches_with_files_matching_nothing(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ recompute-or-offload choice shown by ``offload plan``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,8 +14,10 @@ import offload
 from offload.cli.main import main
 from offload.config import Tier, load_config
 from offload.plan import make_plan
-from offload.plan.activations import forward_flops, saved_bytes_per_block
+from offload.plan.activations import count_block, forward_flops, saved_bytes_per_block
 from offload.plan.measure import Rates
+from offload.plan.planner import DEVICE_MARGIN_BYTES
+from offload.plan.recompute import SAVED_WINDOW, Keep
 from offload.plan.tally import ACTIVATION_STAGING, ACTIVATION_WINDOW
 from tests.models import Stack, batches, tiny
 
@@ -22,8 +25,15 @@ FAST = Rates(h2d_bytes_s=1e15, d2h_bytes_s=1e15, flops=1e9)  # the link is never
 SLOW = Rates(h2d_bytes_s=1.0, d2h_bytes_s=1.0, flops=1e15)  # the link always is
 
 
-def plan(placement: dict, rates: Rates | None = FAST, **kw):
-    cfg = load_config(device="cpu", dtype="float32", placement=placement, nvme_dirs=["/tmp/x"], cxl_nodes=[0])
+def plan(placement: dict, rates: Rates | None = FAST, budgets: dict | None = None, **kw):
+    cfg = load_config(
+        device="cpu",
+        dtype="float32",
+        placement=placement,
+        nvme_dirs=["/tmp/x"],
+        cxl_nodes=[0],
+        budgets=budgets or {},
+    )
     return make_plan(tiny("llama", layers=4), cfg, batch_size=2, seq_len=16, rates=rates, **kw)
 
 
@@ -65,26 +75,65 @@ def test_saved_bytes_counted_on_meta_are_what_the_runtime_moves(family: str) -> 
     model.runtime.close()
 
 
-def test_auto_offloads_every_block_on_a_fast_link() -> None:
-    p = plan({"offload_saved": "auto"})
-    assert p.recompute is not None and p.recompute.offload == (True,) * 4
+def gpu_room(placement: dict, room: int, rates: Rates = FAST):
+    """A plan whose gpu budget leaves room bytes for kept tensors beyond its other needs."""
+    need = plan({}, rates).needed[Tier.GPU]
+    return plan(placement, rates, budgets={"gpu_bytes": need + DEVICE_MARGIN_BYTES + room})
+
+
+def test_auto_keeps_every_graph_on_the_device_when_it_has_room() -> None:
+    p = plan({"offload_saved": "auto"})  # no gpu budget: unbounded
     saved = saved_bytes_per_block(tiny("llama", layers=4), "float32", 2, 16)
+    assert p.recompute is not None and p.recompute.keep == (Keep.DEVICE,) * 4
+    assert p.get("saved", Tier.GPU) == 4 * saved and p.get("saved", Tier.HOST) == 0
+    assert "offload_saved: keep on the device 0-3 (est. step" in p.table()
+    assert p.to_json()["offload_saved"]["device"] == [0, 1, 2, 3]
+
+
+def test_auto_offloads_to_host_when_the_device_is_full() -> None:
+    """Room for the window of host groups and no more: every graph goes to host memory, and
+    the gpu row counts the window."""
+    saved = saved_bytes_per_block(tiny("llama", layers=4), "float32", 2, 16)
+    p = gpu_room({"offload_saved": "auto"}, SAVED_WINDOW * saved + saved // 2)
+    assert p.recompute is not None and p.recompute.keep == (Keep.HOST,) * 4
     assert p.get("saved", Tier.HOST) == 4 * saved
-    assert "offload_saved: offload blocks 0-3, recompute the other 0" in p.table()
+    assert p.get("saved", Tier.GPU) == SAVED_WINDOW * saved
+    assert p.fits
+    assert "offload_saved: offload to host 0-3" in p.table()
     assert p.to_json()["offload_saved"]["blocks"] == [0, 1, 2, 3]
 
 
-def test_auto_recomputes_on_a_slow_link() -> None:
-    p = plan({"offload_saved": "auto"}, rates=SLOW)
+def test_auto_recomputes_on_a_slow_link_with_no_device_room() -> None:
+    p = gpu_room({"offload_saved": "auto"}, 0, rates=SLOW)
     assert p.recompute is not None and not any(p.recompute.offload)
-    assert p.get("saved", Tier.HOST) == 0
+    assert p.get("saved", Tier.HOST) == p.get("saved", Tier.GPU) == 0
     assert "offload_saved: recompute every block" in p.table()
+
+
+def test_a_cpu_bound_plan_keeps_nothing_and_says_why() -> None:
+    """With the CPU optimizer at 1 parameter a second, the step is its updates: nothing pays."""
+    slow_cpu = dataclasses.replace(FAST, adam_params_s=1.0)
+    p = plan({"offload_saved": "auto"}, slow_cpu)
+    assert p.recompute is not None and p.recompute.keep == (Keep.RECOMPUTE,) * 4
+    assert p.recompute.bound == "the CPU optimizer"
+    assert "under the 10% threshold; the CPU optimizer's" in p.table()
+    assert p.get("saved", Tier.GPU) == 0
 
 
 def test_a_fixed_list_is_shown_with_its_estimate() -> None:
     p = plan({"offload_saved": [1, 2]}, rates=SLOW)
     assert p.recompute is not None and p.recompute.blocks == [1, 2]
+    assert p.recompute.keep[1] is Keep.HOST
     assert p.recompute.step_s > p.recompute.recompute_step_s  # on this link it costs time
+
+
+def test_a_mapping_is_shown_with_its_estimate() -> None:
+    counted = count_block(tiny("llama", layers=4), "float32", 2, 16)
+    p = plan({"offload_saved": {"device": [3], "attention": [0, 1], "attention_host": [2]}})
+    assert p.recompute is not None
+    assert p.recompute.keep == (Keep.ATTENTION, Keep.ATTENTION, Keep.ATTENTION_HOST, Keep.DEVICE)
+    assert p.get("saved", Tier.HOST) == counted.attention
+    assert p.get("saved", Tier.GPU) == counted.saved + (2 + SAVED_WINDOW) * counted.attention
 
 
 def test_no_choice_without_offload_saved() -> None:

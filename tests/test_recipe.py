@@ -239,6 +239,31 @@ def test_tiny_recipe_is_a_cpu_job() -> None:
     assert 50_000 <= corpus <= 200_000
 
 
+def test_128k_recipe_fills_its_sequence_and_fits_an_h100() -> None:
+    """The corpus (about 54K tokens) is cycled to fill one 128K window, and the plan fits the
+    H100 machine: its 79.2 GiB device and 120 of its 128 GiB of host memory, at its measured
+    rates (52 GB/s PCIe, 600 TFLOPS of bf16 matmul, 5.1 G params/s of CPU AdamW)."""
+    from offload.model.hf import build_on_meta
+    from offload.plan import make_plan
+    from offload.plan.measure import Rates
+    from offload.plan.recompute import Keep
+
+    recipe = load_recipe(RECIPES / "llama-7b-128k.yaml")
+    t = recipe.train
+    assert (t.batch_size, t.seq_len, t.loss_chunk, recipe.data.cycle) == (1, 131072, 8192, True)
+    tok = load_tokenizer(recipe.data.tokenizer, None)
+    stream = batches(recipe.data, tok, batch_size=1, seq_len=t.seq_len, root=RECIPES)
+    assert next(stream)["input_ids"].shape == (1, 131072)
+    cfg = recipe.offload
+    cfg.budgets.gpu_bytes, cfg.budgets.host_bytes = 85031714816, 120 << 30
+    model = build_on_meta(build_hf_config(recipe.model, tok.vocab_size, eos_id=tok.eos_id))
+    h100 = Rates(52e9, 52e9, 600e12, attention_flops=300e12, adam_params_s=5.1e9)
+    plan = make_plan(model, cfg, batch_size=1, seq_len=t.seq_len, rates=h100, loss_chunk=t.loss_chunk)
+    assert plan.fits, plan.problems
+    assert plan.recompute is not None and set(plan.recompute.keep) == {Keep.ATTENTION, Keep.ATTENTION_HOST}
+    assert plan.recompute.gain >= 0.15
+
+
 def _parameters(config: transformers.PretrainedConfig) -> int:
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)

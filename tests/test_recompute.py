@@ -1,62 +1,168 @@
-"""The recompute-or-offload cost model and choice (offload/plan/recompute.py): pure arithmetic,
+"""The recompute-or-keep cost model and choice (offload/plan/recompute.py): pure arithmetic,
 checked on hand-made costs."""
 
 from __future__ import annotations
 
 import pytest
 
-from offload.plan.recompute import BlockCost, Link, choose, step_time
+from offload.plan.recompute import (
+    SAVED_WINDOW,
+    BlockCost,
+    Bounds,
+    Keep,
+    Link,
+    choose,
+    device_bytes,
+    estimate,
+    fixed,
+    step_time,
+)
 
 GB = 10**9
+R, D, H, A, AH = Keep.RECOMPUTE, Keep.DEVICE, Keep.HOST, Keep.ATTENTION, Keep.ATTENTION_HOST
+WINDOW = SAVED_WINDOW * GB // 10  # device room for the host groups on their way, no more
 
 
-def blocks(n: int, fwd: float = 0.01, saved: int = GB // 10) -> list[BlockCost]:
-    return [BlockCost(forward_s=fwd, backward_s=2 * fwd, saved_bytes=saved) for _ in range(n)]
+def blocks(n: int, fwd: float = 0.01, saved: int = GB // 10, att: float = 0.0, att_bytes: int = 0):
+    return [BlockCost(fwd, 2 * fwd, saved, att, att_bytes) for _ in range(n)]
 
 
 def test_a_fast_link_offloads_every_block() -> None:
     costs = blocks(8)
-    c = choose(costs, Link(100 * GB, 100 * GB))
-    assert c.offload == (True,) * 8
+    c = choose(costs, Link(100 * GB, 100 * GB), device_bytes=WINDOW)
+    assert c.keep == (H,) * 8 and c.offload == (True,) * 8
     assert c.step_s == pytest.approx(8 * 0.01 + 8 * 0.02)  # no recompute left
     assert c.recompute_step_s == pytest.approx(8 * 0.01 + 8 * 0.03)
     assert c.offloaded_bytes == 8 * GB // 10
+    assert c.device_bytes == SAVED_WINDOW * GB // 10  # the host groups on their way
 
 
 def test_a_slow_link_recomputes_every_block() -> None:
-    c = choose(blocks(8), Link(1 * GB, 1 * GB))  # 0.1 s to move a block that recomputes in 0.01 s
-    assert c.offload == (False,) * 8
+    c = choose(blocks(8), Link(1 * GB, 1 * GB), device_bytes=0)  # 0.1 s to move 10 ms of compute
+    assert c.keep == (R,) * 8
     assert c.describe().startswith("recompute every block")
+    assert c.reason == ""  # nothing could be kept faster: nothing to explain
 
 
-def test_offloads_until_the_link_is_as_busy_as_compute() -> None:
+def test_pcie_limited_offloads_until_the_link_is_as_busy_as_compute() -> None:
     # Forward compute 0.08 s; the link moves 0.1 GB in 0.02 s: 4 blocks fill the forward.
     costs = blocks(8)
     link = Link(5 * GB, 5 * GB)
-    c = choose(costs, link)
-    assert sum(c.offload) == 4
-    assert c.offload[:4] == (True,) * 4  # the earliest blocks: the most time to hide their copies
-    assert c.step_s == min(step_time(costs, link, [i < k for i in range(8)]) for k in range(9))
-    assert "offload blocks 0-3, recompute the other 4" in c.describe()
+    c = choose(costs, link, device_bytes=WINDOW)
+    assert c.keep == (H,) * 4 + (R,) * 4  # the earliest: the most forward left to hide their copies
+    assert c.step_s == min(step_time(costs, link, [H] * k + [R] * (8 - k)) for k in range(9))
+    assert "offload to host 0-3, recompute 4-7" in c.describe()
 
 
 def test_other_traffic_leaves_less_room() -> None:
     costs = blocks(8)
     busy = Link(5 * GB, 5 * GB, h2d_backward=GB // 2, d2h_forward=GB // 5)
-    assert sum(choose(costs, busy).offload) < sum(choose(costs, Link(5 * GB, 5 * GB)).offload)
+    free = choose(costs, Link(5 * GB, 5 * GB), device_bytes=WINDOW)
+    assert len(choose(costs, busy, device_bytes=WINDOW).of(H)) < len(free.of(H))
 
 
-def test_the_best_compute_per_byte_goes_first() -> None:
-    costs = [BlockCost(0.01, 0.02, GB // 10), BlockCost(0.05, 0.1, GB // 10), BlockCost(0.01, 0.02, GB)]
-    c = choose(costs, Link(5 * GB, 5 * GB), host_bytes=GB // 10)
-    assert c.offload == (False, True, False)  # the host budget has room for one: the best one
+def test_both_directions_share_the_link() -> None:
+    """Weights go up while saved tensors go down: a duplex rate below the sum leaves less room."""
+    costs = blocks(8)
+    simplex = Link(5 * GB, 5 * GB, h2d_forward=GB // 5)
+    shared = Link(5 * GB, 5 * GB, h2d_forward=GB // 5, duplex_bytes_s=6 * GB)
+    assert shared.seconds(GB, GB) == pytest.approx(2 / 6) and simplex.seconds(GB, GB) == pytest.approx(0.2)
+    assert len(choose(costs, shared, device_bytes=WINDOW).of(H)) < len(
+        choose(costs, simplex, device_bytes=WINDOW).of(H)
+    )
 
 
-def test_a_block_that_saves_nothing_is_offloaded() -> None:
-    c = choose([BlockCost(0.01, 0.02, 0)], Link(1, 1))
-    assert c.offload == (True,)
+def test_memory_limited_keeps_on_the_device_first() -> None:
+    """Room for three graphs (and the host window) on the device: those blocks keep theirs
+    there, at no link cost; the link takes as many more as it hides, the rest recompute."""
+    costs = blocks(8)
+    room = 3 * GB // 10 + WINDOW
+    c = choose(costs, Link(5 * GB, 5 * GB), device_bytes=room)
+    assert c.of(D) == [5, 6, 7]  # the last blocks
+    assert c.of(H) == [0, 1, 2, 3] and c.of(R) == [4]
+    assert c.device_bytes == device_bytes(costs, c.keep) <= room
+    on_host_only = choose(costs, Link(5 * GB, 5 * GB), device_bytes=WINDOW)
+    assert c.step_s < on_host_only.step_s
+
+
+def test_unbounded_device_memory_keeps_every_graph_there() -> None:
+    c = choose(blocks(4), Link(1, 1), device_bytes=None)  # a link too slow to use
+    assert c.keep == (D,) * 4 and c.offloaded_bytes == 0 and c.device_bytes == 4 * GB // 10
+
+
+def test_a_cpu_bound_step_keeps_nothing_and_says_why() -> None:
+    """The CPU optimizer takes 1 s a step, the GPU 0.24 s: skipping the recompute saves nothing."""
+    costs = blocks(8)
+    c = choose(costs, Link(100 * GB, 100 * GB), bounds=Bounds(cpu_s=1.0))
+    assert c.keep == (R,) * 8
+    assert c.step_s == c.recompute_step_s == pytest.approx(1.0)
+    assert c.bound == "the CPU optimizer"
+    assert "would save 0.0% of the step, under the 10% threshold" in c.reason
+    assert "the CPU optimizer's 1.000 s of updates outlast the GPU's 0.320 s" in c.reason
+    assert c.reason in c.describe()
+
+
+def test_a_small_gain_is_not_taken() -> None:
+    """Offloading saves 0.08 s of 0.34 (24%) with nothing else; with 0.5 s of head work it saves
+    0.08 of 0.82 (9.8%): under 10%, so nothing, unless the threshold is lower."""
+    costs, link, room = blocks(8), Link(100 * GB, 100 * GB), WINDOW
+    assert choose(costs, link, device_bytes=room, bounds=Bounds(other_s=0.5)).keep == (R,) * 8
+    assert choose(costs, link, device_bytes=room, bounds=Bounds(other_s=0.5), min_gain=0.05).keep == (H,) * 8
+    assert choose(costs, link, device_bytes=room).gain == pytest.approx(0.08 / 0.32)
+
+
+def test_the_host_budget_bounds_the_host_blocks() -> None:
+    c = choose(blocks(8), Link(100 * GB, 100 * GB), host_bytes=45 * GB // 100, device_bytes=WINDOW)
+    assert c.of(H) == [0, 1, 2, 3] and c.offloaded_bytes == 4 * GB // 10
+
+
+def test_attention_keeps_take_scarce_device_memory_first() -> None:
+    """Keeping a block's attention saves 6 of its 10 ms for 10 MB; its graph saves 10 ms for
+    100 MB. With 100 MB of room and a useless link, ten attention keeps beat one graph."""
+    costs = blocks(10, att=0.006, att_bytes=10**7)
+    c = choose(costs, Link(1, 1), device_bytes=10**8)
+    assert c.keep == (A,) * 10
+    assert c.step_s == pytest.approx(0.1 + 0.2 + 10 * 0.004)
+    assert "keep attention on the device 0-9" in c.describe()
+
+
+def test_attention_on_host_when_the_device_is_full() -> None:
+    costs = blocks(4, att=0.006, att_bytes=10**7)
+    c = choose(costs, Link(10 * GB, 10 * GB), device_bytes=SAVED_WINDOW * 10**7)
+    assert set(c.keep) <= {H, AH} and AH in c.keep
+
+
+def test_a_block_that_cannot_keep_its_attention_is_not_given_it() -> None:
+    costs = blocks(3, att=0.006, att_bytes=10**7)
+    costs[1] = BlockCost(0.01, 0.02, GB // 10, 0.006, 0)
+    c = choose(costs, Link(1, 1), device_bytes=10**8, min_gain=0.0)
+    assert c.keep == (A, R, A)
+
+
+def test_fixed_choice_is_estimated() -> None:
+    costs, link = blocks(4), Link(1 * GB, 1 * GB)
+    c = fixed(costs, link, [H, R, D, R])
+    assert c.step_s == step_time(costs, link, [H, R, D, R]) > c.recompute_step_s
+    assert c.offloaded_bytes == GB // 10 and c.device_bytes == GB // 10 + SAVED_WINDOW * GB // 10
+    assert c.to_json()["keep"] == ["host", "recompute", "device", "recompute"]
+    assert c.to_json()["device"] == [2]
+
+
+def test_the_estimate_names_its_bound() -> None:
+    costs = blocks(4)
+    assert estimate(costs, Link(100 * GB, 100 * GB), [R] * 4).bound == "GPU compute"
+    assert estimate(costs, Link(GB, GB, h2d_forward=GB), [R] * 4).bound == "the host link"
+    assert estimate(costs, Link(100 * GB, 100 * GB), [R] * 4, Bounds(cpu_s=9)).bound == "the CPU optimizer"
 
 
 def test_link_rates_must_be_positive() -> None:
     with pytest.raises(ValueError, match="link rates must be > 0 bytes/s, got 0, 1"):
         Link(0, 1)
+    with pytest.raises(ValueError, match="the duplex rate must be > 0 bytes/s, got 0"):
+        Link(1, 1, duplex_bytes_s=0)
+
+
+def test_the_search_is_quick_for_many_blocks() -> None:
+    """80 blocks with every kind possible: the split search is O(n^3 log n), not exponential."""
+    c = choose(blocks(80, att=0.004, att_bytes=10**7), Link(5 * GB, 5 * GB), device_bytes=2 * GB)
+    assert len(c.keep) == 80

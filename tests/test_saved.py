@@ -1,6 +1,7 @@
-"""Offload instead of recompute (offload/engine/saved.py, choice.py): the pack hook's
-deduplication and what it leaves in place, exact gradients through a graph whose saved tensors
-went to host memory, and the config of the choice."""
+"""Keeping a block's graph instead of recomputing it (offload/engine/saved.py, choice.py): the
+pack hook's deduplication and what it leaves in place, exact gradients through a graph whose
+saved tensors stayed on the device or went to host memory, what auto measures and decides, and
+the config of the choice."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from torch.autograd.graph import saved_tensors_hooks
 import offload
 from offload.config import ConfigError, PlacementConfig
 from offload.engine.activations import HostStore
+from offload.engine.choice import MeasuredChoice, Traffic, make_choice
 from offload.engine.device import Device
 from offload.engine.packing import storage_key
 from offload.engine.saved import Packer, _Group, _unpack
+from offload.plan.recompute import Keep
 from tests.models import Stack, batches, tiny
 
 CPU = Device("cpu")
@@ -95,19 +98,68 @@ def test_other_devices_and_small_tensors_stay_put() -> None:
     store.close()
 
 
-def test_auto_measures_one_step_then_decides() -> None:
+def train_auto(placement: dict, steps: int = 3, **kw):  # type: ignore[no-untyped-def]
     model, opt = offload.wrap(
-        tiny("llama", layers=3), device="cpu", dtype="float32", placement={"offload_saved": "auto"}
+        tiny("llama", layers=3), device="cpu", dtype="float32", placement=placement, **kw
     )
     acts = model.runtime.activations
     assert acts.measure is not None and acts.measure.decision is None
-    for ids in batches(2):
+    for ids in batches(steps):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-    decision = acts.measure.decision
-    assert decision is not None and len(decision.offload) == 3
-    assert all(n > 0 for n in acts.measure._saved.values())
+    return model, acts.measure
+
+
+def test_auto_measures_one_step_then_decides() -> None:
+    model, measure = train_auto({"offload_saved": "auto"})
+    decision = measure.decision
+    assert decision is not None and len(decision.keep) == 3
+    assert model.runtime.executor.timer is not None  # a no-op once decided
+    costs = measure.costs()
+    assert all(c.saved_bytes > 0 and c.forward_s > 0 and c.backward_s >= 0 for c in costs)
+    # Llama's attention is causal, unmasked, without dropout: keepable, and counted as the planner does.
+    counted = offload.plan.activations.count_block(tiny("llama", layers=3), "float32", 2, 16)
+    assert all(c.attention_bytes == counted.attention and 0 < c.attention_s <= c.forward_s for c in costs)
+    assert measure.bounds().cpu_s > 0  # the CPU optimizer's updates of the measured step
+    assert decision.describe()
+    model.runtime.close()
+
+
+def test_auto_keeps_nothing_on_the_device_without_room() -> None:
+    """On the CPU the device is host memory, bounded by budgets.gpu_bytes: with none left,
+    nothing is kept there (host-kept graphs need a window on the device too)."""
+    model, measure = train_auto({"offload_saved": "auto"}, budgets={"gpu_bytes": 0})
+    assert measure.room()[0] == 0
+    assert measure.decision is not None and set(measure.decision.keep) == {Keep.RECOMPUTE}
+    model.runtime.close()
+
+
+def test_fixed_choices() -> None:
+    traffic, keys = Traffic(0, 0), lambda: set()
+    assert make_choice("never", CPU, 4, traffic, keys) is None
+    assert isinstance(make_choice("auto", CPU, 4, traffic, keys), MeasuredChoice)
+    always = make_choice("always", CPU, 4, traffic, keys)
+    assert always is not None and [always(i) for i in range(4)] == [Keep.HOST] * 4
+    listed = make_choice([1], CPU, 4, traffic, keys)
+    assert listed is not None and [listed(i) for i in range(3)] == [Keep.RECOMPUTE, Keep.HOST, Keep.RECOMPUTE]
+    mapped = make_choice({"device": [3], "attention_host": [0]}, CPU, 4, traffic, keys)
+    assert mapped is not None
+    assert [mapped(i) for i in range(4)] == [Keep.ATTENTION_HOST, Keep.RECOMPUTE, Keep.RECOMPUTE, Keep.DEVICE]
+
+
+def test_a_device_kept_graph_moves_nothing() -> None:
+    model, _ = offload.wrap(
+        tiny("llama", layers=3),
+        device="cpu",
+        dtype="float32",
+        placement={"offload_saved": {"device": [0, 1, 2]}},
+    )
+    ids = batches(1)[0]
+    loss = model(input_ids=ids, labels=ids).loss
+    acts = model.runtime.activations
+    assert acts.saved is not None and acts.saved._store is None and acts.stored_bytes() == 0
+    loss.backward()
     model.runtime.close()
 
 
@@ -156,6 +208,16 @@ def test_plain_stack_with_offloaded_blocks_matches() -> None:
         ),
         ([0, -1], r"offload_saved\[1\] = -1: must be a block index >= 0"),
         ([2, 2], r"offload_saved\[1\] = 2: is listed twice"),
+        (
+            {"gpu": [0]},
+            r"offload_saved.gpu = \[0\]: unknown kind; expected one of device, host, attention, attention_host",
+        ),
+        ({"device": [0, -2]}, r"offload_saved.device\[1\] = -2: must be a block index >= 0"),
+        (
+            {"device": [0], "host": [1, 0]},
+            r"offload_saved.host\[1\] = 0: is listed twice \(also under offload_saved.device\)",
+        ),
+        ({"host": "0-3"}, r"placement.offload_saved = \{'host': '0-3'\}: expected one of"),
     ],
 )
 def test_offload_saved_config_errors(value: object, message: str) -> None:
@@ -163,11 +225,15 @@ def test_offload_saved_config_errors(value: object, message: str) -> None:
         offload.config.load_config(placement={"offload_saved": value})
 
 
-def test_offload_saved_block_out_of_range() -> None:
-    with pytest.raises(
-        ConfigError, match=r"placement.offload_saved\[0\] = 3: the model has 3 blocks \(0 to 2\)"
-    ):
-        offload.wrap(tiny("llama", layers=3), device="cpu", dtype="float32", placement={"offload_saved": [3]})
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [([3], r"offload_saved\[0\]"), ({"host": [0], "attention": [1, 3]}, r"offload_saved.attention\[1\]")],
+)
+def test_offload_saved_block_out_of_range(value: object, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"placement.{field} = 3: the model has 3 blocks \(0 to 2\)"):
+        offload.wrap(
+            tiny("llama", layers=3), device="cpu", dtype="float32", placement={"offload_saved": value}
+        )
 
 
 def test_placement_default_recomputes() -> None:

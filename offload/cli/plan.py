@@ -48,6 +48,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="matmul TFLOPS for offload_saved's choice (default: measured on CUDA, else 300)",
     )
     p.add_argument(
+        "--adam-gps",
+        type=float,
+        default=None,
+        help="CPU AdamW billions of parameters per second, offload_saved's CPU bound "
+        "(default: measured on CUDA, else 5)",
+    )
+    p.add_argument(
         "--snapshot-nodes",
         type=int,
         default=None,
@@ -61,18 +68,26 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _rates(args: argparse.Namespace) -> Rates | None:
-    """The rates given on the command line, the others assumed; None when none is given."""
-    from offload.plan.activations import ASSUMED
-    from offload.plan.measure import Rates
+    """The rates given on the command line, the others assumed; None when none is given. A
+    --link-gbs link has no duplex limit; --tflops sets the attention rate to half the matmul's."""
+    from dataclasses import replace
 
-    if args.link_gbs is None and args.tflops is None:
+    from offload.plan.activations import ASSUMED
+
+    given = (("--link-gbs", args.link_gbs), ("--tflops", args.tflops), ("--adam-gps", args.adam_gps))
+    if all(value is None for _, value in given):
         return None
-    for name, value in (("--link-gbs", args.link_gbs), ("--tflops", args.tflops)):
+    for name, value in given:
         if value is not None and value <= 0:
             raise CliError(f"{name} {value}: must be > 0")
-    link = ASSUMED.h2d_bytes_s if args.link_gbs is None else args.link_gbs * 1e9
-    flops = ASSUMED.flops if args.tflops is None else args.tflops * 1e12
-    return Rates(link, link, flops)
+    rates = ASSUMED
+    if args.link_gbs is not None:
+        rates = replace(rates, h2d_bytes_s=args.link_gbs * 1e9, d2h_bytes_s=args.link_gbs * 1e9)
+    if args.tflops is not None:
+        rates = replace(rates, flops=args.tflops * 1e12, attention_flops=args.tflops * 0.5e12)
+    if args.adam_gps is not None:
+        rates = replace(rates, adam_params_s=args.adam_gps * 1e9)
+    return rates
 
 
 def _snapshot(args: argparse.Namespace) -> float:
@@ -108,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             detect=args.detect,
             rates=_rates(args),
             snapshot=_snapshot(args),
+            loss_chunk=t.loss_chunk,
         )
     except (ConfigError, UnsupportedModelError, ValueError) as e:
         raise CliError(str(e)) from None

@@ -160,11 +160,23 @@ class OffloadingStore:
 
     purpose = "activations"
 
-    def __init__(self, device: Device, blocks: int, depth: int = DEPTH, min_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        device: Device,
+        blocks: int,
+        depth: int = DEPTH,
+        min_bytes: int = 0,
+        outstanding: int | None = None,
+    ) -> None:
         self.device = device
         self.blocks = max(blocks, 1)
         self.depth = depth
         self.min_bytes = min_bytes
+        # Copies out that may be in flight when a put queues another (None: any number). The
+        # moved tensors' device memory is free only once their copy has read them, so a bound
+        # here bounds the device memory of groups waiting for their copy.
+        self.outstanding = outstanding
+        self._outgoing: collections.deque[Waitable] = collections.deque()
         cuda = device.cuda
         # Own side streams: a copy queued behind a weight upload that waits for a slot would wait
         # for compute too.
@@ -190,8 +202,10 @@ class OffloadingStore:
             moved = [t for i, t in enumerate(tensors) if i not in kept]
             if moved:
                 st.packing = Packing(moved)
+                self._bound_outgoing()
                 self._copy_out(st)
                 st.packing.forget_sources()
+                self._outgoing.append(st.out)
             st.finalizer = weakref.finalize(st, self._retired.append, st.home)
             self._live.append(weakref.ref(st))
             self._last = (st, tensors)
@@ -245,6 +259,16 @@ class OffloadingStore:
             return sum(st.packing.nbytes for st in live if st is not None and st.packing is not None)
 
     # ---- shared machinery ------------------------------------------------------------------------
+
+    def _bound_outgoing(self) -> None:
+        """Host wait for the oldest copies out until fewer than ``outstanding`` are in flight.
+        The training thread runs ahead of the device; without this wait it would queue the
+        forward of many more blocks, each allocating new tensors while the memory of those
+        still waiting for their copy cannot be reused."""
+        while self._outgoing and self._outgoing[0].done():
+            self._outgoing.popleft()
+        while self.outstanding is not None and len(self._outgoing) >= self.outstanding:
+            self._outgoing.popleft().wait()
 
     def _moves(self, t: torch.Tensor) -> bool:
         """Whether t goes out: it lives on the compute device and is large enough to matter."""
@@ -377,8 +401,8 @@ class OffloadingStore:
 
 
 class HostStore(OffloadingStore):
-    """Boundary states in pinned host memory: one lease per group, out during forward, back
-    during backward."""
+    """Boundary states (or a block's saved tensors, engine/saved.py) in pinned host memory: one
+    lease per group, out during forward, back during backward."""
 
     def _copy_out(self, st: Stored) -> None:
         assert st.packing is not None

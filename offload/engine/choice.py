@@ -1,11 +1,24 @@
-"""Which blocks offload their saved tensors instead of being recomputed (placement.offload_saved).
+"""What each block keeps for its backward instead of being recomputed (placement.offload_saved).
 
-A choice is a function from block index to bool, asked at each block's forward. "never" is no
-function at all (every block recomputes, nothing is set up); "always" and a list are fixed;
-"auto" is :class:`MeasuredChoice`: the first step recomputes every block while it times each
-block's forward and recompute-plus-backward and counts what the block's graph saves; the next
-forward measures the host link, and from then on the blocks that
-:func:`offload.plan.recompute.choose` picks are offloaded.
+A choice is a function from block index to :class:`~offload.plan.recompute.Keep`, asked at each
+block's forward. "never" is no function at all (every block recomputes, nothing is set up);
+"always" (every graph in host memory), a list (those blocks' graphs in host memory) and a
+mapping ``{kind: [blocks]}`` are fixed; "auto" is :class:`MeasuredChoice`. Its first two passes
+(forward and backward; steps, without gradient accumulation) recompute every block; the second
+is measured (the first pays for warm-up: kernel selection, allocator growth, lazy
+initialisation, which would pass for compute) for what the cost model needs:
+
+- each block's forward and recompute-plus-backward compute, timed from the moment its weights
+  are in place (the executor's timer: CUDA events on the compute stream, the host clock on the
+  CPU), so a wait for the weight stream does not pass for compute;
+- the bytes its graph saves (a pack hook that moves nothing, in the recompute), and the time
+  and bytes of its attention calls (engine/attention.py's Probe, in the forward);
+- the GPU time between the last block's forward and its backward (the head and the loss);
+- the CPU optimizer's busy time for the step's updates (the updater's clock);
+- the step's peak device memory, which leaves the room kept tensors may take.
+
+At the next forward it measures the host link (each way, and both ways at once) and
+:func:`offload.plan.recompute.choose` decides; ``decision.describe()`` says what and why.
 """
 
 from __future__ import annotations
@@ -19,17 +32,23 @@ import psutil
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from offload.config import ConfigError
+from offload.config import BudgetsConfig, ConfigError
+from offload.engine.attention import Probe
 from offload.engine.device import Device
 from offload.engine.packing import Packing, storage_key
-from offload.plan.measure import measure_link
-from offload.plan.recompute import BlockCost, Choice, Link, choose
+from offload.plan.measure import measure_duplex, measure_link
+from offload.plan.recompute import BlockCost, Bounds, Choice, Keep, Link, choose
 
-Spec = Literal["never", "auto", "always"] | list[int]
+Spec = Literal["never", "auto", "always"] | list[int] | dict[str, list[int]]
+Chooser = Callable[[int], Keep]
+
+_FORWARD, _BACKWARD = "forward", "recompute+backward"  # the executor's compute spans
+WARMUP_PASSES = 1
+"""Passes (forward and backward) auto runs before the one it measures."""
 
 
 class Traffic:
-    """What else crosses the host link per step, besides saved tensors (for the cost model)."""
+    """What else crosses the host link per step, besides kept tensors (for the cost model)."""
 
     def __init__(self, weight_bytes: int, grad_bytes: int) -> None:
         self.weight_bytes = weight_bytes  # uploaded once in forward, once in backward
@@ -40,7 +59,7 @@ class Traffic:
     def boundary_bytes(self) -> int:
         return sum(self.boundary.values())
 
-    def link(self, h2d: float, d2h: float) -> Link:
+    def link(self, h2d: float, d2h: float, duplex: float | None = None) -> Link:
         return Link(
             h2d,
             d2h,
@@ -48,12 +67,15 @@ class Traffic:
             h2d_backward=self.weight_bytes + self.boundary_bytes,
             d2h_forward=self.boundary_bytes,
             d2h_backward=self.grad_bytes,
+            duplex_bytes_s=duplex,
         )
 
 
 class MeasuredChoice:
     """See the module docstring. ``weights()`` gives the storage keys of every weight buffer
-    (never counted as saved: the graph keeps references to them)."""
+    (never counted as saved: the graph keeps references to them); ``optimizer_busy()`` the
+    optimizer worker's busy seconds so far and ``settle()`` waits for its queued updates (None:
+    the CPU bound is not counted)."""
 
     def __init__(
         self,
@@ -61,42 +83,74 @@ class MeasuredChoice:
         blocks: int,
         traffic: Traffic,
         weights: Callable[[], set[int]],
-        host_bytes: int | None = None,
+        budgets: BudgetsConfig | None = None,
+        optimizer_busy: Callable[[], float] | None = None,
+        settle: Callable[[], None] | None = None,
     ) -> None:
         self.device = device
         self.blocks = blocks
         self.traffic = traffic
         self.weights = weights
-        self.host_bytes = host_bytes  # budgets.host_bytes; None: what the host has free
+        self.budgets = budgets or BudgetsConfig()
+        self.optimizer_busy = optimizer_busy
+        self.settle = settle
         self.decision: Choice | None = None
         self._times: dict[tuple[int, str], list[Any]] = {}  # (block, phase) -> [start, end]
         self._saved: dict[int, int] = {}
+        self._attention: dict[int, Probe] = {}
+        self._busy_start: float | None = None
+        self._passes = 0  # backward passes finished so far
 
-    def __call__(self, index: int) -> bool:
+    def __call__(self, index: int) -> Keep:
         if self.decision is None and len(self._saved) == self.blocks:
             self.decision = self._decide()
-        return self.decision is not None and self.decision.offload[index]
+        return Keep.RECOMPUTE if self.decision is None else self.decision.keep[index]
 
     @property
     def measuring(self) -> bool:
+        """No decision yet (every block recomputes)."""
         return self.decision is None
 
+    @property
+    def recording(self) -> bool:
+        """The pass running now is the measured one."""
+        return self.decision is None and self._passes >= WARMUP_PASSES
+
     @contextlib.contextmanager
-    def timed(self, index: int, phase: str) -> Iterator[None]:
-        """Times the body on the compute stream (the host clock on the CPU)."""
-        if not self.measuring or (index, phase) in self._times:
+    def timer(self, phase: str, index: int) -> Iterator[None]:
+        """The executor's timer: times block index's compute in phase, once, while measuring."""
+        if not self.recording or (index, phase) in self._times:
             yield
             return
+        if self._busy_start is None and self.optimizer_busy is not None:
+            self._busy_start = self.optimizer_busy()
         self._times[(index, phase)] = [self._mark()]
         yield
         self._times[(index, phase)].append(self._mark())
-        if phase == "backward":  # a frozen block whose backward had nothing to recompute saves nothing
+
+    @contextlib.contextmanager
+    def probing(self, index: int) -> Iterator[None]:
+        """Times and counts block index's attention calls in its forward, once."""
+        if not self.recording or index in self._attention:
+            yield
+            return
+        probe = Probe(self.device.cuda)
+        with probe:
+            yield
+        self._attention[index] = probe
+
+    def done(self, index: int) -> None:
+        """Block index's backward has run (a frozen block whose input needs no gradient ran
+        nothing: it saves nothing); block 0's ends a pass."""
+        if self.recording:
             self._saved.setdefault(index, 0)
+        if index == 0:
+            self._passes += 1
 
     @contextlib.contextmanager
     def counting(self, index: int) -> Iterator[None]:
         """Counts the bytes that offloading would move for what the body's graph saves."""
-        if not self.measuring or index in self._saved:
+        if not self.recording or index in self._saved:
             yield
             return
         keep, seen = self.weights(), {}
@@ -112,7 +166,7 @@ class MeasuredChoice:
 
     def add_boundary(self, index: int, nbytes: int) -> None:
         """Boundary-state bytes of one block that go through the host link (host or nvme tier)."""
-        if self.measuring:
+        if self.recording:
             self.traffic.boundary[index] = nbytes
 
     def _mark(self) -> Any:
@@ -122,21 +176,66 @@ class MeasuredChoice:
             return ev
         return time.perf_counter()
 
-    def _seconds(self, index: int, phase: str) -> float:
-        start, end = self._times[(index, phase)]
+    def _between(self, start: Any, end: Any) -> float:
         return float(start.elapsed_time(end) / 1e3) if self.device.cuda else float(end - start)
+
+    def _seconds(self, index: int, phase: str) -> float:
+        span = self._times.get((index, phase))
+        return self._between(*span) if span is not None and len(span) == 2 else 0.0
+
+    def costs(self) -> list[BlockCost]:
+        """Each block's measured costs (the measured step's events must have completed)."""
+        out = []
+        for i in range(self.blocks):
+            fwd = self._seconds(i, _FORWARD)
+            probe = self._attention.get(i)
+            keepable = probe is not None and probe.calls > 0 and probe.keepable
+            out.append(
+                BlockCost(
+                    fwd,
+                    max(self._seconds(i, _BACKWARD) - fwd, 0.0),
+                    self._saved[i],
+                    min(probe.seconds(), fwd) if keepable and probe is not None else 0.0,
+                    probe.nbytes if keepable and probe is not None else 0,
+                )
+            )
+        return out
+
+    def bounds(self) -> Bounds:
+        """The CPU optimizer's busy time over the measured step (after waiting for its updates)
+        and the GPU time between the last block's forward and its backward (head and loss)."""
+        cpu = 0.0
+        if self.optimizer_busy is not None and self._busy_start is not None:
+            if self.settle is not None:
+                self.settle()  # host wait: every update of the measured step has run
+            cpu = self.optimizer_busy() - self._busy_start
+        last = self.blocks - 1
+        fwd, bwd = self._times.get((last, _FORWARD)), self._times.get((last, _BACKWARD))
+        other = self._between(fwd[1], bwd[0]) if fwd and bwd and len(fwd) == 2 else 0.0
+        return Bounds(cpu_s=cpu, other_s=max(other, 0.0))
+
+    def room(self) -> tuple[int | None, int]:
+        """(device bytes, host bytes) the kept tensors may take: on CUDA the device's memory (or
+        budgets.gpu_bytes) less the planner's margin and the measured step's peak; on the CPU,
+        where the device is host memory, budgets.gpu_bytes or three quarters of what is free;
+        host: budgets.host_bytes or three quarters of what is free, whichever is less."""
+        from offload.plan.planner import DEVICE_MARGIN_BYTES
+
+        free = int(psutil.virtual_memory().available * 3 // 4)
+        host = free if self.budgets.host_bytes is None else min(free, self.budgets.host_bytes)
+        if not self.device.cuda:
+            return (free if self.budgets.gpu_bytes is None else self.budgets.gpu_bytes), host
+        total = self.budgets.gpu_bytes or torch.cuda.get_device_properties(self.device.torch).total_memory
+        peak = torch.cuda.max_memory_allocated(self.device.torch)
+        return max(total - DEVICE_MARGIN_BYTES - peak, 0), host
 
     def _decide(self) -> Choice:
         self.device.synchronize()  # the events of the measured step must have completed
-        costs = []
-        for i in range(self.blocks):
-            fwd = self._seconds(i, "forward")
-            costs.append(BlockCost(fwd, max(self._seconds(i, "backward") - fwd, 0.0), self._saved[i]))
-        # The saved tensors of every offloaded block are in host memory at once, at the end of
-        # forward: keep them within the budget, or within three quarters of what is free now.
-        room = int(psutil.virtual_memory().available * 3 // 4)
-        limit = room if self.host_bytes is None else min(room, self.host_bytes)
-        return choose(costs, self.traffic.link(*measure_link(self.device.torch)), limit)
+        costs, bounds = self.costs(), self.bounds()
+        device_bytes, host_bytes = self.room()
+        h2d, d2h = measure_link(self.device.torch)
+        link = self.traffic.link(h2d, d2h, measure_duplex(self.device.torch))
+        return choose(costs, link, host_bytes, device_bytes, bounds)
 
 
 def make_choice(
@@ -145,19 +244,27 @@ def make_choice(
     blocks: int,
     traffic: Traffic,
     weights: Callable[[], set[int]],
-    host_bytes: int | None = None,
-) -> Callable[[int], bool] | None:
+    budgets: BudgetsConfig | None = None,
+    optimizer_busy: Callable[[], float] | None = None,
+    settle: Callable[[], None] | None = None,
+) -> Chooser | None:
     """The choice of ``placement.offload_saved``; None for "never"."""
     if spec == "never":
         return None
-    if spec == "always":
-        return lambda index: True
     if spec == "auto":
-        return MeasuredChoice(device, blocks, traffic, weights, host_bytes)
-    for i, block in enumerate(spec):
-        if block >= blocks:
-            raise ConfigError(
-                f"placement.offload_saved[{i}]", block, f"the model has {blocks} blocks (0 to {blocks - 1})"
-            )
-    chosen = frozenset(spec)
-    return lambda index: index in chosen
+        return MeasuredChoice(device, blocks, traffic, weights, budgets, optimizer_busy, settle)
+    if spec == "always":
+        return lambda index: Keep.HOST
+    kinds = {"host": spec} if isinstance(spec, list) else dict(spec)
+    keep: dict[int, Keep] = {}
+    for kind, listed in kinds.items():
+        for i, block in enumerate(listed):
+            if block >= blocks:
+                where = (
+                    f"placement.offload_saved[{i}]"
+                    if isinstance(spec, list)
+                    else f"placement.offload_saved.{kind}[{i}]"
+                )
+                raise ConfigError(where, block, f"the model has {blocks} blocks (0 to {blocks - 1})")
+            keep[block] = Keep(kind)
+    return lambda index: keep.get(index, Keep.RECOMPUTE)

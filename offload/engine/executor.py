@@ -15,6 +15,7 @@ collectives run on the side stream of the copy they extend.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,9 @@ class Executor:
         self.on_grad: Callable[[BlockRecord], None] | None = None
         # Requires grad so every block joins the autograd graph (see BlockFunction).
         self.grad_token = torch.empty(0, device=device.torch, requires_grad=True)
+        # Times each block's compute, after its weights are in place (offload_saved auto's
+        # measuring step sets it): a context factory taking (phase, block index).
+        self.timer: Callable[[str, int], Any] | None = None
 
     # ---- weights -------------------------------------------------------------------------------
 
@@ -152,10 +156,20 @@ class Executor:
 
     # ---- forward -------------------------------------------------------------------------------
 
+    def compute_span(self, name: str, index: int) -> Any:
+        """The tracer's span of block index's compute, with the timer's when one is set."""
+        span = self.tracer.device_span(name, self.device.compute_stream(), block=index)
+        if self.timer is None:
+            return span
+        both = contextlib.ExitStack()
+        both.enter_context(span)
+        both.enter_context(self.timer(name, index))
+        return both
+
     def forward_block(self, index: int, args: tuple, kwargs: dict) -> Any:
         s, views = self.acquire(index)
         self.bind(views, index)
-        with self.tracer.device_span("forward", self.device.compute_stream(), block=index):
+        with self.compute_span("forward", index):
             out = self.template(*args, **kwargs)
         self.release(s)
         self.prefetch(index + 1)
@@ -180,8 +194,7 @@ class Executor:
         leaves = [v.detach().requires_grad_(k not in frozen) for k, v in enumerate(views)]
         trainable = [leaf for k, leaf in enumerate(leaves) if k not in frozen]
         self.bind(leaves, index)
-        stream = self.device.compute_stream()
-        with self.tracer.device_span("recompute+backward", stream, block=index):
+        with self.compute_span("recompute+backward", index):
             with torch.enable_grad():
                 out = run()
             pairs = [

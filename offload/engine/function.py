@@ -4,8 +4,10 @@ The model's own forward loop keeps calling ``self.layers[i](hidden, **kwargs)``;
 routes the call to the executor. With autograd on, the call is a BlockFunction. By default its
 forward runs without autograd, handing the block's inputs (the boundary state) to the activation
 store of ``placement.activations``, and its backward fetches them back and recomputes the block.
-For blocks chosen by ``placement.offload_saved`` the forward runs with autograd instead, keeping
-the graph and its saved tensors in host memory, and the backward runs that graph (saved.py).
+``placement.offload_saved`` chooses per block what else it keeps (offload.plan.recompute.Keep):
+its whole graph, on the device or with its saved tensors in host memory, and then the backward
+runs that graph (saved.py); or its attention's output, and then the recompute skips the
+attention forward (attention.py).
 Arguments and outputs may be any nesting of tuples, lists and dicts; tensors among them that
 require grad get gradients.
 """
@@ -22,9 +24,12 @@ from torch.utils import _pytree as pytree
 
 from offload.config import Config
 from offload.engine.activations import ActivationStore, DeviceStore, make_store
-from offload.engine.choice import MeasuredChoice, Traffic, make_choice
+from offload.engine.attention import AttentionKeep, Capture, Replay
+from offload.engine.choice import Chooser, MeasuredChoice, Traffic, make_choice
 from offload.engine.executor import Executor
 from offload.engine.saved import SavedTensors, weight_keys
+from offload.engine.updater import Updater
+from offload.plan.recompute import Keep
 
 ARGS = 6  # BlockFunction.apply's arguments before the flat inputs
 
@@ -37,42 +42,64 @@ def _is_leaf(x: Any) -> bool:
 @dataclass(slots=True)
 class Activations:
     """What a block keeps for its backward: the boundary-state store (``placement.activations``)
-    and, for the blocks that offload instead of recompute, their saved tensors."""
+    and, for the blocks that keep more (``placement.offload_saved``), their graphs or their
+    attention."""
 
     boundary: ActivationStore
     saved: SavedTensors | None = None
+    attention: AttentionKeep | None = None
+    choose: Chooser | None = None
     measure: MeasuredChoice | None = None
     """offload_saved auto, while its first step is being measured."""
 
-    def offloads(self, index: int) -> bool:
-        return self.saved is not None and self.saved.offloads(index)
+    def keep(self, index: int) -> Keep:
+        return Keep.RECOMPUTE if self.choose is None else self.choose(index)
 
-    def timed(self, index: int, phase: str) -> Any:
+    def offloads(self, index: int) -> bool:
+        """Whether block index keeps anything besides its boundary state."""
+        return self.keep(index) is not Keep.RECOMPUTE
+
+    def forward_mode(self, index: int, keep: Keep) -> Any:
+        """The mode block index's recomputable forward runs in: capturing its attention, probing
+        it (auto's measuring step), or none."""
+        if keep.attention:
+            return Capture()
         m = self.measure
-        return m.timed(index, phase) if m is not None and m.measuring else contextlib.nullcontext()
+        return m.probing(index) if m is not None and m.measuring else contextlib.nullcontext()
 
     def counting(self, index: int) -> Any:
         m = self.measure
         return m.counting(index) if m is not None and m.measuring else contextlib.nullcontext()
 
+    def stored_bytes(self) -> int:
+        """Host bytes of kept graphs and attention outputs now."""
+        saved = 0 if self.saved is None else self.saved.stored_bytes()
+        return saved + (0 if self.attention is None else self.attention.stored_bytes())
+
     def close(self) -> None:
         self.boundary.close()
         if self.saved is not None:
             self.saved.close()
+        if self.attention is not None:
+            self.attention.close()
 
 
-def make_activations(cfg: Config, executor: Executor) -> Activations:
-    """The Activations of cfg.placement for executor's blocks."""
+def make_activations(cfg: Config, executor: Executor, updater: Updater | None = None) -> Activations:
+    """The Activations of cfg.placement for executor's blocks; updater's busy time is the CPU
+    bound of offload_saved auto (None: not counted). Sets (or clears) the executor's timer."""
     p, device, blocks = cfg.placement, executor.device, len(executor.blocks)
     boundary = make_store(p.activations, device, blocks, cfg.nvme_dirs)
     streamed = len(executor.streamed) * executor.slots.buffers[0].nbytes
     traffic = Traffic(weight_bytes=streamed, grad_bytes=streamed)
     keys = lambda: weight_keys(executor)  # noqa: E731
-    choose = make_choice(p.offload_saved, device, blocks, traffic, keys, cfg.budgets.host_bytes)
+    busy = None if updater is None else (lambda: updater.busy_s)
+    settle = None if updater is None else updater.wait_all
+    choose = make_choice(p.offload_saved, device, blocks, traffic, keys, cfg.budgets, busy, settle)
+    measure = choose if isinstance(choose, MeasuredChoice) else None
+    executor.timer = None if measure is None else measure.timer
     if choose is None:
         return Activations(boundary)
-    measure = choose if isinstance(choose, MeasuredChoice) else None
-    return Activations(boundary, SavedTensors(device, blocks, choose), measure)
+    return Activations(boundary, SavedTensors(device, blocks), AttentionKeep(device, blocks), choose, measure)
 
 
 class BlockFunction(torch.autograd.Function):
@@ -94,10 +121,13 @@ class BlockFunction(torch.autograd.Function):
         *flat: Any,
     ) -> Any:
         ctx.executor, ctx.acts, ctx.index, ctx.spec = executor, acts, index, spec
-        ctx.offloaded = acts.offloads(index)
-        if ctx.offloaded:
+        keep = acts.keep(index)
+        ctx.offloaded = keep.graph
+        ctx.attention = None
+        if keep.graph:
             assert acts.saved is not None
-            out, ctx.kept = acts.saved.forward(executor, index, spec, flat, ctx.needs_input_grad[ARGS:])
+            needs = ctx.needs_input_grad[ARGS:]
+            out, ctx.kept = acts.saved.forward(executor, index, keep, spec, flat, needs)
             out_flat, box["spec"] = pytree.tree_flatten(out, is_leaf=_is_leaf)
             return tuple(ctx.kept.take_outputs(out_flat))
         args, kwargs = pytree.tree_unflatten(list(flat), spec)
@@ -108,8 +138,11 @@ class BlockFunction(torch.autograd.Function):
         ctx.stored = acts.boundary.put(index, [flat[i] for i in ctx.tensor_pos])
         if acts.measure is not None and not isinstance(acts.boundary, DeviceStore):
             acts.measure.add_boundary(index, sum(flat[i].nbytes for i in ctx.tensor_pos))
-        with acts.timed(index, "forward"):
+        with acts.forward_mode(index, keep) as mode:
             out = executor.forward_block(index, args, kwargs)
+        if keep.attention:
+            assert acts.attention is not None
+            ctx.attention = acts.attention.put(index, mode.records, keep.on_host)
         out_flat, box["spec"] = pytree.tree_flatten(out, is_leaf=_is_leaf)
         return tuple(out_flat)
 
@@ -141,15 +174,22 @@ class BlockFunction(torch.autograd.Function):
                 want.append(pos)
             flat[pos] = t
         args, kwargs = pytree.tree_unflatten(flat, ctx.spec)
+        acts: Activations = ctx.acts
+        replay: Any = contextlib.nullcontext()
+        if ctx.attention is not None:
+            assert acts.attention is not None
+            replay = Replay(acts.attention.get(ctx.attention), ctx.index)
+            ctx.attention = None
 
         def run() -> list[Any]:
-            with executor.device.fork_rng(), ctx.acts.counting(ctx.index):
+            with executor.device.fork_rng(), acts.counting(ctx.index), replay:
                 executor.device.set_rng_state(ctx.rng)
                 out = executor.template(*args, **kwargs)
             return pytree.tree_leaves(out, is_leaf=_is_leaf)
 
-        with ctx.acts.timed(ctx.index, "backward"):
-            input_grads = executor.backward_block(ctx.index, run, inputs, list(grad_outs))
+        input_grads = executor.backward_block(ctx.index, run, inputs, list(grad_outs))
+        if acts.measure is not None:
+            acts.measure.done(ctx.index)
         for pos, g in zip(want, input_grads):
             result[pos] = g
         return (*[None] * ARGS, *result)

@@ -277,7 +277,7 @@ class Runtime:
             self.check_update,
             self.group,
         )
-        self.activations = make_activations(self.cfg, self.executor)
+        self.activations = make_activations(self.cfg, self.executor, self.updater)
         proxies = [
             BlockProxy(self.executor, i, build.proxy_attrs(b), self.activations)
             for i, b in enumerate(stack.blocks)

@@ -1,12 +1,17 @@
-"""Offload instead of recompute (SSDTrain): a block's saved tensors wait in host memory.
+"""Keep a block's graph instead of recomputing it: its saved tensors wait on the device, or in
+host memory (SSDTrain's offload instead of recompute).
 
 By default a streamed block runs forward without autograd and is recomputed in backward, which
-costs about a third of its forward-plus-backward compute again. For the blocks chosen here
-(``placement.offload_saved``) the forward instead runs once *with* autograd, and every tensor the
-graph saves goes through a ``saved_tensors_hooks`` pack hook: the block's saved tensors are
-gathered as one group and copied to pinned host memory on a side stream (a :class:`HostStore`),
-with SSDTrain's deduplication (a storage saved twice moves once). Backward fetches the group back,
-two blocks ahead, and calls ``torch.autograd.grad`` on the graph kept since forward.
+costs about a third of its forward-plus-backward compute again. For the blocks that keep their
+graph (``Keep.DEVICE`` and ``Keep.HOST``, chosen by ``placement.offload_saved``) the forward
+instead runs once *with* autograd under a ``saved_tensors_hooks`` pack hook, and backward calls
+``torch.autograd.grad`` on the graph kept since forward. ``device``: the pack hook keeps every
+tensor where it is (no copy; the hook is there for the weights, below). ``host``: the block's
+saved tensors are gathered as one group and copied to pinned host memory on a side stream (a
+:class:`HostStore`), with SSDTrain's deduplication (a storage saved twice moves once); backward
+fetches the group back, one block ahead. The store lets one copy out be in flight when the next
+group is put (a host wait for the one before), so host-kept groups do not pile up on the device
+waiting for their copy: two are there at a time (offload.plan.recompute.SAVED_WINDOW).
 
 The weights need care. The block ran on views of a shared device slot that later blocks
 overwrite, so the pack hook never copies a tensor that lives in the block's weight buffer (the
@@ -19,13 +24,14 @@ force it does not check, which is what this relies on.
 Neither the block's inputs nor its outputs are held by the kept graph. The inputs enter through
 a one-op Function (:class:`_Entry`) whose output is a new tensor the graph does not own, and the
 graph is kept as :class:`~torch.autograd.graph.GradientEdge` objects, not output tensors. So
-after forward the device holds only what the group being copied out still needs. Random numbers
+after forward the device holds the block's saved tensors (device) or only what the group being
+copied out still needs (host), not the inputs or outputs besides. Random numbers
 (dropout) are drawn once, in this forward, and saved with the graph: nothing is replayed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +43,7 @@ from offload.engine.activations import HostStore, Stored
 from offload.engine.device import Device
 from offload.engine.executor import Executor
 from offload.engine.packing import storage_key
+from offload.plan.recompute import Keep
 
 
 def weight_keys(executor: Executor) -> set[int]:
@@ -63,18 +70,20 @@ class _Entry(torch.autograd.Function):
 
 
 class _Group:
-    """The saved tensors of one block's graph: stored as one group, fetched once in backward."""
+    """The saved tensors of one block's graph: stored as one group, fetched once in backward
+    (no store: kept on the device, nothing to fetch)."""
 
     __slots__ = ("store", "stored", "tensors")
 
-    def __init__(self, store: HostStore) -> None:
+    def __init__(self, store: HostStore | None) -> None:
         self.store = store
         self.stored: Stored | None = None
         self.tensors: list[torch.Tensor] | None = None
 
     def fetch(self) -> list[torch.Tensor]:
         if self.tensors is None:
-            assert self.stored is not None
+            if self.store is None or self.stored is None:
+                return []
             self.tensors = self.store.get(self.stored)
             self.stored = None
         return self.tensors
@@ -146,36 +155,61 @@ class Kept:
         return [o.detach() if isinstance(o, torch.Tensor) else o for o in leaves]
 
 
-class SavedTensors:
-    """Runs the chosen blocks with autograd and keeps their saved tensors in host memory."""
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
 
-    def __init__(
-        self, device: Device, blocks: int, choose: Callable[[int], bool], min_bytes: int = 0
-    ) -> None:
+
+class SavedTensors:
+    """Runs the blocks that keep their graph with autograd; their saved tensors stay on the
+    device or go to host memory."""
+
+    def __init__(self, device: Device, blocks: int, min_bytes: int = 0) -> None:
         self.device = device
-        self.store = HostStore(device, blocks, min_bytes=min_bytes)
-        self.store.purpose = "saved-tensors"
-        self.choose = choose
+        self.blocks = blocks
         self.min_bytes = min_bytes
+        self._store: HostStore | None = None
         self.token = torch.empty(0, device=device.torch, requires_grad=True)
 
-    def offloads(self, index: int) -> bool:
-        return self.choose(index)
+    @property
+    def store(self) -> HostStore:
+        """The host tier, made at the first host-kept block: one copy out in flight at a put,
+        one group brought back ahead in backward."""
+        if self._store is None:
+            self._store = HostStore(
+                self.device, self.blocks, depth=1, min_bytes=self.min_bytes, outstanding=1
+            )
+            self._store.purpose = "saved-tensors"
+        return self._store
+
+    def stored_bytes(self) -> int:
+        return 0 if self._store is None else self._store.stored_bytes()
 
     def close(self) -> None:
-        self.store.close()
+        if self._store is not None:
+            self._store.close()
 
     def forward(
-        self, executor: Executor, index: int, spec: Any, flat: Sequence[Any], needs: Sequence[bool]
+        self,
+        executor: Executor,
+        index: int,
+        keep: Keep,
+        spec: Any,
+        flat: Sequence[Any],
+        needs: Sequence[bool],
     ) -> tuple[Any, Kept]:
-        """Block index's forward with autograd; returns its output and the kept graph (whose
-        outputs ``Kept.take_outputs`` fills in). ``needs`` says which flat inputs want a gradient."""
+        """Block index's forward with autograd, its saved tensors kept as keep says (DEVICE or
+        HOST); returns its output and the kept graph (whose outputs ``Kept.take_outputs`` fills
+        in). ``needs`` says which flat inputs want a gradient."""
         frozen = executor.blocks[index].frozen
         s, views = executor.acquire(index)
         leaves = [v.detach().requires_grad_(k not in frozen) for k, v in enumerate(views)]
         executor.bind(leaves, index)
-        group = _Group(self.store)
+        host = keep is Keep.HOST
+        group = _Group(self.store if host else None)
         packer = Packer(group, self.device.torch, weight_keys(executor), self.min_bytes)
+        # Device: the hook keeps every tensor as it is; it is there so that autograd does not
+        # check the weights' version counters (the slot is overwritten, then restored).
+        hooks = (packer.pack, _unpack) if host else (_keep, _keep)
         inputs, edges = list(flat), {}
         with torch.enable_grad():
             for pos, x in enumerate(flat):
@@ -187,13 +221,14 @@ class SavedTensors:
             args, kwargs = pytree.tree_unflatten(inputs, spec)
             stream = self.device.compute_stream()
             with (
-                saved_tensors_hooks(packer.pack, _unpack),
+                saved_tensors_hooks(*hooks),
                 executor.tracer.device_span("forward+save", stream, block=index),
             ):
                 out = executor.template(*args, **kwargs)
         executor.release(s)
         executor.prefetch(index + 1)
-        group.stored = self.store.put(index, packer.tensors)
+        if host:
+            group.stored = self.store.put(index, packer.tensors)
         trainable = [leaf for k, leaf in enumerate(leaves) if k not in frozen]
         return out, Kept(index, [], edges, trainable, group)
 
@@ -206,7 +241,7 @@ class SavedTensors:
         # The slot holds this block's weights again before the graph reads them through the
         # references the pack hook kept (and the compute stream is ordered after their upload).
         s, _ = executor.acquire(index)
-        kept.group.fetch()  # the saved tensors back on the device; the next blocks' start coming
+        kept.group.fetch()  # host: the saved tensors back on the device, the next block's coming
         pairs = [(e, g) for e, g in zip(kept.outputs, grad_outputs) if e is not None and g is not None]
         want = list(kept.inputs)
         targets: list[Any] = [*kept.weights, *(kept.inputs[p] for p in want)]

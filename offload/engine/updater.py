@@ -26,6 +26,7 @@ import atexit
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -56,6 +57,7 @@ class Updater:
         self._stop = False
         self.prefetch: Callable[[BlockRecord], None] | None = None
         self.fence: Fence | None = None  # set by a checkpoint while it captures records
+        self.busy_s = 0.0  # seconds spent in updates so far (offload_saved auto reads a step's)
 
     def submit(self, rec: BlockRecord, update: Update, fifo: bool = False) -> None:
         if self._thread is None:  # started on first use: importing or wrapping starts no thread
@@ -98,9 +100,11 @@ class Updater:
                         # A checkpoint is capturing the state as of its save(): an update queued
                         # after the save must not change rec before rec is copied out.
                         fence.hold(rec)
+                    start = time.perf_counter()
                     with self.tracer.span("adamw", "optimizer", block=rec.index):
                         if update():
                             rec.version += 1
+                    self.busy_s += time.perf_counter() - start
             except BaseException as e:  # re-raised on the training thread by check()
                 self._error = e
             finally:

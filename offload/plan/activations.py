@@ -1,5 +1,5 @@
 """What the planner knows of activations: the bytes a block's autograd graph saves, its compute,
-and from them the recompute-or-offload choice that ``offload plan`` shows.
+and from them the recompute-or-keep choice that ``offload plan`` shows.
 
 The saved bytes are counted, not guessed: one forward of a twin of the model, built on the meta
 device in the compute dtype, runs under a ``saved_tensors_hooks`` pack hook that sees what the
@@ -7,38 +7,55 @@ first block's graph saves, without its weights and counting each storage once, a
 pack hook moves them (offload/engine/saved.py). Nothing is allocated. Attention is counted as
 flash attention saves it (queries, keys, values, output and a float32 log-sum-exp per head and
 token, and a mask if one is passed), since on the meta device scaled_dot_product_attention would
-take its math path and save the whole score matrix. A model with eager attention keeps its score
-matrices, and they count. For Llama and GPT-2 the count equals what the runtime moves
-(tests/test_plan_activations.py); a sliding-window model's differs by what its real attention
-kernel keeps of the mask.
+take its math path and save the whole score matrix; its output and log-sum-exp are what a block
+that keeps only its attention holds (engine/attention.py), when the call has no mask and no
+dropout. A model with eager attention keeps its score matrices, and they count. For Llama and
+GPT-2 the count equals what the runtime moves (tests/test_plan_activations.py); a
+sliding-window model's differs by what its real attention kernel keeps of the mask.
 
-Compute is estimated from FLOPs: ``2 * parameters * tokens`` for the block's matmuls plus
-``2 * batch * seq^2 * hidden`` for causal attention, at the measured (or assumed) matmul rate;
-backward counts twice the forward.
+Compute is estimated from FLOPs: ``2 * parameters * tokens`` for the block's matmuls at the
+matmul rate, plus ``2 * batch * seq^2 * hidden`` for causal attention at the attention rate;
+backward counts twice the matmuls and 2.5 times the attention (flash attention's backward does
+five matmuls of the forward's two). The step's other GPU work is the head, ``6 * tokens * hidden
+* vocab``; the CPU optimizer updates the streamed blocks (and host residents) at its rate.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from offload.config import Config
+from offload.config import Config, Tier
 from offload.engine.packing import Packing, storage_key
 from offload.model.discovery import discover
 from offload.plan.measure import Rates, measure_rates
-from offload.plan.recompute import BlockCost, Choice, Link, choose, step_time
+from offload.plan.recompute import BlockCost, Bounds, Choice, Keep, Link, choose, fixed
 from offload.plan.shape import ModelShape
+from offload.plan.tally import Settings, shard_numel
 
-ASSUMED = Rates(h2d_bytes_s=25e9, d2h_bytes_s=25e9, flops=300e12)
+ASSUMED = Rates(h2d_bytes_s=25e9, d2h_bytes_s=25e9, flops=300e12, attention_flops=150e12, adam_params_s=5e9)
 """Rates used when nothing can be measured (no CUDA device here, or --no-detect): a PCIe 4.0 x16
-link as it is in practice, and a GPU that sustains 300 TFLOPS in the block's matmuls."""
+link as it is in practice, a GPU that sustains 300 TFLOPS in the block's matmuls and half that in
+flash attention, and a 16-core host whose fused CPU AdamW updates 5 G parameters per second."""
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """What one block keeps for its backward, counted on the meta device."""
+
+    saved: int
+    """Bytes its autograd graph saves (weights excluded, storages once)."""
+    attention: int
+    """Bytes of its attention outputs and log-sum-exps; 0 when a call cannot keep them (a mask,
+    dropout)."""
 
 
 class _FlashSaves(torch.autograd.Function):
@@ -63,31 +80,37 @@ class _FlashSaves(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
-def _flash_like(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    *args: Any,
-    **kwargs: Any,
-) -> torch.Tensor:
-    return _FlashSaves.apply(q, k, v, attn_mask)
-
-
 @contextlib.contextmanager
-def _counting_attention() -> Iterator[None]:
+def _counting_attention(kept: list[int | None]) -> Iterator[None]:
+    """SDPA counted as flash attention; each call appends to kept the bytes of its output and
+    log-sum-exp (None when it has a mask or dropout, which the runtime does not keep)."""
     real = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _flash_like  # type: ignore[assignment]
+
+    def flash_like(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        keepable = attn_mask is None and dropout_p == 0.0
+        out = q.shape[:-1].numel() * v.shape[-1] * v.element_size()
+        kept.append(out + q.shape[:-1].numel() * 4 if keepable else None)
+        return _FlashSaves.apply(q, k, v, attn_mask)
+
+    torch.nn.functional.scaled_dot_product_attention = flash_like  # type: ignore[assignment]
     try:
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = real
 
 
-def saved_bytes_per_block(
+def count_block(
     model: nn.Module, dtype: str, batch_size: int, seq_len: int, blocks: str | None = None
-) -> int:
-    """Bytes the first block's graph saves for a batch (weights excluded, storages once).
+) -> Counted:
+    """What the first block keeps for a batch (see :class:`Counted`).
 
     Raises ValueError when the model cannot be rebuilt and run on the meta device."""
     config = getattr(model, "config", None)
@@ -99,17 +122,31 @@ def saved_bytes_per_block(
     keep = {storage_key(p) for p in block.parameters()} | {storage_key(b) for b in block.buffers()}
     seen: dict[tuple, torch.Tensor] = {}
     inside = [False]
+    attention: list[int | None] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if inside[0] and storage_key(t) not in keep:
             seen[(storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)] = t
         return t
 
-    pre = block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
-    post = block.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+    marks: list[int] = []  # where block 0's attention calls start and end
+
+    def mark(inside_now: bool) -> Any:
+        def hook(*_: Any) -> None:
+            inside[0] = inside_now
+            marks.append(len(attention))
+
+        return hook
+
+    pre = block.register_forward_pre_hook(mark(True))
+    post = block.register_forward_hook(mark(False))
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     try:
-        with torch.enable_grad(), _counting_attention(), saved_tensors_hooks(pack, lambda t: t):
+        with (
+            torch.enable_grad(),
+            _counting_attention(attention),
+            saved_tensors_hooks(pack, lambda t: t),
+        ):
             # With a cache, Hugging Face models skip the packed-sequence check that would read
             # the (meta) position ids; the cache only references keys and values: nothing saved.
             twin(input_ids=ids, use_cache=True)
@@ -118,13 +155,37 @@ def saved_bytes_per_block(
     finally:
         pre.remove()
         post.remove()
-    return Packing(list(seen.values())).nbytes
+    block_calls = attention[marks[0] : marks[1]]
+    keepable = bool(block_calls) and all(n is not None for n in block_calls)
+    return Counted(Packing(list(seen.values())).nbytes, sum(n or 0 for n in block_calls) if keepable else 0)
+
+
+def saved_bytes_per_block(
+    model: nn.Module, dtype: str, batch_size: int, seq_len: int, blocks: str | None = None
+) -> int:
+    """Bytes the first block's graph saves for a batch (weights excluded, storages once)."""
+    return count_block(model, dtype, batch_size, seq_len, blocks).saved
 
 
 def forward_flops(shape: ModelShape, batch_size: int, seq_len: int) -> float:
     """FLOPs of one block's forward (see the module docstring)."""
-    tokens = batch_size * seq_len
-    return 2.0 * shape.block_numel * tokens + 2.0 * batch_size * seq_len**2 * (shape.hidden_size or 0)
+    return matmul_flops(shape, batch_size, seq_len) + attention_flops(shape, batch_size, seq_len)
+
+
+def matmul_flops(shape: ModelShape, batch_size: int, seq_len: int) -> float:
+    return 2.0 * shape.block_numel * batch_size * seq_len
+
+
+def attention_flops(shape: ModelShape, batch_size: int, seq_len: int) -> float:
+    """Causal attention's forward: half of the 4 batch seq^2 hidden of the full score matrix."""
+    return 2.0 * batch_size * seq_len**2 * (shape.hidden_size or 0)
+
+
+def block_cost(shape: ModelShape, counted: Counted, rates: Rates, batch_size: int, seq_len: int) -> BlockCost:
+    """One block's estimated costs (see the module docstring)."""
+    mm = matmul_flops(shape, batch_size, seq_len) / rates.flops
+    att = attention_flops(shape, batch_size, seq_len) / rates.attention
+    return BlockCost(mm + att, 2 * mm + 2.5 * att, counted.saved, att, counted.attention)
 
 
 def plan_rates(cfg: Config, detect: bool, notes: list[str]) -> Rates:
@@ -134,8 +195,60 @@ def plan_rates(cfg: Config, detect: bool, notes: list[str]) -> Rates:
         rates = measure_rates(torch.device(device), _DTYPES[cfg.dtype])
         notes.append(f"offload_saved: measured {_rates(rates)}")
         return rates
-    notes.append(f"offload_saved: assumed {_rates(ASSUMED)} (nothing measured; see --link-gbs, --tflops)")
+    notes.append(
+        f"offload_saved: assumed {_rates(ASSUMED)} (nothing measured; see --link-gbs, --tflops, --adam-gps)"
+    )
     return ASSUMED
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """What the choice may use and what else the step does (from the planner's tally)."""
+
+    device_bytes: int | None
+    """Device memory free for kept tensors: the gpu budget less the plan's gpu column and the
+    margin (None: unbounded)."""
+    host_bytes: int | None
+    """Host memory free for host-kept tensors (None: unbounded)."""
+    link: Link
+    """The host link with the step's other traffic (weights, gradients, boundary states)."""
+    cpu_params: int
+    """Parameters the CPU optimizer updates each step."""
+
+
+def choice_room(
+    shape: ModelShape,
+    s: Settings,
+    need: dict[Tier, int],
+    budgets: dict[Tier, int | None],
+    rates: Rates,
+    margin: int,
+) -> Room:
+    """The Room of a plan's settings s, whose predicted peaks are need: the gpu budget less need
+    and margin, the host budget less need, the link's weight uploads (both phases), gradients
+    (backward) and boundary states (host or nvme activations), and the parameters the CPU updates
+    (the streamed blocks' shards and, on the host, the residents)."""
+    per_block = s.batch_size * s.seq_len * (shape.hidden_size or 0) * s.item
+    boundary = 0 if s.activations is Tier.GPU else shape.blocks * per_block
+    streamed_blocks = shape.blocks - min(s.device_blocks, shape.blocks)
+    streamed = streamed_blocks * shape.block_numel * s.item
+    link = Link(
+        rates.h2d_bytes_s,
+        rates.d2h_bytes_s,
+        h2d_forward=streamed,
+        h2d_backward=streamed + boundary,
+        d2h_forward=boundary,
+        d2h_backward=streamed,
+        duplex_bytes_s=rates.duplex_bytes_s,
+    )
+    gpu, host = budgets[Tier.GPU], budgets[Tier.HOST]
+    residents = 0 if s.residents_on_device else shape.resident_numel
+    return Room(
+        device_bytes=None if gpu is None else max(gpu - margin - need[Tier.GPU], 0),
+        host_bytes=None if host is None else max(host - need[Tier.HOST], 0),
+        link=link,
+        cpu_params=streamed_blocks * shard_numel(shape.block_numel, s.world) + residents,
+    )
 
 
 def recompute_choice(
@@ -145,26 +258,44 @@ def recompute_choice(
     *,
     batch_size: int,
     seq_len: int,
-    link: Link,
+    room: Room,
     rates: Rates,
-    host_bytes: int | None,
     blocks: str | None = None,
-) -> tuple[Choice, int]:
-    """The choice ``placement.offload_saved`` makes on this model (auto: the cost model's; a list
-    or always: that one, with its estimate), and the saved bytes of one block."""
-    saved = saved_bytes_per_block(model, cfg.dtype, batch_size, seq_len, blocks)
-    fwd = forward_flops(shape, batch_size, seq_len) / rates.flops
-    costs = [BlockCost(fwd, 2 * fwd, saved)] * shape.blocks
+) -> tuple[Choice, Counted]:
+    """The choice ``placement.offload_saved`` makes on this model (auto: the cost model's; a
+    list, a mapping or always: that one, with its estimate), and what one block keeps."""
+    counted = count_block(model, cfg.dtype, batch_size, seq_len, blocks)
+    costs = [block_cost(shape, counted, rates, batch_size, seq_len)] * shape.blocks
+    head = 6.0 * batch_size * seq_len * (shape.hidden_size or 0) * (shape.vocab_size or 0) / rates.flops
+    cpu = room.cpu_params / rates.adam_params_s if rates.adam_params_s else 0.0
+    bounds = Bounds(cpu_s=cpu, other_s=head)
     spec = cfg.placement.offload_saved
     if spec == "auto":
-        return choose(costs, link, host_bytes), saved
-    flags = tuple(True for _ in costs) if spec == "always" else tuple(i in spec for i in range(len(costs)))
-    recompute = step_time(costs, link, [False] * len(costs))
-    return Choice(flags, step_time(costs, link, flags), recompute, saved * sum(flags)), saved
+        return choose(costs, room.link, room.host_bytes, room.device_bytes, bounds), counted
+    return fixed(costs, room.link, keep_of(spec, shape.blocks), bounds), counted
+
+
+def keep_of(spec: Any, blocks: int) -> list[Keep]:
+    """Per block, what a fixed placement.offload_saved keeps: "always" every graph in host
+    memory, a list those blocks', a mapping {kind: [blocks]} each kind's (out-of-range blocks
+    ignored: the runtime refuses them)."""
+    if spec == "always":
+        return [Keep.HOST] * blocks
+    if isinstance(spec, list):
+        spec = {"host": spec}
+    keep = [Keep.RECOMPUTE] * blocks
+    if isinstance(spec, dict):
+        for kind, listed in spec.items():
+            for i in listed:
+                if i < blocks:
+                    keep[i] = Keep(kind)
+    return keep
 
 
 def _rates(r: Rates) -> str:
+    both = "" if r.duplex_bytes_s is None else f", {r.duplex_bytes_s / 1e9:.1f} GB/s both ways"
+    adam = "" if r.adam_params_s is None else f", CPU AdamW {r.adam_params_s / 1e9:.1f} G params/s"
     return (
-        f"host link {r.h2d_bytes_s / 1e9:.1f} GB/s to the device, {r.d2h_bytes_s / 1e9:.1f} GB/s back, "
-        f"matmul {r.flops / 1e12:.0f} TFLOPS"
+        f"host link {r.h2d_bytes_s / 1e9:.1f} GB/s to the device, {r.d2h_bytes_s / 1e9:.1f} GB/s back{both}, "
+        f"matmul {r.flops / 1e12:.0f} TFLOPS, attention {r.attention / 1e12:.0f} TFLOPS{adam}"
     )

@@ -1,13 +1,17 @@
-"""Rates the recompute-or-offload choice needs, measured on this machine: the host link and compute.
+"""Rates the recompute-or-keep choice needs, measured on this machine: the host link, compute and
+the CPU optimizer.
 
-On CUDA: pinned-host-to-device and device-to-pinned-host copies of ``nbytes``, and a square
-matmul in the compute dtype, timed with CUDA events (best of a few runs, after a warm-up). On the
-CPU the "link" is a memory copy and the compute a float32 matmul, timed with the host clock:
-rough, but the same cost model then applies to a CPU run.
+On CUDA: pinned-host-to-device and device-to-pinned-host copies of ``nbytes``, one way at a time
+and both at once (on two streams: PCIe carries less than the sum), a square matmul and a causal
+flash attention in the compute dtype, timed with CUDA events (best of a few runs, after a
+warm-up); and the fused CPU AdamW over a block-sized buffer, timed with the host clock. On the
+CPU the "link" is a memory copy and the compute a float32 matmul: rough, but the same cost model
+then applies to a CPU run.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,12 +25,29 @@ class Rates:
     d2h_bytes_s: float
     flops: float
     """Dense matmul rate of the compute dtype, in floating-point operations per second."""
+    duplex_bytes_s: float | None = None
+    """Both link directions at once; None: the sum of the two."""
+    attention_flops: float | None = None
+    """Causal attention forward (flash), counted as 2 batch seq^2 hidden; None: half of flops."""
+    adam_params_s: float | None = None
+    """Parameters per second the fused CPU AdamW updates; None: not counted (no CPU bound)."""
+
+    @property
+    def attention(self) -> float:
+        return self.attention_flops if self.attention_flops is not None else self.flops / 2
 
 
 def measure_rates(device: torch.device, dtype: torch.dtype, nbytes: int = 64 << 20, reps: int = 3) -> Rates:
-    """The link's rates both ways and the matmul rate on device (see the module docstring)."""
+    """The link's rates both ways, the matmul and attention rates on device, the CPU AdamW rate."""
     h2d, d2h = measure_link(device, nbytes, reps)
-    return Rates(h2d, d2h, measure_flops(device, dtype, reps))
+    return Rates(
+        h2d,
+        d2h,
+        measure_flops(device, dtype, reps),
+        duplex_bytes_s=measure_duplex(device, nbytes, reps),
+        attention_flops=measure_attention(device, dtype, reps),
+        adam_params_s=measure_adam(),
+    )
 
 
 def measure_link(device: torch.device, nbytes: int = 64 << 20, reps: int = 3) -> tuple[float, float]:
@@ -41,6 +62,30 @@ def measure_link(device: torch.device, nbytes: int = 64 << 20, reps: int = 3) ->
     return rate, rate
 
 
+def measure_duplex(device: torch.device, nbytes: int = 64 << 20, reps: int = 3) -> float | None:
+    """Bytes per second moved when both directions copy at once (CUDA only; None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    up, down = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    host_in = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host_out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev_in = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev_out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def both() -> None:
+        current = torch.cuda.current_stream(device)
+        for s in (up, down):
+            s.wait_stream(current)  # both copies start after the timing event
+        with torch.cuda.stream(up):
+            dev_in.copy_(host_in, non_blocking=True)
+        with torch.cuda.stream(down):
+            host_out.copy_(dev_out, non_blocking=True)
+        for s in (up, down):
+            current.wait_stream(s)  # the end event waits for both copies
+
+    return 2 * nbytes / _best(both, device, reps)
+
+
 def measure_flops(device: torch.device, dtype: torch.dtype, reps: int = 3) -> float:
     """Floating-point operations per second of a square matmul in dtype (float32 on the CPU)."""
     n = 4096 if device.type == "cuda" else 512
@@ -49,6 +94,37 @@ def measure_flops(device: torch.device, dtype: torch.dtype, reps: int = 3) -> fl
     x = torch.randn(n, n, device=device).to(dtype)
     y = torch.randn(n, n, device=device).to(dtype)
     return 2 * n**3 / _best(lambda: torch.mm(x, y), device, reps)
+
+
+def measure_attention(device: torch.device, dtype: torch.dtype, reps: int = 3) -> float | None:
+    """Causal scaled_dot_product_attention forward, in FLOPs per second as 2 batch seq^2 hidden
+    (CUDA only; None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    b, h, s, d = 1, 32, 4096, 128
+    q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype) for _ in range(3))
+    fn = torch.nn.functional.scaled_dot_product_attention
+    return 2 * b * s * s * h * d / _best(lambda: fn(q, k, v, is_causal=True), device, reps)
+
+
+def measure_adam(numel: int = 32 << 20, reps: int = 3) -> float:
+    """Parameters per second of the fused CPU AdamW (bf16 gradient and wire copy), with the
+    threads the runtime's optimizer uses (all cores but two)."""
+    from offload.engine.cpu_adam import fused_adamw_
+
+    master, m, v = (torch.zeros(numel) for _ in range(3))
+    grad, wire = torch.zeros(numel, dtype=torch.bfloat16), torch.empty(numel, dtype=torch.bfloat16)
+    threads = max(1, (os.cpu_count() or 2) - 2)
+    step = [0]
+
+    def update() -> None:
+        step[0] += 1
+        fused_adamw_(
+            master, m, v, grad, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
+            step=step[0], wire=wire, threads=threads,
+        )  # fmt: skip
+
+    return numel / _best(update, torch.device("cpu"), reps)
 
 
 def _best(fn: Callable[[], object], device: torch.device, reps: int) -> float:

@@ -48,8 +48,9 @@ class Plan:
     notes: tuple[str, ...] = ()
     """What the plan assumed (a tier not built yet, what "auto" chose, a device that is the CPU)."""
     recompute: Choice | None = None
-    """Which blocks offload their saved tensors instead of being recomputed, and the estimated
-    step times (placement.offload_saved; None: never)."""
+    """What each block keeps for its backward instead of being recomputed (its graph on the
+    device or the host, its attention output), and the estimated step times
+    (placement.offload_saved; None: never)."""
     residents_on_device: bool = False
     """The resident parameters keep their state on the device (placement.device_residents)."""
     spill_blocks: int = 0
@@ -156,12 +157,5 @@ class Plan:
             "fits": self.fits,
             "problems": list(self.problems),
             "notes": list(self.notes),
-            "offload_saved": None
-            if self.recompute is None
-            else {
-                "blocks": self.recompute.blocks,
-                "step_s": self.recompute.step_s,
-                "recompute_step_s": self.recompute.recompute_step_s,
-                "saved_bytes": self.recompute.offloaded_bytes,
-            },
+            "offload_saved": None if self.recompute is None else self.recompute.to_json(),
         }

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from torch import nn
 
 from offload.config import Config, Tier
-from offload.plan.activations import plan_rates, recompute_choice
+from offload.plan.activations import choice_room, plan_rates, recompute_choice
 from offload.plan.measure import Rates
 from offload.plan.plan import Plan
-from offload.plan.recompute import Choice, Link
+from offload.plan.recompute import Choice
 from offload.plan.shape import ModelShape, model_shape
 from offload.plan.tally import Settings, Tally, tally
 from offload.utils.sizes import format_bytes
@@ -47,6 +47,7 @@ def make_plan(
     detect: bool = False,
     rates: Rates | None = None,
     snapshot: float = 0.0,
+    loss_chunk: int | None = None,
 ) -> Plan:
     """The placement plan of model (meta device is enough) under cfg.
 
@@ -57,7 +58,8 @@ def make_plan(
     memory); without it None is unbounded. rates: the host link's and the matmul's, for the
     recompute-or-offload choice of placement.offload_saved; None: measured when detecting on a
     CUDA machine, else assumed. snapshot: the snapshot keeper's host memory as a multiple of the
-    rank's master, m and v (offload.snapshot.config.memory_factor; 0: none).
+    rank's master, m and v (offload.snapshot.config.memory_factor; 0: none). loss_chunk:
+    train.loss_chunk (tokens per chunk of the chunked loss; None: the model's own loss).
     """
     local = world_size if local_ranks is None else local_ranks
     for name, value in (
@@ -86,14 +88,17 @@ def make_plan(
         grad_accum=grad_accum,
         activations=_activations_tier(cfg, notes),
         snapshot=snapshot,
+        loss_chunk=loss_chunk,
     )
     need = _needs(shape, local, on_cpu)
     settings = _device_blocks(shape, cfg, base, need, budgets[Tier.GPU], notes)
     recompute = None
     if cfg.placement.offload_saved != "never":
-        recompute = _recompute(model, shape, cfg, settings, budgets, rates, detect, blocks, notes)
+        recompute = _recompute(model, shape, cfg, settings, need, budgets, rates, detect, blocks, notes)
         if recompute is not None:
-            settings = settings.but(saved_bytes=recompute.offloaded_bytes)
+            settings = settings.but(
+                saved_bytes=recompute.offloaded_bytes, saved_device_bytes=recompute.device_bytes
+            )
     settings = _spill(shape, cfg, settings, need, budgets[Tier.HOST], notes)
     placement = _placement(cfg, shape, settings, notes)
     if on_cpu:
@@ -270,43 +275,37 @@ def _recompute(
     shape: ModelShape,
     cfg: Config,
     s: Settings,
+    need: Needs,
     budgets: dict[Tier, int | None],
     rates: Rates | None,
     detect: bool,
     blocks: str | None,
     notes: list[str],
 ) -> Choice | None:
-    """placement.offload_saved's choice on this model, from the saved bytes counted on the meta
-    device and the rates (docs/activations.md); None, with a note, when they cannot be counted."""
+    """placement.offload_saved's choice on this model, from what one block keeps (counted on the
+    meta device), the rates, the room the plan leaves on the gpu and the host, and the step's
+    other link traffic and CPU work (docs/activations.md); None, with a note, when the block
+    cannot be counted."""
     if rates is None:
         rates = plan_rates(cfg, detect, notes)
-    per_block = s.batch_size * s.seq_len * (shape.hidden_size or 0) * s.item
-    boundary = 0 if s.activations is Tier.GPU else shape.blocks * per_block
-    streamed = (shape.blocks - min(s.device_blocks, shape.blocks)) * shape.block_numel * s.item
-    link = Link(
-        rates.h2d_bytes_s,
-        rates.d2h_bytes_s,
-        h2d_forward=streamed,
-        h2d_backward=streamed + boundary,
-        d2h_forward=boundary,
-        d2h_backward=streamed,
-    )
     try:
-        choice, saved = recompute_choice(
+        choice, counted = recompute_choice(
             model,
             shape,
             cfg,
             batch_size=s.batch_size,
             seq_len=s.seq_len,
-            link=link,
+            room=choice_room(shape, s, need(s), budgets, rates, DEVICE_MARGIN_BYTES),
             rates=rates,
-            host_bytes=budgets[Tier.HOST],
             blocks=blocks,
         )
     except ValueError as e:
         notes.append(f"offload_saved: the saved tensors could not be counted ({e}); every block recomputes")
         return None
-    notes.append(f"offload_saved: one block saves {format_bytes(saved)} for this batch")
+    notes.append(
+        f"offload_saved: one block saves {format_bytes(counted.saved)} for this batch"
+        + (f", its attention output {format_bytes(counted.attention)}" if counted.attention else "")
+    )
     return choice
 
 

@@ -1,27 +1,82 @@
-"""Recompute or offload, per block: the choice that minimises the estimated step time (SSDTrain).
+"""Recompute, keep or offload, per block: the choice that minimises the estimated step time.
 
-Recomputing a block in backward costs its forward compute again (about a third of its forward
-plus backward). Offloading its saved tensors instead costs moving them to host memory during
-forward and back during backward, which overlaps compute up to the host link's capacity, while
-weight uploads, gradient copies and boundary states use the same link. This module is the cost
-model and the choice, pure arithmetic: the runtime feeds it measured figures
-(``placement.offload_saved: auto``), ``offload plan`` feeds it estimates.
+By default a streamed block is recomputed in backward, which costs its forward compute again.
+What a block can do instead (``Keep``), fastest first:
 
-The model of one step, per phase, is the slowest of its compute and its two link directions:
+- ``device``: keep its whole autograd graph on the device: no copy, no recompute, but its saved
+  tensors (about 160 KB per token for a 6.7B Llama block in bf16) hold device memory until its
+  backward.
+- ``host``: keep the graph with its saved tensors in pinned host memory (SSDTrain): copied out
+  during forward and back during backward, over the host link that the weight stream also uses.
+- ``attention`` / ``attention_host``: keep only the attention's output and log-sum-exp (about
+  8 KB per token), on the device or in host memory, and recompute the rest of the block: the
+  recompute skips the attention forward, the part that grows with the square of the sequence.
+- ``recompute``: keep nothing.
 
-    forward  = max(sum F,                 H2D_fwd / h2d,             (D2H_fwd + sum_off S) / d2h)
-    backward = max(sum B + sum_rec F,     (H2D_bwd + sum_off S) / h2d,  D2H_bwd / d2h)
+This module is the cost model and the choice, pure arithmetic: the runtime feeds it the first
+step's measurements (``placement.offload_saved: auto``), ``offload plan`` feeds it estimates.
+A step is the slowest of what runs side by side: the GPU's two phases, each the slowest of its
+compute and the host link, and the CPU optimizer's updates of the streamed blocks (which overlap
+backward and the next forward)::
 
-with F a block's forward time, B its backward without recompute, S its saved bytes, and the
-H2D/D2H terms the link's other traffic. Blocks are taken in order of compute saved per byte
-moved (F / S, best first; on a tie the earlier block, whose copy out has the rest of the forward
-to hide behind and whose copy back the rest of the backward), and the best prefix wins.
+    forward  = max(sum F,                         link(H2D_fwd, D2H_fwd + moved))
+    backward = max(sum B + sum_rec F + sum_att (F - A),  link(H2D_bwd + moved, D2H_bwd))
+    step     = max(forward + backward + other,    cpu)
+
+with F a block's forward, B its backward proper, A its attention forward, ``moved`` the bytes
+of the host-kept blocks, ``other`` the GPU time outside the blocks (embedding, head, loss) and
+``link(h, d)`` the slowest of h at the host-to-device rate, d at the device-to-host rate and
+h + d at the rate both directions reach together (they share the PCIe link).
+
+Every split of the blocks into the five kinds is tried, the blocks taken by position: host
+blocks first (their copy out has the rest of the forward to hide behind), device blocks last,
+the attention keeps in between (host first); the device kinds must fit ``device_bytes`` with a
+window of host groups in flight (``SAVED_WINDOW``), the host kinds ``host_bytes``. A choice that
+saves less than ``MIN_GAIN`` of the step is not taken: every block recomputes, and the choice
+says why (a step bound by the CPU optimizer or the link gains nothing from skipping compute).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import enum
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+
+MIN_GAIN = 0.10
+"""The smallest estimated gain (a fraction of the step) for which blocks skip their recompute."""
+
+SAVED_WINDOW = 2
+"""Host-kept groups on the device at once besides the device-kept ones: in forward the one being
+copied out and the one being made (engine/saved.py waits for older copies before a block runs);
+in backward the one in use and the one coming back."""
+
+
+class Keep(str, enum.Enum):
+    """What one block keeps from its forward for its backward (see the module docstring)."""
+
+    RECOMPUTE = "recompute"
+    DEVICE = "device"
+    HOST = "host"
+    ATTENTION = "attention"
+    ATTENTION_HOST = "attention_host"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def graph(self) -> bool:
+        """The block keeps its whole graph (runs its forward with autograd)."""
+        return self in (Keep.DEVICE, Keep.HOST)
+
+    @property
+    def attention(self) -> bool:
+        return self in (Keep.ATTENTION, Keep.ATTENTION_HOST)
+
+    @property
+    def on_host(self) -> bool:
+        return self in (Keep.HOST, Keep.ATTENTION_HOST)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +88,13 @@ class BlockCost:
     backward_s: float
     """Its backward, without the recompute."""
     saved_bytes: int
-    """Bytes its saved tensors move each way when offloaded (weights excluded, storages once)."""
+    """Bytes of its saved tensors (weights excluded, storages once): what ``device`` holds and
+    ``host`` moves each way."""
+    attention_s: float = 0.0
+    """The attention forward inside forward_s: what ``attention`` saves."""
+    attention_bytes: int = 0
+    """Bytes of the attention outputs and log-sum-exps; 0: its attention cannot be kept (no fused
+    kernel with a log-sum-exp, dropout, a mask)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,82 +111,316 @@ class Link:
     """Bytes copied device-to-host during forward (boundary states going out)."""
     d2h_backward: int = 0
     """... during backward (gradients)."""
+    duplex_bytes_s: float | None = None
+    """Both directions together (PCIe: less than the sum of the two); None: the sum."""
 
     def __post_init__(self) -> None:
         if not (self.h2d_bytes_s > 0 and self.d2h_bytes_s > 0):
             raise ValueError(f"link rates must be > 0 bytes/s, got {self.h2d_bytes_s}, {self.d2h_bytes_s}")
+        if self.duplex_bytes_s is not None and self.duplex_bytes_s <= 0:
+            raise ValueError(f"the duplex rate must be > 0 bytes/s, got {self.duplex_bytes_s}")
+
+    def seconds(self, h2d: float, d2h: float) -> float:
+        """Time to move h2d bytes one way and d2h the other, side by side."""
+        t = max(h2d / self.h2d_bytes_s, d2h / self.d2h_bytes_s)
+        if self.duplex_bytes_s is not None:
+            t = max(t, (h2d + d2h) / self.duplex_bytes_s)
+        return t
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """What bounds the step besides the blocks: the CPU optimizer and the GPU's other work."""
+
+    cpu_s: float = 0.0
+    """The CPU optimizer's updates of one step (the streamed blocks, and host residents)."""
+    other_s: float = 0.0
+    """GPU time outside the blocks (embedding, head and loss, forward and backward)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """The model's figures for one choice."""
+
+    step_s: float
+    forward_s: float
+    """The forward phase: the slowest of its compute and its link traffic."""
+    backward_s: float
+    gpu_s: float
+    """forward + backward + other."""
+    cpu_s: float
+    link_bound: bool
+    """A phase waits for the link rather than compute."""
+
+    @property
+    def bound(self) -> str:
+        if self.cpu_s >= self.gpu_s:
+            return "the CPU optimizer"
+        return "the host link" if self.link_bound else "GPU compute"
+
+
+def estimate(
+    costs: Sequence[BlockCost], link: Link, keep: Sequence[Keep], bounds: Bounds | None = None
+) -> Estimate:
+    """The model's step (seconds, see the module docstring) when block i keeps keep[i]."""
+    bounds = bounds or Bounds()
+    moved = sum(_host_bytes(c, k) for c, k in zip(costs, keep))
+    fwd_compute = sum(c.forward_s for c in costs)
+    bwd_compute = sum(c.backward_s + _recomputed(c, k) for c, k in zip(costs, keep))
+    return _estimate(fwd_compute, bwd_compute, moved, link, bounds)
+
+
+def step_time(
+    costs: Sequence[BlockCost], link: Link, keep: Sequence[Keep], bounds: Bounds | None = None
+) -> float:
+    return estimate(costs, link, keep, bounds).step_s
+
+
+def _estimate(fwd_compute: float, bwd_compute: float, moved: int, link: Link, b: Bounds) -> Estimate:
+    fwd_link = link.seconds(link.h2d_forward, link.d2h_forward + moved)
+    bwd_link = link.seconds(link.h2d_backward + moved, link.d2h_backward)
+    forward, backward = max(fwd_compute, fwd_link), max(bwd_compute, bwd_link)
+    gpu = forward + backward + b.other_s
+    bound = fwd_link > fwd_compute or bwd_link > bwd_compute
+    return Estimate(max(gpu, b.cpu_s), forward, backward, gpu, b.cpu_s, bound)
+
+
+def _recomputed(c: BlockCost, k: Keep) -> float:
+    if k is Keep.RECOMPUTE:
+        return c.forward_s
+    if k.attention:
+        return max(c.forward_s - c.attention_s, 0.0)
+    return 0.0
+
+
+def _host_bytes(c: BlockCost, k: Keep) -> int:
+    return c.saved_bytes if k is Keep.HOST else c.attention_bytes if k is Keep.ATTENTION_HOST else 0
+
+
+def device_bytes(costs: Sequence[BlockCost], keep: Sequence[Keep], window: int = SAVED_WINDOW) -> int:
+    """Device bytes a choice holds at its peak: the device-kept graphs and attention outputs,
+    and a window of the host-kept groups of each kind."""
+    held = sum(c.saved_bytes for c, k in zip(costs, keep) if k is Keep.DEVICE)
+    held += sum(c.attention_bytes for c, k in zip(costs, keep) if k is Keep.ATTENTION)
+    host = [c.saved_bytes for c, k in zip(costs, keep) if k is Keep.HOST]
+    att = [c.attention_bytes for c, k in zip(costs, keep) if k is Keep.ATTENTION_HOST]
+    return held + window * (max(host, default=0) + max(att, default=0))
+
+
+def host_bytes(costs: Sequence[BlockCost], keep: Sequence[Keep]) -> int:
+    return sum(_host_bytes(c, k) for c, k in zip(costs, keep))
 
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """Which blocks offload, and the step times the model predicts."""
+    """What each block keeps, and the step times the model predicts."""
 
-    offload: tuple[bool, ...]
+    keep: tuple[Keep, ...]
     step_s: float
     """Estimated step time with this choice."""
     recompute_step_s: float
     """Estimated step time recomputing every block."""
     offloaded_bytes: int
-    """Host bytes the offloaded blocks' saved tensors take."""
+    """Host bytes of the host-kept blocks (whole graphs and attention outputs)."""
+    device_bytes: int = 0
+    """Device bytes the choice holds at its peak (:func:`device_bytes`)."""
+    bound: str = ""
+    """What bounds the step recomputing every block (:attr:`Estimate.bound`)."""
+    reason: str = ""
+    """Why nothing is kept although something could be (the gain is under MIN_GAIN)."""
+
+    @property
+    def offload(self) -> tuple[bool, ...]:
+        """Per block: whether it keeps anything (is not wholly recomputed)."""
+        return tuple(k is not Keep.RECOMPUTE for k in self.keep)
 
     @property
     def blocks(self) -> list[int]:
-        return [i for i, off in enumerate(self.offload) if off]
+        """The blocks that keep something."""
+        return [i for i, k in enumerate(self.keep) if k is not Keep.RECOMPUTE]
+
+    def of(self, kind: Keep) -> list[int]:
+        return [i for i, k in enumerate(self.keep) if k is kind]
+
+    @property
+    def gain(self) -> float:
+        return 1 - self.step_s / self.recompute_step_s if self.recompute_step_s > 0 else 0.0
 
     def describe(self) -> str:
-        """One line: which blocks offload and the estimated gain."""
-        chosen = self.blocks
-        if not chosen:
-            return f"recompute every block (est. step {self.recompute_step_s:.3f} s)"
-        gain = 1 - self.step_s / self.recompute_step_s if self.recompute_step_s > 0 else 0.0
+        """One line: what each block keeps, the estimated steps and what bounds them."""
+        if not self.blocks:
+            why = f": {self.reason}" if self.reason else ""
+            return (
+                f"recompute every block (est. step {self.recompute_step_s:.3f} s, bound by {self.bound}){why}"
+            )
+        parts = [f"{_NAMES[k]} {ranges(self.of(k))}" for k in _ORDER if self.of(k)]
         return (
-            f"offload blocks {_ranges(chosen)}, recompute the other {len(self.offload) - len(chosen)} "
-            f"(est. step {self.step_s:.3f} s against {self.recompute_step_s:.3f} s, {gain:.0%} faster)"
+            f"{', '.join(parts)} (est. step {self.step_s:.3f} s against {self.recompute_step_s:.3f} s "
+            f"recomputing, {self.gain:.0%} faster; recomputing is bound by {self.bound})"
         )
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "keep": [str(k) for k in self.keep],
+            "blocks": self.blocks,
+            **{str(k): self.of(k) for k in Keep},
+            "step_s": self.step_s,
+            "recompute_step_s": self.recompute_step_s,
+            "saved_bytes": self.offloaded_bytes,
+            "device_bytes": self.device_bytes,
+            "bound": self.bound,
+            "reason": self.reason,
+        }
 
-def step_time(costs: Sequence[BlockCost], link: Link, offload: Sequence[bool]) -> float:
-    """The model's step time (seconds) when the blocks flagged in offload keep their saved tensors."""
-    moved = sum(c.saved_bytes for c, off in zip(costs, offload) if off)
-    recomputed = sum(c.forward_s for c, off in zip(costs, offload) if not off)
-    forward = max(
-        sum(c.forward_s for c in costs),
-        link.h2d_forward / link.h2d_bytes_s,
-        (link.d2h_forward + moved) / link.d2h_bytes_s,
+
+_ORDER = (Keep.DEVICE, Keep.HOST, Keep.ATTENTION, Keep.ATTENTION_HOST, Keep.RECOMPUTE)
+_NAMES = {
+    Keep.DEVICE: "keep on the device",
+    Keep.HOST: "offload to host",
+    Keep.ATTENTION: "keep attention on the device",
+    Keep.ATTENTION_HOST: "keep attention on host",
+    Keep.RECOMPUTE: "recompute",
+}
+
+
+def fixed(
+    costs: Sequence[BlockCost],
+    link: Link,
+    keep: Sequence[Keep],
+    bounds: Bounds | None = None,
+    window: int = SAVED_WINDOW,
+) -> Choice:
+    """The Choice of a given keep (a list in placement.offload_saved), with its estimate."""
+    base = estimate(costs, link, [Keep.RECOMPUTE] * len(costs), bounds)
+    return Choice(
+        tuple(keep),
+        step_time(costs, link, keep, bounds),
+        base.step_s,
+        host_bytes(costs, keep),
+        device_bytes(costs, keep, window),
+        base.bound,
     )
-    backward = max(
-        sum(c.backward_s for c in costs) + recomputed,
-        (link.h2d_backward + moved) / link.h2d_bytes_s,
-        link.d2h_backward / link.d2h_bytes_s,
+
+
+def choose(
+    costs: Sequence[BlockCost],
+    link: Link,
+    host_bytes: int | None = None,
+    device_bytes: int | None = None,
+    bounds: Bounds | None = None,
+    min_gain: float = MIN_GAIN,
+    window: int = SAVED_WINDOW,
+) -> Choice:
+    """The keep that minimises the step within host_bytes and device_bytes (None: no limit; the
+    device holds a window of the host-kept groups too). Ties go to fewer host bytes, then fewer
+    device bytes. A gain under min_gain keeps nothing (see the module docstring)."""
+    n = len(costs)
+    base = estimate(costs, link, [Keep.RECOMPUTE] * n, bounds)
+    best: tuple[tuple[float, int, int], _Split] | None = None  # the best split keeping something
+    for key, split in _splits(costs, link, bounds or Bounds(), host_bytes, device_bytes, window):
+        if split.keeps and (best is None or key < best[0]):
+            best = key, split
+    if best is None:
+        return Choice((Keep.RECOMPUTE,) * n, base.step_s, base.step_s, 0, 0, base.bound)
+    (step, moved, held), split = best
+    choice = Choice(tuple(split.keep(costs)), step, base.step_s, moved, held, base.bound)
+    if choice.gain < min_gain:
+        why = _why_not(choice, base, min_gain)
+        return Choice((Keep.RECOMPUTE,) * n, base.step_s, base.step_s, 0, 0, base.bound, why)
+    return choice
+
+
+def _why_not(choice: Choice, base: Estimate, min_gain: float) -> str:
+    parts = [f"{len(choice.of(k))} {k}" for k in _ORDER[:-1] if choice.of(k)]
+    why = (
+        f"the best keep ({', '.join(parts)}) would save {max(choice.gain, 0.0):.1%} of the step, "
+        f"under the {min_gain:.0%} threshold"
     )
-    return forward + backward
+    if base.bound == "the CPU optimizer":
+        why += f"; the CPU optimizer's {base.cpu_s:.3f} s of updates outlast the GPU's {base.gpu_s:.3f} s"
+    return why
 
 
-def choose(costs: Sequence[BlockCost], link: Link, host_bytes: int | None = None) -> Choice:
-    """The blocks whose offload minimises the step time; their saved bytes stay within
-    host_bytes (None: no limit). Ties go to fewer bytes moved."""
-    order = sorted(range(len(costs)), key=lambda i: (-_per_byte(costs[i]), i))
-    flags = [False] * len(costs)
-    best = list(flags)
-    recompute = best_s = step_time(costs, link, flags)
-    used = 0
-    for i in order:
-        used += costs[i].saved_bytes
-        if host_bytes is not None and used > host_bytes:
-            break
-        flags[i] = True
-        t = step_time(costs, link, flags)
-        if t < best_s:
-            best, best_s = list(flags), t
-    moved = sum(c.saved_bytes for c, off in zip(costs, best) if off)
-    return Choice(tuple(best), best_s, recompute, moved)
+@dataclass(frozen=True, slots=True)
+class _Split:
+    """A split by position: the first ``host`` blocks keep their graph in host memory, the last
+    ``device`` on the device; of the attention-keepable blocks in between, the first
+    ``att_host`` keep their attention in host memory, the next ``att_device`` on the device."""
+
+    n: int
+    device: int = 0
+    host: int = 0
+    att_device: int = 0
+    att_host: int = 0
+
+    @property
+    def keeps(self) -> bool:
+        return bool(self.device or self.host or self.att_device or self.att_host)
+
+    def keep(self, costs: Sequence[BlockCost]) -> list[Keep]:
+        keep = [Keep.RECOMPUTE] * self.n
+        for i in range(self.host):
+            keep[i] = Keep.HOST
+        for i in range(self.n - self.device, self.n):
+            keep[i] = Keep.DEVICE
+        middle = [i for i in range(self.host, self.n - self.device) if costs[i].attention_bytes > 0]
+        for j, i in enumerate(middle[: self.att_host + self.att_device]):
+            keep[i] = Keep.ATTENTION_HOST if j < self.att_host else Keep.ATTENTION
+        return keep
 
 
-def _per_byte(c: BlockCost) -> float:
-    return c.forward_s / c.saved_bytes if c.saved_bytes > 0 else float("inf")
+def _splits(
+    costs: Sequence[BlockCost],
+    link: Link,
+    bounds: Bounds,
+    host_bytes: int | None,
+    device_bytes: int | None,
+    window: int,
+) -> Iterator[tuple[tuple[float, int, int], _Split]]:
+    """Every split that fits the budgets, with as many device attention keeps as fit (they cost
+    no link time and never slow a step), and its key: (step, host bytes, device bytes). Sums over
+    positions come from prefix sums, so each split costs O(log n)."""
+    n = len(costs)
+    dev_room = float("inf") if device_bytes is None else device_bytes
+    host_room = float("inf") if host_bytes is None else host_bytes
+    keepable = [i for i, c in enumerate(costs) if c.attention_bytes > 0]
+    att = _prefix(costs[i].attention_bytes for i in keepable)
+    att_s = _prefix(costs[i].attention_s for i in keepable)
+    saved = _prefix(c.saved_bytes for c in costs)
+    fwd = _prefix(c.forward_s for c in costs)
+    peak = list(itertools.accumulate((c.saved_bytes for c in costs), max, initial=0))
+    fwd_compute = fwd[n]
+    bwd_all = sum(c.backward_s for c in costs) + fwd[n]  # every block recomputed
+    for d in range(n + 1):
+        tail = saved[n] - saved[n - d]
+        for h in range(n - d + 1):
+            head = saved[h]
+            graph_peak = window * peak[h]
+            if tail + graph_peak > dev_room or head > host_room:
+                continue
+            skipped = fwd[h] + fwd[n] - fwd[n - d]  # the graph-kept blocks' recompute
+            lo, hi = bisect.bisect_left(keepable, h), bisect.bisect_left(keepable, n - d)
+            att_peak = 0
+            for ah in range(hi - lo + 1):
+                if ah:
+                    att_peak = max(att_peak, window * costs[keepable[lo + ah - 1]].attention_bytes)
+                moved = head + att[lo + ah] - att[lo]
+                room = dev_room - tail - graph_peak - att_peak
+                if moved > host_room or room < 0:
+                    continue
+                start = lo + ah  # the most device attention keeps that fit in the room left
+                ad = max(bisect.bisect_right(att, att[start] + room, start, hi + 1) - 1 - start, 0)
+                bwd = bwd_all - skipped - (att_s[start + ad] - att_s[lo])
+                step = _estimate(fwd_compute, bwd, moved, link, bounds).step_s
+                held = tail + graph_peak + att_peak + att[start + ad] - att[start]
+                yield (step, moved, held), _Split(n, d, h, ad, ah)
 
 
-def _ranges(indices: list[int]) -> str:
+def _prefix(values: Iterable[float]) -> list:
+    return list(itertools.accumulate(values, initial=0))
+
+
+def ranges(indices: list[int]) -> str:
     """[0, 1, 2, 5] -> "0-2, 5"."""
     parts: list[str] = []
     start = prev = indices[0]

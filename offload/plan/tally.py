@@ -63,7 +63,14 @@ class Settings:
     activations: Tier = Tier.GPU
     """Where the block-boundary states wait: Tier.GPU, Tier.HOST or Tier.NVME (resolved)."""
     saved_bytes: int = 0
-    """Host bytes of the saved tensors of the blocks that offload instead of recompute."""
+    """Host bytes of the blocks that keep their saved tensors (or their attention) in host
+    memory instead of recomputing (placement.offload_saved)."""
+    saved_device_bytes: int = 0
+    """Device bytes of the blocks that keep them on the device, and of the window of host-kept
+    groups on their way (offload.plan.recompute.device_bytes)."""
+    loss_chunk: int | None = None
+    """train.loss_chunk: tokens per chunk of the chunked loss (None: the model's own loss, whose
+    logits are whole)."""
     grad_accum: int = 1
     device_residents: bool | None = None
     """placement.device_residents (None: on the device when device_blocks > 0)."""
@@ -216,11 +223,18 @@ def working_bytes(shape: ModelShape, s: Settings) -> int:
     compute dtype, their fp32 upcast for the loss and its fp32 gradient (vocab x (i + 8)), and one
     block's recompute for backward (about 4 hidden-wide and 3 MLP-wide tensors in the compute
     dtype). Calibrated on the H100 (docs/plan.md): Llama 3.4B and 6.7B from 2K to 32K tokens, within
-    about 1% of the measured peak."""
+    about 1% of the measured peak. With a chunked loss (offload/train/loss.py) the logits are
+    those of one chunk, and the loss keeps the hidden states' gradient (i per hidden unit and
+    token) and an fp32 gradient of the head (4 x vocab x hidden) from forward to backward."""
     hidden = shape.hidden_size or 0
     inter = shape.intermediate_size or 4 * hidden
-    per_token = (shape.vocab_size or 0) * (s.item + 8) + (4 * hidden + 3 * inter) * s.item
-    return s.batch_size * s.seq_len * per_token
+    vocab = shape.vocab_size or 0
+    tokens = s.batch_size * s.seq_len
+    block = tokens * (4 * hidden + 3 * inter) * s.item
+    if s.loss_chunk is None:
+        return block + tokens * vocab * (s.item + 8)
+    logits = min(s.loss_chunk, tokens) * vocab * (s.item + 8)
+    return block + logits + tokens * hidden * s.item + 4 * vocab * hidden
 
 
 def _activations(t: Tally, blocks: int, per_block: int, s: Settings) -> None:
@@ -238,3 +252,4 @@ def _activations(t: Tally, blocks: int, per_block: int, s: Settings) -> None:
         else:
             t.add("activations", Tier.HOST, blocks * per_block)
     t.add("saved", Tier.HOST, s.saved_bytes)
+    t.add("saved", Tier.GPU, s.saved_device_bytes)

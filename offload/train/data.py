@@ -1,7 +1,9 @@
 """Training data: text files tokenized into one token array, served as shuffled fixed-length windows.
 
 Documents are joined with the tokenizer's EOS id into a single array, which is cut into
-``len // seq_len`` non-overlapping windows. Each epoch visits the windows in a permutation drawn from
+``len // seq_len`` non-overlapping windows. With ``data.cycle`` a corpus shorter than one batch of
+windows (a long-context recipe's 128K-token sequence over a 54K-token corpus) is repeated whole,
+end to start, until it fills one batch: a window then holds the corpus more than once. Each epoch visits the windows in a permutation drawn from
 ``(seed, epoch)``, so the sequence of batches is a pure function of the data, the seed and the
 position ``(epoch, index)``. That position is the whole state: a resumed run that loads it gets
 exactly the batch that would have come next. Batches may straddle an epoch boundary, so a corpus
@@ -42,6 +44,10 @@ class DataSpec:
     """For jsonl: the key holding each document's text."""
     tokenizer: Literal["auto", "bytes"] = "auto"
     """"auto": the model directory's tokenizer if the model has a path and it loads, else bytes."""
+    cycle: bool = False
+    """Repeat the whole token array (each pass ends with EOS, as every document does) until it
+    holds one batch of windows, batch_size x seq_len tokens per rank, when it holds fewer. Off:
+    such a corpus is refused (DataError)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -203,10 +209,13 @@ def batches(
     """The TokenStream of spec's files (relative patterns under root), tokenized with tokenizer."""
     files = expand_files(spec.files, root)
     tokens = tokenize(files, tokenizer, spec.format, spec.field)
+    need = seq_len * batch_size * world_size
+    if spec.cycle and 0 < len(tokens) < need:
+        tokens = np.tile(tokens, -(-need // len(tokens)))
     if len(tokens) < seq_len:
         raise DataError(
             f"data.files ({len(files)} files) hold {len(tokens)} tokens, "
-            f"fewer than one window of train.seq_len = {seq_len}"
+            f"fewer than one window of train.seq_len = {seq_len} (data.cycle: true repeats them)"
         )
     return TokenStream(
         tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank, world_size=world_size

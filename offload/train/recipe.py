@@ -126,6 +126,10 @@ class TrainSpec:
     """Keep the newest this many checkpoints, pruning older ones after each save; None: keep all."""
     keep_every: int | None = None
     """With keep_last: also keep every checkpoint whose step is divisible by this."""
+    loss_chunk: int | None = None
+    """Tokens per chunk of a chunked cross-entropy (offload/train/loss.py): the head's logits
+    exist for one chunk at a time instead of the whole batch (at 128K tokens and a 32K vocabulary
+    they would take 39 GiB with their fp32 upcast and gradient). None: the model's own loss."""
     snapshot: SnapshotConfig | None = None
     """In-memory snapshots (docs/snapshot.md): taken every ``every`` steps after the optimizer
     step, restored on start when the keepers hold one of the job newer than --resume's checkpoint;
@@ -138,6 +142,8 @@ class TrainSpec:
                 raise ConfigError(name, getattr(self, name), "must be >= 1")
         if self.seed < 0:
             raise ConfigError("seed", self.seed, "must be >= 0")
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise ConfigError("loss_chunk", self.loss_chunk, "must be >= 1, or null for the model's own loss")
         if self.save_every is not None and self.save_every < 1:
             raise ConfigError("save_every", self.save_every, "must be >= 1, or null for only at the end")
         if self.schedule.warmup_steps > self.steps:

@@ -35,6 +35,7 @@ from offload.checkpoint.format import CheckpointError, read_manifest, resolve
 from offload.config import config_to_dict
 from offload.plan import Accounting, Figure, Plan, account, make_plan
 from offload.train.data import batches
+from offload.train.loss import causal_lm_loss
 from offload.train.ranks import Ranks, join
 from offload.train.recipe import Recipe, build_hf_config
 from offload.train.schedule import make_scheduler
@@ -161,7 +162,7 @@ def _train(
             total = 0.0
             for _ in range(t.grad_accum):
                 batch = next(stream)
-                loss = wrapped(**batch).loss / t.grad_accum
+                loss = causal_lm_loss(wrapped, batch, t.loss_chunk) / t.grad_accum
                 loss.backward()
                 total += loss.item()
             total = ranks.mean(total, device.torch)  # the loss of the global batch
@@ -272,6 +273,7 @@ def _plan(recipe: Recipe, model: torch.nn.Module) -> Plan:
         world_size=world,
         local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
         detect=True,
+        loss_chunk=t.loss_chunk,
     )
 
 
