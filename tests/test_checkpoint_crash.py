@@ -1,7 +1,10 @@
 """Crash safety of the checkpoint commit: a trainer saving every step is killed with SIGKILL at
 random moments; what it leaves must always be loadable and resume exactly. Trials alternate
 between synchronous saves (``save(...).wait()`` after each step) and asynchronous ones (the save
-writes in the background while the next steps train; each save() waits for the one before).
+writes in the background while the next steps train; each save() waits for the one before). A
+few more trials save with ``keep_last=1, prune="before"`` (each save writes over the files of the
+step before it): there a kill inside a save may leave no checkpoint at all (by design), but never
+a listed one that fails to verify or resume, and never a ``latest`` naming a step that is gone.
 
 A supervisor subprocess imports torch and offload once and forks one trainer per trial (a fresh
 interpreter per trial would cost seconds of imports each); the trainer is a real process that
@@ -39,6 +42,7 @@ from offload.checkpoint.format import is_committed, latest_marker, read_manifest
 from tests.models import batches, tiny
 
 TRIALS = 10 if os.environ.get("CI") else 20  # CI machines are slower; 10 kills still cover it
+RECYCLE_TRIALS = 4 if os.environ.get("CI") else 6  # after those: keep_last=1, prune="before"
 MAX_STEPS = 200  # far more than a trainer reaches (about 50 steps a second) before the kill
 OPT = {"lr": 3e-3, "weight_decay": 0.1, "max_grad_norm": 0.5}
 DELAY_S = (0.0, 0.8)  # after the fork; the wrap takes the first tenth of a second or so
@@ -57,13 +61,14 @@ def step(model: Any, opt: Any, ids: torch.Tensor) -> float:
     return float(loss.item())
 
 
-def trainer(root: Path, asynchronous: bool) -> None:
+def trainer(root: Path, asynchronous: bool, recycle: bool) -> None:
     """Trains and saves after every step (step_N: N steps done) until killed."""
     data = batches(MAX_STEPS + 2)
     model, opt = make()
+    prune = {"keep_last": 1, "prune": "before"} if recycle else {}
     for i in range(MAX_STEPS):
         step(model, opt, data[i])
-        handle = save(model, opt, root, step=i + 1)
+        handle = save(model, opt, root, step=i + 1, **prune)
         if not asynchronous:
             handle.wait()
 
@@ -75,15 +80,16 @@ def supervise(base: Path, trials: int, seed: int) -> None:
     torch.set_num_threads(1)  # no intra-op thread pool exists in this process before fork
     rng = random.Random(seed)
     outcomes = []
-    for t in range(trials):
+    for t in range(trials + RECYCLE_TRIALS):
         root = base / f"trial_{t:02d}"
         delay = rng.uniform(*DELAY_S)
         asynchronous = t % 2 == 1
+        recycle = t >= trials
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                trainer(root, asynchronous)
+                trainer(root, asynchronous, recycle)
             except BaseException:
                 traceback.print_exc()
                 code = 1
@@ -94,7 +100,14 @@ def supervise(base: Path, trials: int, seed: int) -> None:
         _, status = os.waitpid(pid, 0)
         killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         outcomes.append(
-            {"root": str(root), "delay": delay, "async": asynchronous, "killed": killed, "status": status}
+            {
+                "root": str(root),
+                "delay": delay,
+                "async": asynchronous,
+                "recycle": recycle,
+                "killed": killed,
+                "status": status,
+            }
         )
     data = batches(MAX_STEPS + 2)
     for out in outcomes:
@@ -136,23 +149,24 @@ def test_sigkill_during_saves_leaves_loadable_checkpoints(tmp_path: Path) -> Non
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     *trials, reference = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(trials) == TRIALS
+    assert len(trials) == TRIALS + RECYCLE_TRIALS
     straight = reference["straight"]
-    resumed_from: dict[bool, list[int]] = {False: [], True: []}
+    resumed_from: dict[str, list[int]] = {"sync": [], "async": [], "recycle": []}
     for out in trials:
         root = Path(out["root"])
         assert out["killed"], f"trainer of {root} ended before the kill: {out}"
         last = check_leftovers(root)
         assert last == out.get("last"), f"{root}: the supervisor resumed from {out.get('last')}"
         if last is not None:
-            resumed_from[out["async"]].append(last)
+            resumed_from["recycle" if out["recycle"] else "async" if out["async"] else "sync"].append(last)
             assert out["resumed"] == straight[last : last + 2], f"{root}: resumed from step {last}"
-    for mode, steps in resumed_from.items():
-        assert len(steps) >= TRIALS // 4, f"too few trials saved anything (async={mode}): {steps}"
+    for mode in ("sync", "async"):  # with prune="before" a kill mid-save leaves none: no minimum
+        steps = resumed_from[mode]
+        assert len(steps) >= TRIALS // 4, f"too few trials saved anything ({mode}): {steps}"
     leftovers = [p for out in trials for p in Path(out["root"]).glob("*.tmp-*")]
     print(
-        f"resumed from steps {resumed_from[False]} (sync), {resumed_from[True]} (async); "
-        f"{len(leftovers)} interrupted saves left behind"
+        f"resumed from steps {resumed_from['sync']} (sync), {resumed_from['async']} (async), "
+        f"{resumed_from['recycle']} (prune before); {len(leftovers)} interrupted saves left behind"
     )
 
 

@@ -175,5 +175,14 @@ def resolve(path_or_root: str | os.PathLike[str]) -> Path:
     return found[-1][1]
 
 
+def fsync_dir(path: Path) -> None:
+    """fsync of a directory: the renames and removals in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())

@@ -29,6 +29,10 @@ class SaveStats:
     """How long the optimizer's worker waited for records to be captured."""
     device_copy: str
     """Where the device records were snapshotted: "device", "host", or "none"."""
+    reused_bytes: int = 0
+    """Of bytes: written over the files of a surplus step, in place (``prune="before"``)."""
+    prune_s: float = 0.0
+    """Of write_s: taking surplus steps out (``prune="before"``) and pruning after the commit."""
 
     @property
     def gbps(self) -> float:

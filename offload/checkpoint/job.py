@@ -6,7 +6,9 @@ capture fence says it holds the saved step (``wait_ready``), through its StateTi
 and v (NVMe-resident state is read back from its file), and released to the optimizer
 (``captured``) once its bytes are in the staging ring. After the last record: every write waited
 for, each file fsynced, then the commit (manifest, rename, ``latest``, retention; see writer.py).
-A failure releases the fence, lets the writes in flight finish and removes the directory.
+With ``prune="before"`` the steps the commit makes surplus are taken out first and their files
+written over in place (recycle.py). A failure releases the fence, lets the writes in flight
+finish and removes the directory (and what it took out to recycle).
 """
 
 from __future__ import annotations
@@ -25,9 +27,18 @@ import torch
 from offload import io as oio
 from offload.checkpoint import state
 from offload.checkpoint.capture import CaptureFence, Snapshot
-from offload.checkpoint.format import KINDS, LATEST, MANIFEST, record_filename, tensor_key
+from offload.checkpoint.format import (
+    KINDS,
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    fsync_dir,
+    record_filename,
+    tensor_key,
+)
 from offload.checkpoint.handle import SaveHandle, SaveStats
-from offload.checkpoint.retention import Retention, prune
+from offload.checkpoint.recycle import Recycler
+from offload.checkpoint.retention import Retention, doomed, prune
 from offload.checkpoint.staging import FileStream, Staging, safetensors_header
 from offload.engine.runtime import Runtime
 from offload.store.record import BlockRecord
@@ -90,10 +101,18 @@ class SaveJob:
     waited_s: float = 0.0
     group: Any = None  # multi-rank: the Collective (its side channel carries the shards to rank 0)
     failed: BaseException | None = None  # the first write error (rank 0 of a multi-rank save)
+    recycle: bool = False  # prune="before": write over the files of the steps this save makes surplus
+    recycler: Recycler | None = None
+    reused: int = 0  # bytes written over a surplus step's files
+    prune_s: float = 0.0
 
     def run(self) -> None:
         start = time.perf_counter()
         try:
+            if self.group is None:
+                self._recycle()
+            elif self.group.rank == 0:
+                self._guarded(self._recycle)
             for plan in self.plans:
                 with self.rt.tracer.span("checkpoint", "io", block=plan.rec.index):
                     if self.group is None:
@@ -124,6 +143,8 @@ class SaveJob:
                 waited_s=self.waited_s,
                 hold_s=self.fence.hold_s,
                 device_copy=self.device_copy,
+                reused_bytes=self.reused,
+                prune_s=self.prune_s,
             )
             self.handle._done.set()
 
@@ -149,9 +170,28 @@ class SaveJob:
             fs.finish()
         self._index(plan, fs, step)
 
+    def _recycle(self) -> None:
+        """prune="before": takes the steps this save makes surplus out of the listing and keeps
+        their files to write over (recycle.py)."""
+        if not self.recycle or self.retention is None:
+            return
+        t = time.perf_counter()
+        root = self.handle.path.parent
+        with self.rt.tracer.span("recycle", "io", step=self.handle.step):
+            surplus = doomed(root, self.retention, upcoming=self.handle.path.name)
+            self.recycler = Recycler.take(root, surplus, {p.file for p in self.plans})
+        self.prune_s += time.perf_counter() - t
+
     def _open(self, plan: RecordPlan) -> FileStream:
-        f = oio.open(self.tmp / plan.file, "x", direct=self.direct, engine=self.staging.engine)
+        path = self.tmp / plan.file
+        reused = self.recycler is not None and self.recycler.claim(plan.file, path)
+        f = oio.open(path, "r+" if reused else "x", direct=self.direct, engine=self.staging.engine)
         self.files.append(f)
+        if reused:  # its blocks are allocated and written: overwriting them needs no new extents
+            old = f.size()
+            self.reused += min(old, plan.nbytes)
+            if old > plan.nbytes:
+                f.truncate(plan.nbytes)
         f.allocate(plan.nbytes)  # a full disk fails here, before any byte of the file moves
         fs = self.current = FileStream(self.staging, f, self.stream)
         fs.put(None, torch.frombuffer(bytearray(plan.header), dtype=torch.uint8))
@@ -231,8 +271,24 @@ class SaveJob:
         write_file(root / LATEST, f"{final.name}\n".encode(), atomic=True)
         fsync_dir(root)
         if self.retention is not None:
-            prune(root, self.retention, protect=[final])  # after latest moved: the old one may go too
-            fsync_dir(root)
+            self._prune(root, final)  # after latest moved: the old one may go too
+
+    def _prune(self, root: Path, final: Path) -> None:
+        """Retention, once this step is committed: what is left of the recycled steps, then every
+        step the rule drops. A failure here does not undo the commit; wait() raises it, saying so."""
+        assert self.retention is not None
+        t = time.perf_counter()
+        try:
+            with self.rt.tracer.span("prune", "io", step=self.handle.step):
+                if self.recycler is not None:
+                    self.recycler.close()
+                    self.recycler = None
+                prune(root, self.retention, protect=[final])
+                fsync_dir(root)
+        except OSError as e:
+            raise CheckpointError(f"{final} is committed, but pruning older steps failed: {e}") from e
+        finally:
+            self.prune_s += time.perf_counter() - t
 
     def abandon(self) -> None:
         """A save that never started its thread: the fence lifted, the directory removed."""
@@ -247,6 +303,9 @@ class SaveJob:
         for f in self.files:
             f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.recycler is not None:  # taken out of the listing and partly overwritten: gone
+            self.recycler.close(ignore_errors=True)
+            self.recycler = None
 
 
 def write_file(path: Path, data: bytes, atomic: bool = False) -> None:
@@ -263,11 +322,3 @@ def write_file(path: Path, data: bytes, atomic: bool = False) -> None:
         if atomic:
             target.unlink(missing_ok=True)
         raise
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

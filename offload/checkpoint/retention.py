@@ -5,7 +5,9 @@ by 1000; ``prune(root, retention)`` deletes the others, never the step ``latest`
 protected one (``save`` protects the step it just committed). A step is taken out of the listing
 first, by renaming it to ``step_N.tmp-del-<uuid>`` (atomic: a reader sees the whole step or
 none), then deleted; a prune killed halfway leaves only such a directory, never a half step.
-Torch-free, so ``offload ckpt prune`` stays light.
+``doomed(..., upcoming=name)`` answers the same question as if the step ``name`` were already
+committed and named by ``latest``: what a save with ``prune="before"`` takes out when it starts
+(recycle.py). Torch-free, so ``offload ckpt prune`` stays light.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from offload.checkpoint.format import latest_marker, list_checkpoints
+from offload.checkpoint.format import STEP_RE, latest_marker, list_checkpoints
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -41,13 +43,25 @@ class Retention:
         return step in newest or (self.keep_every is not None and step % self.keep_every == 0)
 
 
-def doomed(root: str | os.PathLike[str], retention: Retention, protect: Iterable[Path] = ()) -> list[Path]:
-    """The committed steps under root that a prune deletes, oldest first."""
+def doomed(
+    root: str | os.PathLike[str],
+    retention: Retention,
+    protect: Iterable[Path] = (),
+    upcoming: str | None = None,
+) -> list[Path]:
+    """The committed steps under root that a prune deletes, oldest first. upcoming: the directory
+    name of a step not committed yet, counted as if it were, and as the one ``latest`` names."""
     root = Path(root)
     found = list_checkpoints(root)
-    newest = [s for s, _ in found[-retention.keep_last :]]
     spared = {Path(p).name for p in protect}
-    marker = latest_marker(root)
+    if upcoming is not None:
+        m = STEP_RE.match(upcoming)
+        if m is None:
+            raise ValueError(f"upcoming = {upcoming!r}: not a step directory name")
+        found = sorted([*found, (int(m.group(1)), root / upcoming)])
+        spared.add(upcoming)
+    newest = [s for s, _ in found[-retention.keep_last :]]
+    marker = upcoming if upcoming is not None else latest_marker(root)
     if marker is not None:
         spared.add(marker)
     return [p for s, p in found if not retention.keeps(s, newest) and p.name not in spared]

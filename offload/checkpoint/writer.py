@@ -10,7 +10,10 @@
    block 0, 1, ...), releasing each record's fence as soon as its bytes are staged.
 3. Once every write has landed: each file fsynced, ``manifest.json`` written and fsynced, the
    directory fsynced and renamed to ``ROOT/step_N/`` (the commit), the root fsynced, ``latest``
-   replaced the same way (temporary name, fsync, rename), then retention prunes.
+   replaced the same way (temporary name, fsync, rename), then retention prunes. With
+   ``prune="before"`` the steps this commit makes surplus are taken out of the listing before
+   step 2 and the new files written over theirs in place (recycle.py): the disk needs room for
+   keep_last checkpoints instead of keep_last + 1, and the writes run on blocks already allocated.
 
 A save that fails (a full disk, EIO) removes its temporary directory, releases every fence and
 keeps the error for ``wait()``; nothing of it is ever listed as a checkpoint. A second save()
@@ -46,7 +49,9 @@ from offload.checkpoint.staging import Staging, chunk_size
 from offload.config import config_to_dict
 from offload.engine.runtime import Runtime
 
-__all__ = ["SaveHandle", "SaveStats", "drain", "save"]
+__all__ = ["PRUNE_WHEN", "SaveHandle", "SaveStats", "drain", "save"]
+
+PRUNE_WHEN = ("after", "before")  # save(prune=...): when the steps retention drops are removed
 
 
 class _Saver:
@@ -120,6 +125,7 @@ def save(
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
     keep_every: int | None = None,
+    prune: str = "after",
     staging_bytes: int | None = None,
 ) -> SaveHandle:
     """Starts saving masters, Adam state, step counts, param-group options, the scheduler's state,
@@ -127,6 +133,9 @@ def save(
     ``root/step_<step>``, as of this call; returns at once. Call it after optimizer.step().
     With keep_last, older committed steps are pruned after the commit (retention.py): the newest
     keep_last and every step divisible by keep_every stay, and never the one just written.
+    prune="before" takes the steps the commit will make surplus out of the listing when the
+    writer starts and writes the new files over theirs (recycle.py): room for keep_last
+    checkpoints suffices, but only keep_last - 1 are committed while the save runs.
     staging_bytes bounds the staging ring (default: two records' worth)."""
     t0 = time.perf_counter()
     retention = None
@@ -134,6 +143,10 @@ def save(
         retention = Retention(keep_last=keep_last, keep_every=keep_every)
     elif keep_every is not None:
         raise ValueError(f"keep_every = {keep_every!r} needs keep_last")
+    if prune not in PRUNE_WHEN:
+        raise ValueError(f"prune = {prune!r}: must be one of {', '.join(PRUNE_WHEN)}")
+    if prune == "before" and retention is None:
+        raise ValueError('prune = "before" needs keep_last (it says which steps the save writes over)')
     if staging_bytes is not None and staging_bytes < 1:
         raise ValueError(f"staging_bytes = {staging_bytes!r}: must be >= 1")
     rt = state.runtime_of(model, optimizer)
@@ -153,7 +166,7 @@ def save(
         handle = SaveHandle(final, step)
         try:
             job: SaveJob | None = _start(
-                rt, model, optimizer, saver, root, handle, sched, extra, retention, staging_bytes
+                rt, model, optimizer, saver, root, handle, sched, extra, retention, prune, staging_bytes
             )
             error: BaseException | None = None
         except BaseException as e:
@@ -185,6 +198,7 @@ def _start(
     sched: Any,
     extra: Any,
     retention: Retention | None,
+    prune: str,
     staging_bytes: int | None,
 ) -> SaveJob:
     """Everything save() does on the caller's thread: the manifest's small state, the plans, the
@@ -231,6 +245,7 @@ def _start(
         handle=handle,
         tmp=tmp,
         retention=retention,
+        recycle=prune == "before",
         staging=staging,
         direct=saver.direct.get(root, False),
         plans=host + [p for p in plans if p.rec.on_device],
