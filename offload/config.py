@@ -388,20 +388,25 @@ class PlacementConfig:
     """The tier of each kind of per-block state."""
 
     master: Tier = Tier.HOST
-    """fp32 master weights of the streamed blocks. nvme: a spilled block's file holds its master
-    with its m and v (needs optimizer_state nvme or auto, and a compute dtype other than float32,
-    where the master is itself the pinned copy the device reads). auto: host, unless spilling
-    every streamed block's m and v still leaves the host over budget; then the spilled blocks'
-    masters go to nvme too."""
+    """fp32 master weights of the spilled blocks (spill_blocks). cxl: in memory bound to the
+    cxl_nodes, striped block by block. nvme: a spilled block's file holds its master with its m
+    and v (needs optimizer_state nvme or auto). Both need a compute dtype other than float32,
+    where the master is itself the pinned copy the device reads (DMA-hot: it stays in local
+    DRAM). auto: host, unless spilling every streamed block's m and v still leaves the host over
+    budget; then the spilled blocks' masters go to nvme too."""
     optimizer_state: Tier = Tier.HOST
-    """Adam's m and v of the streamed blocks: host, cxl, nvme, or auto (host when it fits
+    """Adam's m and v of the spilled blocks: host, cxl, nvme, or auto (host when it fits
     budgets.host_bytes, else the fewest last blocks spilled to nvme that make it fit)."""
     spill_blocks: int | None = None
-    """How many streamed blocks keep their m and v (and, with master nvme, their master) on the
-    optimizer_state tier (nvme or cxl): the last ones; the others keep them in host RAM. None:
-    every streamed block for nvme and cxl, the fewest that fit the host budget for auto."""
+    """How many streamed blocks spill: the last ones, whose m and v go to optimizer_state, master
+    to master and gradient sums to gradients (each where that is not host); the others keep all
+    their state in host RAM. None: every streamed block when a tier is named (cxl, nvme), the
+    fewest that fit the host budget for optimizer_state auto."""
     gradients: Tier = Tier.HOST
-    """Gradients, as they come off the GPU."""
+    """The fp32 gradient sums of the spilled blocks (made when accumulating micro-batches).
+    Gradients as they come off the GPU are DMA targets and always land in pinned local DRAM.
+    cxl: the sums in memory bound to the cxl_nodes. nvme is refused: a sum is read and written
+    back once per micro-batch on backward's critical path. auto: host (docs/config.md)."""
     activations: Tier = Tier.GPU
     """Block-boundary hidden states kept for the backward pass: gpu keeps them on the device;
     host copies them to pinned host memory during forward and back during backward, a few
@@ -433,15 +438,23 @@ class PlacementConfig:
         check_fields(self)
         if self.device_blocks != "auto" and self.device_blocks < 0:
             raise ConfigError("device_blocks", self.device_blocks, 'must be >= 0 or "auto"')
+        if self.gradients is Tier.NVME:
+            raise ConfigError(
+                "gradients",
+                "nvme",
+                "a gradient sum on nvme would be read and written back once per micro-batch, on "
+                "backward's critical path (8 bytes a parameter of disk traffic each time): use "
+                "gradients cxl or host, or fewer micro-batches of a larger batch",
+            )
         if self.spill_blocks is not None:
             if self.spill_blocks < 0:
                 raise ConfigError("spill_blocks", self.spill_blocks, "must be >= 0, or null")
-            if self.optimizer_state not in (Tier.NVME, Tier.CXL, Tier.AUTO):
+            if not self.spills():
                 raise ConfigError(
                     "spill_blocks",
                     self.spill_blocks,
                     f"blocks spill to the optimizer_state tier, and it is {self.optimizer_state}: "
-                    "set optimizer_state to nvme, cxl or auto",
+                    "set optimizer_state to nvme, cxl or auto (or master or gradients to cxl)",
                 )
         if self.master is Tier.NVME and self.optimizer_state not in (Tier.NVME, Tier.AUTO):
             raise ConfigError(
@@ -451,6 +464,14 @@ class PlacementConfig:
                 "block's file holds its master with its m and v (the coldest state spills first)",
             )
         _check_offload_saved(self.offload_saved)
+
+    def spills(self) -> bool:
+        """Whether any kind of a block's state may leave host RAM (spill_blocks applies)."""
+        return (
+            self.optimizer_state in (Tier.NVME, Tier.CXL, Tier.AUTO)
+            or self.master is Tier.CXL
+            or self.gradients is Tier.CXL
+        )
 
 
 _KEEP_KINDS = ("device", "host", "attention", "attention_host")  # offload.plan.recompute.Keep
@@ -544,10 +565,11 @@ class Config:
         for i, d in enumerate(self.nvme_dirs):
             if not d:
                 raise ConfigError(f"nvme_dirs[{i}]", d, "must be a directory path")
-        if self.placement.master is Tier.NVME and self.dtype == "float32":
+        master = self.placement.master
+        if master in (Tier.NVME, Tier.CXL) and self.dtype == "float32":
             raise ConfigError(
                 "placement.master",
-                "nvme",
+                str(master),
                 "in float32 the master is itself the pinned copy the device reads, so it stays in "
                 "host RAM: use dtype bfloat16 or float16, or master host",
             )
@@ -558,15 +580,26 @@ class Config:
                 p.spill_blocks,
                 "optimizer_state auto spills to the nvme tier: name nvme_dirs",
             )
-        uses_nvme = Tier.NVME in self._tiers()
-        if uses_nvme and not self.nvme_dirs:
-            raise ConfigError("nvme_dirs", self.nvme_dirs, "placement uses the nvme tier: name a directory")
-        if Tier.CXL in self._tiers() and not self.cxl_nodes:
-            raise ConfigError("cxl_nodes", self.cxl_nodes, "placement uses the cxl tier: name a NUMA node")
+        if self._fields_on(Tier.NVME) and not self.nvme_dirs:
+            raise ConfigError(
+                "nvme_dirs",
+                self.nvme_dirs,
+                f"placement uses the nvme tier ({', '.join(self._fields_on(Tier.NVME))}): name a directory",
+            )
+        if self._fields_on(Tier.CXL) and not self.cxl_nodes:
+            raise ConfigError(
+                "cxl_nodes",
+                self.cxl_nodes,
+                f"placement uses the cxl tier ({', '.join(self._fields_on(Tier.CXL))}): name a NUMA "
+                "node of CXL memory (offload doctor lists them)",
+            )
 
-    def _tiers(self) -> set[Tier]:
+    def _fields_on(self, tier: Tier) -> list[str]:
+        """The placement fields set to tier, dotted (placement.master, ...)."""
         p = self.placement
-        return {p.master, p.optimizer_state, p.gradients, p.activations}
+        kinds = {"master": p.master, "optimizer_state": p.optimizer_state, "gradients": p.gradients}
+        kinds["activations"] = p.activations
+        return [f"placement.{k}" for k, t in kinds.items() if t is tier]
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -233,8 +233,26 @@ def test_good_device(device: str) -> None:
         ({"budgets": {"gpu_bytes": 1.5}}, "budgets.gpu_bytes = 1.5: expected int or None"),
         ({"cxl_nodes": [-1]}, "cxl_nodes[0] = -1: must be a NUMA node id >= 0"),
         ({"nvme_dirs": [""]}, "nvme_dirs[0] = '': must be a directory path"),
-        ({"placement": {"optimizer_state": "nvme"}}, "nvme_dirs = []: placement uses the nvme tier"),
-        ({"placement": {"master": "cxl"}}, "cxl_nodes = []: placement uses the cxl tier"),
+        (
+            {"placement": {"optimizer_state": "nvme"}},
+            "nvme_dirs = []: placement uses the nvme tier (placement.optimizer_state): name a directory",
+        ),
+        (
+            {"placement": {"master": "cxl", "gradients": "cxl"}},
+            "cxl_nodes = []: placement uses the cxl tier (placement.master, placement.gradients): name "
+            "a NUMA node of CXL memory (offload doctor lists them)",
+        ),
+        (
+            {"dtype": "float32", "placement": {"master": "cxl"}, "cxl_nodes": [0]},
+            "placement.master = 'cxl': in float32 the master is itself the pinned copy the device reads, "
+            "so it stays in host RAM: use dtype bfloat16 or float16, or master host",
+        ),
+        (
+            {"placement": {"gradients": "nvme"}, "nvme_dirs": ["/x"]},
+            "placement.gradients = 'nvme': a gradient sum on nvme would be read and written back once per "
+            "micro-batch, on backward's critical path (8 bytes a parameter of disk traffic each time): use "
+            "gradients cxl or host, or fewer micro-batches of a larger batch",
+        ),
         (
             {"placement": {"optimizer_state": "nvme", "spill_blocks": -1}, "nvme_dirs": ["/x"]},
             "placement.spill_blocks = -1: must be >= 0, or null",
@@ -242,7 +260,7 @@ def test_good_device(device: str) -> None:
         (
             {"placement": {"spill_blocks": 2}},
             "placement.spill_blocks = 2: blocks spill to the optimizer_state tier, and it is host: set "
-            "optimizer_state to nvme, cxl or auto",
+            "optimizer_state to nvme, cxl or auto (or master or gradients to cxl)",
         ),
         (
             {"placement": {"optimizer_state": "auto", "spill_blocks": 2}},
@@ -275,6 +293,14 @@ def test_bad_value(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(**overrides)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_spill_blocks_with_only_masters_or_gradient_sums_spilling() -> None:
+    """spill_blocks counts the blocks whose state leaves host RAM, whichever kind leaves it."""
+    for placement in ({"master": "cxl"}, {"gradients": "cxl"}):
+        cfg = load_config(placement={**placement, "spill_blocks": 2}, cxl_nodes=[0])
+        assert cfg.placement.spill_blocks == 2 and cfg.placement.spills()
+    assert not PlacementConfig().spills()
 
 
 def test_direct_construction_checks_too() -> None:

@@ -18,8 +18,10 @@ from offload.cli import plan as plan_cli
 from offload.config import Config, ConfigError, Tier, load_config
 from offload.model.hf import build_on_meta
 from offload.plan import Plan, make_plan
+from offload.store.tiers import CxlMasterTier
 from offload.train import load_recipe
 from offload.train.recipe import build_hf_config
+from offload.utils.sizes import format_bytes
 from tests.models import tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,6 +289,24 @@ NUMA = Path("/sys/devices/system/node/node0").is_dir()
             {"cxl_nodes": [0]},
             marks=pytest.mark.skipif(not NUMA, reason="kernel exposes no NUMA nodes"),
         ),
+        pytest.param(
+            "bfloat16",
+            {"master": "cxl"},
+            {"cxl_nodes": [0]},
+            marks=pytest.mark.skipif(not NUMA, reason="kernel exposes no NUMA nodes"),
+        ),
+        pytest.param(
+            "bfloat16",
+            {"optimizer_state": "nvme", "master": "cxl", "gradients": "cxl", "spill_blocks": 2},
+            {"cxl_nodes": [0, 0]},
+            marks=pytest.mark.skipif(not NUMA, reason="kernel exposes no NUMA nodes"),
+        ),
+        pytest.param(
+            "float32",
+            {"gradients": "cxl", "spill_blocks": 3, "device_blocks": 1},
+            {"cxl_nodes": [0]},
+            marks=pytest.mark.skipif(not NUMA, reason="kernel exposes no NUMA nodes"),
+        ),
     ],
 )
 def test_partial_placement_bytes_equal_what_wrap_allocates(
@@ -299,22 +319,100 @@ def test_partial_placement_bytes_equal_what_wrap_allocates(
         k = placement.get("spill_blocks", streamed)
         assert rt.spilled == plan.spilled == range(4 - k, 4)  # the last k blocks
         tier = plan.placement["optimizer_state"]
-        assert plan.split().endswith(
-            f"{k} blocks {tier}" + (" (master, m and v)" if "master" in placement else "")
-        )
+        assert tier is Tier(placement.get("optimizer_state", "host"))
+        assert plan.placement["master"] is Tier(placement.get("master", "host"))
+        assert plan.placement["gradients"] is Tier(placement.get("gradients", "host"))
+        suffix = " (master, m and v)" if placement.get("master") == "nvme" else ""
+        kinds = (("master", "master"), ("gradient sums", "gradients"))
+        moved = [f"{kind} cxl" for kind, field in kinds if placement.get(field) == "cxl"]
+        suffix += f" ({', '.join(moved)})" if moved else ""
+        assert plan.split().endswith(f"{k} blocks {tier}{suffix}"), plan.split()
         assert plan.store_bytes(Tier.HOST) == sum(r.state_bytes() for r in rt.records() if not r.on_device)
         assert plan.store_bytes(Tier.GPU) == sum(r.state_bytes() for r in rt.records() if r.on_device)
-        assert plan.store_bytes(tier) == rt.state_tier.stored_bytes()
+        for t in (Tier.NVME, Tier.CXL):  # gradient sums come with the first accumulation: none yet
+            assert plan.store_bytes(t) == rt.stored_bytes(t), t
         if tier is Tier.NVME:
-            assert plan.get("nvme_staging", Tier.HOST) == rt.state_tier._pool.config.capacity  # type: ignore[attr-defined]
+            files = rt.state_tier.state if isinstance(rt.state_tier, CxlMasterTier) else rt.state_tier
+            assert plan.get("nvme_staging", Tier.HOST) == files._pool.config.capacity  # type: ignore[attr-defined]
         assert plan.pinned_bytes == rt.pool.config.capacity
         for rec in rt.blocks:
             spilled = rec.index in plan.spilled
             assert (rt.tier_of(rec) is rt.state_tier) == spilled
-            assert rec.master_on_tier == (spilled and placement.get("master") == "nvme")
-            assert (rec.exp_avg is None) == spilled
+            assert rec.master_on_tier == (spilled and placement.get("master") in ("nvme", "cxl"))
+            assert (rec.exp_avg is None) == (spilled and tier is not Tier.HOST)
+            assert (rec.grad_acc_tier is not None) == (spilled and placement.get("gradients") == "cxl")
     finally:
         rt.close()
+
+
+def test_cxl_placements_count_in_the_cxl_column() -> None:
+    """Masters and gradient sums on cxl move 4 bytes a parameter each from the host column to the
+    cxl column (the sums only when accumulating), page-rounded per block as the leases are."""
+    host = recipe_plan("llama-7b.yaml", "offload.cxl_nodes=[0]", grad_accum=2)
+    cxl = recipe_plan(
+        "llama-7b.yaml",
+        "offload.cxl_nodes=[0]",
+        "offload.placement.master=cxl",
+        "offload.placement.gradients=cxl",
+        grad_accum=2,
+    )
+    streamed = host.shape.blocks - host.device_blocks
+    n = host.shape.block_numel
+    page = -(-4 * n // 4096) * 4096
+    assert cxl.spilled == range(host.device_blocks, host.shape.blocks) and cxl.spill_blocks == streamed
+    assert cxl.get("master", Tier.CXL) == cxl.get("grad_accum", Tier.CXL) == streamed * page
+    assert host.get("master", Tier.HOST) - cxl.get("master", Tier.HOST) == streamed * 4 * n
+    assert host.get("grad_accum", Tier.HOST) == streamed * 4 * n and cxl.get("grad_accum", Tier.HOST) == 0
+    assert cxl.needed[Tier.CXL] == 2 * streamed * page
+    assert cxl.needed[Tier.HOST] == host.needed[Tier.HOST] - 2 * streamed * 4 * n
+    assert cxl.placement["master"] is cxl.placement["gradients"] is Tier.CXL
+    assert cxl.split().endswith(f"{streamed} blocks host (master cxl, gradient sums cxl)")
+    table = cxl.table()
+    assert re.search(r"grad_accum +\S+ +0\.00 +\d+\.\d\d +0\.00", table), table
+    data = cxl.to_json()
+    assert data["placement"]["master"] == "cxl" and data["bytes"]["master"]["cxl"] == streamed * page
+
+
+def test_cxl_over_its_budget_names_the_tier_and_the_fixes() -> None:
+    one = recipe_plan("llama-7b.yaml", "offload.cxl_nodes=[0]").shape.block_numel * 4
+    page = -(-one // 4096) * 4096
+    plan = recipe_plan(
+        "llama-7b.yaml",
+        "offload.cxl_nodes=[0]",
+        "offload.placement.master=cxl",
+        f"offload.budgets.cxl_bytes={10 * page}",
+    )
+    assert not plan.fits
+    (problem,) = plan.problems
+    streamed = plan.shape.blocks - plan.device_blocks
+    over = (streamed - 10) * page
+    assert problem.startswith(
+        f"cxl: needs {format_bytes(streamed * page)}, budget {format_bytes(10 * page)} "
+        f"(over by {format_bytes(over)}): raise budgets.cxl_bytes by {format_bytes(over)}"
+    )
+    assert problem.endswith("or lower placement.spill_blocks to 10, or put master on host"), problem
+    assert recipe_plan(
+        "llama-7b.yaml",
+        "offload.cxl_nodes=[0]",
+        "offload.placement.master=cxl",
+        "offload.placement.spill_blocks=10",
+        f"offload.budgets.cxl_bytes={10 * page}",
+    ).fits
+
+
+def test_host_over_budget_suggests_masters_and_gradient_sums_on_cxl_where_there_is_cxl() -> None:
+    sets = ("offload.budgets.host_bytes=70GiB", "offload.budgets.gpu_bytes=80GiB")
+    without = recipe_plan("llama-7b.yaml", *sets, grad_accum=2)
+    assert not without.fits
+    assert not any("cxl" in p for p in without.problems)  # no cxl_nodes: no CXL to suggest
+    plan = recipe_plan("llama-7b.yaml", *sets, "offload.cxl_nodes=[0]", grad_accum=2)
+    (problem,) = plan.problems
+    assert "or put the last 22 blocks' masters on cxl (master cxl: needs 16.6 GiB of cxl)" in problem
+    assert "or put the last 22 blocks' gradient sums on cxl (gradients cxl: needs 16.6 GiB of cxl)" in problem
+    for field in ("master", "gradients"):
+        assert recipe_plan(
+            "llama-7b.yaml", *sets, "offload.cxl_nodes=[0]", f"offload.placement.{field}=cxl", grad_accum=2
+        ).fits
 
 
 def spill_need(name: str, k: int, *overrides: str) -> int:

@@ -30,17 +30,22 @@ STEPS = 6
 REPO = Path(__file__).resolve().parent.parent
 
 
-def train(dtype: str, **overrides: Any) -> tuple[Any, list[float], dict[str, torch.Tensor]]:
+def train(dtype: str, accum: int = 1, **overrides: Any) -> tuple[Any, list[float], dict[str, torch.Tensor]]:
+    """STEPS optimizer steps of a tiny Llama, each over accum micro-batches (the loss divided by
+    accum, as a training loop does); returns the wrapped model, every micro-batch's loss and the
+    final weights."""
     model = tiny("llama", layers=4)
     overrides.setdefault("optimizer", {"lr": 3e-3})
     wrapped, opt = offload.wrap(model, device="cpu", dtype=dtype, **overrides)
     losses = []
-    for ids in batches(STEPS):
-        loss = wrapped(input_ids=ids, labels=ids).loss
-        loss.backward()
+    data = batches(STEPS * accum)
+    for step in range(STEPS):
+        for ids in data[step * accum : (step + 1) * accum]:
+            loss = wrapped(input_ids=ids, labels=ids).loss / accum
+            loss.backward()
+            losses.append(loss.item())
         opt.step()
         opt.zero_grad()
-        losses.append(loss.item())
     return wrapped, losses, offload.state_dict(wrapped)
 
 
@@ -97,6 +102,15 @@ PLACEMENTS: dict[str, dict[str, Any]] = {
         "placement": {"optimizer_state": "nvme", "master": "nvme", "spill_blocks": 1}
     },
     "optimizer-cxl-node-0": {"placement": {"optimizer_state": "cxl"}, "cxl_nodes": [0]},
+    "master-cxl-node-0": {"placement": {"master": "cxl"}, "cxl_nodes": [0]},
+    "master-cxl-optimizer-nvme": {
+        "placement": {"optimizer_state": "nvme", "master": "cxl"},
+        "cxl_nodes": [0],
+    },
+    "partial-spill-master-and-optimizer-cxl": {
+        "placement": {"optimizer_state": "cxl", "master": "cxl", "spill_blocks": 3},
+        "cxl_nodes": [0, 0],
+    },
 }
 
 
@@ -104,7 +118,7 @@ PLACEMENTS: dict[str, dict[str, Any]] = {
 def test_every_placement_trains_bitwise_alike(disk_dir: Path, dtype: str, overlap: bool) -> None:
     """Issue 4's exactness: one tiny run, the same losses and weights bit for bit whichever tier
     holds m, v and the masters (masters leave host RAM only in bfloat16: in float32 the master
-    is the pinned copy the device reads)."""
+    is the pinned copy the device reads). Gradient sums on CXL: tests/test_tiers_cxl.py."""
     opt = {"lr": 3e-3, "overlap_backward": overlap}
     _, ref_losses, ref_state = train(dtype, optimizer=opt)
     for name, extra in PLACEMENTS.items():
@@ -117,7 +131,7 @@ def test_every_placement_trains_bitwise_alike(disk_dir: Path, dtype: str, overla
         rt = wrapped.runtime
         k = extra["placement"].get("spill_blocks", len(rt.blocks))
         assert list(rt.spilled) == list(range(len(rt.blocks) - k, len(rt.blocks))), name  # the last k
-        masters_out = extra["placement"].get("master") == "nvme"
+        masters_out = extra["placement"].get("master") in ("nvme", "cxl")
         assert [r.master_on_tier for r in rt.blocks] == [masters_out and i in rt.spilled for i in range(4)]
         rt.close()
 

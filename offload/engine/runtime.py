@@ -29,7 +29,7 @@ from offload.model.discovery import BlockStack
 from offload.model.init import Materialize, materialize_outside, materialize_tree
 from offload.model.layout import FlatLayout
 from offload.store.record import BlockRecord
-from offload.store.tiers import HostTier, StateTier, make_state_tier
+from offload.store.tiers import GradSumTier, HostTier, StateTier, make_grad_sums, make_state_tier
 
 if TYPE_CHECKING:
     from offload.plan import Plan
@@ -59,11 +59,13 @@ class Runtime:
         self.group: Collective | None = None
         # The plan this runtime follows (device blocks, spilled blocks); set by build().
         self.plan: Plan
-        # The spilled blocks' state lives on state_tier (placement.optimizer_state: nvme or cxl);
-        # every other record's in its own tensors (memory_tier). tier_of() decides.
+        # The spilled blocks' state lives on state_tier (placement.optimizer_state, master) and
+        # their gradient sums on grad_sums (placement.gradients cxl); every other record's in
+        # its own tensors (memory_tier). tier_of() decides.
         self.spilled = range(0)
         self.state_tier: StateTier = HostTier()
         self.memory_tier = HostTier()
+        self.grad_sums: GradSumTier | None = None
 
     # ---- construction --------------------------------------------------------------------------
 
@@ -100,25 +102,22 @@ class Runtime:
         block_numel = layout.numel if rt.group is None else rt.group.shard(layout.numel).numel
         rt._make_pool([block_numel] * streamed + pooled_residents)
         rt.spilled = rt.plan.spilled
-        if rt.spilled:
-            rt.state_tier = make_state_tier(
-                rt.plan.placement["optimizer_state"],
-                cfg,
-                block_numel,
-                master=rt.plan.placement["master"] is Tier.NVME,
-            )
         try:
+            if rt.spilled:
+                where = rt.plan.placement
+                rt.state_tier = make_state_tier(where["optimizer_state"], where["master"], cfg, block_numel)
+                rt.grad_sums = make_grad_sums(where["gradients"], cfg)
             rt._pack(stack, layout, n_dev, materialize)
             if resident:
                 rt.resident = rt._record(
                     -1, "resident", res_layout, [p for _, p in resident], "", on_device=res_on_device
                 )
         except BaseException:
-            rt.state_tier.close()  # no files left behind by a wrap that failed
+            rt.close_tiers()  # no files left behind by a wrap that failed
             raise
         # Registered after any Updater of an earlier model, before this one's (started on first
         # use): at exit this runtime's updates finish first, then its state files are closed.
-        atexit.register(rt.state_tier.close)
+        atexit.register(rt.close_tiers)
         rt._install(model, stack, layout, resident)
         rt.param_order = [rt.names[n] for n in order]
         return rt
@@ -180,7 +179,10 @@ class Runtime:
             rec = self._device_record(index, name, layout, tensors)
         else:
             rec = self._host_record(index, name, layout, tensors)
-            self.tier_of(rec).place(rec)
+            tier = self.tier_of(rec)
+            tier.place(rec)
+            if tier is self.state_tier:  # a spilled block: its gradient sum spills with it
+                rec.grad_acc_tier = self.grad_sums
         frozen = frozenset(
             k for k, slot in enumerate(layout.params) if not tensors[slot.source].requires_grad
         )
@@ -361,10 +363,22 @@ class Runtime:
         self.state_tier.flush()  # the worker is idle now: the last write-backs are all in flight
 
     def close(self) -> None:
-        """Finishes the queued updates, then frees the state tier (its files, on nvme)."""
+        """Finishes the queued updates, then frees the state tiers (their files, on nvme)."""
         self.updater.close()
-        self.state_tier.close()
+        self.close_tiers()
         self.activations.close()
+
+    def close_tiers(self) -> None:
+        """Frees the spilled blocks' state tier and gradient sums (idempotent)."""
+        self.state_tier.close()
+        if self.grad_sums is not None:
+            self.grad_sums.close()
+
+    def stored_bytes(self, tier: Tier | None = None) -> int:
+        """Bytes of the spilled blocks' state kept outside the records on tier (None: on every
+        tier): files, memory bound to CXL nodes."""
+        sums = 0 if self.grad_sums is None else self.grad_sums.stored_bytes(tier)
+        return self.state_tier.stored_bytes(tier) + sums
 
     def check_update(self) -> None:
         self.updater.check()

@@ -7,9 +7,11 @@ figures off a live runtime (``model.runtime``) after some steps:
 - **pinned**: the store's pinned pool, its ledger's peak in use, against ``Plan.pinned_bytes``.
   Both count each buffer's page-rounded arena, so they are equal, not close.
 - **host store**: ``BlockRecord.state_bytes`` over the records in host RAM, against the plan's
-  store rows on the host (equal as well).
-- **nvme state** / **cxl state**: the spill tier's ``stored_bytes`` against the plan's store
-  rows there (the state files; activations on nvme are not in it).
+  store rows and gradient sums on the host (equal as well, once the run has accumulated if its
+  plan has grad_accum > 1).
+- **nvme state** / **cxl state**: ``Runtime.stored_bytes(tier)`` (the spill tiers' files and
+  CXL memory: m, v, masters, gradient sums) against the plan's store rows and gradient sums
+  there (activations on nvme are not in it).
 - **host peak RSS**: the process's peak resident set (``getrusage``) against the plan's host need
   for one rank. The plan's overhead is a fixed guess (``HOST_OVERHEAD_BYTES``), so this is the
   figure that can drift; on the CPU it includes the gpu column, as the plan does.
@@ -82,18 +84,24 @@ def account(plan: Plan, runtime: Runtime) -> Accounting:
         Figure("pinned", plan.pinned_bytes, runtime.pool.stats().peak_in_use),
         Figure(
             "host store",
-            plan.store_bytes(Tier.HOST),
+            _store(plan, Tier.HOST),
             sum(r.state_bytes() for r in records if not r.on_device),
         ),
     ]
     for tier in (Tier.NVME, Tier.CXL):
-        if plan.store_bytes(tier):
-            figures.append(Figure(f"{tier} state", plan.store_bytes(tier), runtime.state_tier.stored_bytes()))
+        if _store(plan, tier):
+            figures.append(Figure(f"{tier} state", _store(plan, tier), runtime.stored_bytes(tier)))
     figures.append(Figure("host peak RSS", plan.needed[Tier.HOST] // plan.local_ranks, peak_rss()))
     if runtime.device.cuda:
         peak = torch.cuda.max_memory_allocated(runtime.device.torch)
         figures.append(Figure("gpu peak", plan.needed[Tier.GPU], peak))
     return Accounting(tuple(figures))
+
+
+def _store(plan: Plan, tier: Tier) -> int:
+    """The plan's store rows on tier and the gradient sums there (made by the first accumulation,
+    so a run that accumulates holds them by the time it is accounted)."""
+    return plan.store_bytes(tier) + plan.get("grad_accum", tier)
 
 
 def peak_rss() -> int:

@@ -54,9 +54,9 @@ class Plan:
     residents_on_device: bool = False
     """The resident parameters keep their state on the device (placement.device_residents)."""
     spill_blocks: int = 0
-    """Streamed blocks whose state is on ``placement["optimizer_state"]`` (with their masters
-    when ``placement["master"]`` is nvme): the last ones, :attr:`spilled`. The others keep it in
-    host RAM."""
+    """Streamed blocks whose state leaves host RAM, the last ones (:attr:`spilled`): their m and
+    v on ``placement["optimizer_state"]``, master on ``placement["master"]``, gradient sums on
+    ``placement["gradients"]``. The others keep all their state in host RAM."""
     config: Config | None = None
     """The config the plan was made for (``Runtime.build`` checks it wraps with the same)."""
 
@@ -66,7 +66,9 @@ class Plan:
         return spilled(self.shape.blocks, self.device_blocks, self.spill_blocks)
 
     def split(self) -> str:
-        """Where each block's state lives, e.g. "2 blocks gpu, 12 blocks host, 12 blocks nvme"."""
+        """Where each block's state lives, e.g. "2 blocks gpu, 12 blocks host, 12 blocks nvme";
+        spilled blocks name what moved with their m and v: "12 blocks nvme (master, m and v)",
+        "12 blocks host (master cxl, gradient sums cxl)"."""
         tier = self.placement["optimizer_state"]
         parts = [
             (self.device_blocks, "gpu"),
@@ -74,9 +76,16 @@ class Plan:
         ]
         parts.append((self.spill_blocks, str(tier)))
         text = ", ".join(f"{n} blocks {where}" for n, where in parts if n)
-        if self.spill_blocks and self.placement["master"] is Tier.NVME:
+        if not self.spill_blocks:
+            return text
+        if self.placement["master"] is Tier.NVME:
             text += " (master, m and v)"
-        return text
+        moved = []
+        if self.placement["master"] is Tier.CXL:
+            moved.append("master cxl")
+        if self.placement["gradients"] is Tier.CXL:
+            moved.append("gradient sums cxl")
+        return text + (f" ({', '.join(moved)})" if moved else "")
 
     @property
     def fits(self) -> bool:

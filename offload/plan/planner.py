@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 
 from torch import nn
 
@@ -24,6 +23,7 @@ from offload.plan.measure import Rates
 from offload.plan.plan import Plan
 from offload.plan.recompute import Choice
 from offload.plan.shape import ModelShape, model_shape
+from offload.plan.spill import Needs, choose_spill, fits_all, spill_fixes
 from offload.plan.tally import Settings, Tally, tally
 from offload.utils.sizes import format_bytes
 
@@ -99,7 +99,7 @@ def make_plan(
             settings = settings.but(
                 saved_bytes=recompute.offloaded_bytes, saved_device_bytes=recompute.device_bytes
             )
-    settings = _spill(shape, cfg, settings, need, budgets[Tier.HOST], notes)
+    settings = choose_spill(shape, cfg, settings, need, budgets[Tier.HOST], notes)
     placement = _placement(cfg, shape, settings, notes)
     if on_cpu:
         notes.append(
@@ -136,9 +136,6 @@ def make_plan(
         recompute=recompute,
         config=cfg,
     )
-
-
-Needs = Callable[[Settings], dict[Tier, int]]
 
 
 def _needs(shape: ModelShape, local_ranks: int, on_cpu: bool) -> Needs:
@@ -184,76 +181,17 @@ def _device_blocks(
     return s.but(device_blocks=0, device_residents=False if residents is None else residents)
 
 
-def _spill(
-    shape: ModelShape, cfg: Config, s: Settings, need: Needs, budget: int | None, notes: list[str]
-) -> Settings:
-    """Which streamed blocks keep their state off host RAM (Settings.optimizer, spill_blocks,
-    spill_master): nvme or cxl as asked (spill_blocks of them, else all); for auto the fewest last
-    blocks spilled to nvme that fit the host budget, m and v first, then their masters too
-    (placement.master auto or nvme, compute dtype not float32)."""
-    p = cfg.placement
-    streamed = shape.blocks - s.device_blocks
-    may_spill_master = p.master in (Tier.AUTO, Tier.NVME) and s.item != 4
-    masters = [True] if p.master is Tier.NVME else [False, True] if may_spill_master else [False]
-
-    def fits(c: Settings) -> bool:
-        return budget is None or need(c)[Tier.HOST] <= budget
-
-    def first_fit(candidates: list[Settings]) -> Settings:
-        return next((c for c in candidates if fits(c)), candidates[-1])
-
-    asked = p.optimizer_state
-    if asked in (Tier.NVME, Tier.CXL):
-        k = streamed if p.spill_blocks is None else min(p.spill_blocks, streamed)
-        if asked is Tier.CXL:
-            return _spilling(s, Tier.CXL, k, False)
-        return first_fit([_spilling(s, Tier.NVME, k, m) for m in masters])
-    if asked is not Tier.AUTO:
-        if asked is not Tier.HOST:
-            notes.append(f"optimizer_state {asked} is not built: the runtime keeps it in host RAM")
-        return s
-    if p.spill_blocks is not None:
-        k = min(p.spill_blocks, streamed)
-        notes.append(f"optimizer_state auto: spill_blocks {k} given")
-        return first_fit([_spilling(s, Tier.NVME, k, m) for m in masters])
-    if fits(s):
-        notes.append("optimizer_state auto: host (it fits the host budget)")
-        return s
-    if not cfg.nvme_dirs:
-        notes.append("optimizer_state auto: host, as no nvme_dirs are named (it does not fit there)")
-        return s
-    choices = [_spilling(s, Tier.NVME, k, m) for m in masters for k in range(1, streamed + 1)]
-    chosen = first_fit(choices) if choices else s
-    if fits(chosen) and chosen.spill_blocks:
-        what = "master, m and v" if chosen.spill_master else "m and v"
-        notes.append(
-            f"optimizer_state auto: the last {chosen.spill_blocks} of {streamed} streamed blocks keep "
-            f"their {what} on nvme (the fewest that fit the host budget)"
-        )
-    else:
-        notes.append(
-            "optimizer_state auto: every streamed block spilled to nvme, and still over the host budget"
-        )
-    return chosen
-
-
-def _spilling(s: Settings, tier: Tier, k: int, master: bool) -> Settings:
-    """s with the last k streamed blocks' state on tier (none: everything on the host)."""
-    if k == 0:
-        return s.but(optimizer=Tier.HOST, spill_blocks=None, spill_master=False)
-    return s.but(optimizer=tier, spill_blocks=k, spill_master=master)
-
-
 def _placement(cfg: Config, shape: ModelShape, s: Settings, notes: list[str]) -> dict[str, Tier]:
+    """The tier of each kind of the spilled blocks' state (host when nothing spills); gradients
+    names where their gradient sums are (the gradients themselves always land in host RAM)."""
     spilled = bool(s.spilled(shape.blocks))
-    master = Tier.NVME if spilled and s.spill_master else Tier.HOST
-    if cfg.placement.master not in (Tier.HOST, Tier.AUTO, Tier.NVME):
-        notes.append(f"master {cfg.placement.master} is not built: the runtime keeps it on host")
-    if cfg.placement.gradients not in (Tier.HOST, Tier.AUTO):
-        notes.append(f"gradients {cfg.placement.gradients} is not built: the runtime keeps them on host")
+    if cfg.placement.master is Tier.GPU:
+        notes.append("master gpu is not built: the runtime keeps it on host")
+    if cfg.placement.gradients is Tier.GPU:
+        notes.append("gradients gpu is not built: the runtime keeps them on host")
     return {
-        "master": master,
-        "gradients": Tier.HOST,
+        "master": s.master if spilled else Tier.HOST,
+        "gradients": s.grad_sums if spilled else Tier.HOST,
         "optimizer_state": s.optimizer if spilled else Tier.HOST,
         "activations": s.activations,
     }
@@ -325,6 +263,8 @@ def _budgets(cfg: Config, detect: bool) -> dict[Tier, int | None]:
         out[Tier.HOST] = psutil.virtual_memory().total
     if out[Tier.NVME] is None and cfg.nvme_dirs:
         out[Tier.NVME] = _free_disk(cfg.nvme_dirs)
+    if out[Tier.CXL] is None and cfg.cxl_nodes:
+        out[Tier.CXL] = _cxl_memory(cfg.cxl_nodes)
     if out[Tier.GPU] is None and cfg.resolve_device().startswith("cuda"):
         import torch
 
@@ -343,11 +283,14 @@ def _free_disk(dirs: list[str]) -> int:
     return sum(free.values())
 
 
+def _cxl_memory(nodes: list[int]) -> int:
+    """Memory of the distinct cxl_nodes that exist (the runtime names one that does not)."""
+    from offload.memory import numa
+
+    return sum(n.mem_total for n in numa.list_nodes() if n.id in set(nodes))
+
+
 # ---- what would fit --------------------------------------------------------------------------------
-
-
-def _fits(need: dict[Tier, int], budgets: dict[Tier, int | None]) -> bool:
-    return all(b is None or need[t] <= b for t, b in budgets.items())
 
 
 def _fixes(
@@ -363,44 +306,28 @@ def _fixes(
     assert budget is not None
     fixes = [f"raise budgets.{tier}_bytes by {format_bytes(need(s)[tier] - budget)}"]
     n_dev = min(s.device_blocks, shape.blocks)
-    streamed = shape.blocks - n_dev
-    if tier is Tier.HOST and len(s.spilled(shape.blocks)) < streamed:
+    fixes += spill_fixes(tier, shape, s, cfg, need, budgets)
+    if tier is Tier.HOST and budgets[Tier.GPU] is not None:
         k = next(
             (
                 k
-                for k in range(len(s.spilled(shape.blocks)) + 1, streamed + 1)
-                if need(_spilling(s, Tier.NVME, k, s.spill_master))[Tier.HOST] <= budget
+                for k in range(n_dev + 1, shape.blocks + 1)
+                if fits_all(need(s.but(device_blocks=k)), budgets)
             ),
-            None,
-        )
-        if k is not None:
-            alt = need(_spilling(s, Tier.NVME, k, s.spill_master))
-            extra = "" if cfg.nvme_dirs else " and name nvme_dirs"
-            fixes.append(
-                f"put the last {k} blocks' optimizer_state on nvme (optimizer_state auto, or nvme with "
-                f"spill_blocks {k}: needs {format_bytes(alt[Tier.NVME])} of nvme{extra})"
-            )
-    if (
-        tier is Tier.NVME
-        and s.optimizer is Tier.NVME
-        and _fits(need(_spilling(s, Tier.HOST, 0, False)), budgets)
-    ):
-        fixes.append("put optimizer_state on host")
-    if tier is Tier.HOST and budgets[Tier.GPU] is not None:
-        k = next(
-            (k for k in range(n_dev + 1, shape.blocks + 1) if _fits(need(s.but(device_blocks=k)), budgets)),
             None,
         )
         if k is not None:
             fixes.append(f"raise placement.device_blocks to {k}")
     if tier is Tier.GPU:
-        k = next((k for k in range(n_dev - 1, -1, -1) if _fits(need(s.but(device_blocks=k)), budgets)), None)
+        k = next(
+            (k for k in range(n_dev - 1, -1, -1) if fits_all(need(s.but(device_blocks=k)), budgets)), None
+        )
         if k is not None:
             fixes.append(f"lower placement.device_blocks to {k}")
-        if s.slots > 2 and _fits(need(s.but(slots=2)), budgets):
+        if s.slots > 2 and fits_all(need(s.but(slots=2)), budgets):
             fixes.append("lower slots to 2")
         b = next(
-            (b for b in range(s.batch_size - 1, 0, -1) if _fits(need(s.but(batch_size=b)), budgets)), None
+            (b for b in range(s.batch_size - 1, 0, -1) if fits_all(need(s.but(batch_size=b)), budgets)), None
         )
         if b is not None:
             fixes.append(f"lower train.batch_size to {b}")

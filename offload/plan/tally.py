@@ -56,8 +56,7 @@ class Settings:
     slots: int
     device_blocks: int
     optimizer: Tier
-    """Where the spilled blocks' m and v live: Tier.HOST (nothing spills), Tier.CXL or Tier.NVME
-    (already resolved)."""
+    """Where the spilled blocks' m and v live: Tier.HOST, Tier.CXL or Tier.NVME (resolved)."""
     batch_size: int
     seq_len: int
     activations: Tier = Tier.GPU
@@ -77,10 +76,14 @@ class Settings:
     world: int = 1
     """Ranks of the job: each holds a 1/world shard of every streamed block (engine/dist.py)."""
     spill_blocks: int | None = None
-    """Streamed blocks whose m and v live on ``optimizer``, the last ones (:func:`spilled`);
-    None: all of them."""
-    spill_master: bool = False
-    """The spilled blocks' fp32 masters live in their nvme files too."""
+    """Streamed blocks that spill, the last ones (:func:`spilled`); None: all of them. Nothing
+    spills when optimizer, master and grad_sums are all Tier.HOST."""
+    master: Tier = Tier.HOST
+    """Where the spilled blocks' fp32 masters live: Tier.HOST, Tier.CXL, or Tier.NVME (in the
+    files of m and v; only with optimizer Tier.NVME)."""
+    grad_sums: Tier = Tier.HOST
+    """Where the spilled blocks' fp32 gradient sums live (counted when grad_accum > 1):
+    Tier.HOST or Tier.CXL."""
     snapshot: float = 0.0
     """The node's snapshot keeper holds this many times the rank's master, m and v (buffers *
     (k + m) / k, offload.snapshot.config.memory_factor); 0: no snapshots."""
@@ -90,8 +93,8 @@ class Settings:
         return self.device_blocks > 0 if self.device_residents is None else self.device_residents
 
     def spilled(self, blocks: int) -> range:
-        """The blocks whose state is on ``optimizer`` (empty when that is the host)."""
-        if self.optimizer is Tier.HOST:
+        """The blocks whose state leaves host RAM (empty when every spilled kind is on the host)."""
+        if self.optimizer is self.master is self.grad_sums is Tier.HOST:
             return range(blocks, blocks)
         return spilled(blocks, self.device_blocks, self.spill_blocks)
 
@@ -117,9 +120,9 @@ class Tally:
 
 
 def spilled(blocks: int, device_blocks: int, spill_blocks: int | None) -> range:
-    """Indices of the blocks that keep their state on the spill tier: the last ``spill_blocks``
+    """Indices of the blocks that keep their state on the spill tiers: the last ``spill_blocks``
     streamed blocks (None: every streamed block). The one rule the planner's tally and the
-    runtime's ``tier_of`` share. The last blocks spill because with overlap_backward their
+    runtime's ``tier_of`` share, for every kind that spills (m and v, master, gradient sum). The last blocks spill because with overlap_backward their
     updates run first, during backward, and the next forward needs them last, so their disk
     reads and writes have the most time to hide (docs/plan.md)."""
     streamed = blocks - min(device_blocks, blocks)
@@ -153,19 +156,23 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
     spill = s.spilled(shape.blocks)
     for i in range(n_dev, shape.blocks):
         if i in spill:
-            _host_record(t, part, s, s.optimizer, s.spill_master)
+            _host_record(t, part, s, s.optimizer, s.master)
         else:
-            _host_record(t, part, s, Tier.HOST)
+            _host_record(t, part, s, Tier.HOST, Tier.HOST)
     res_dev = bool(rn) and s.residents_on_device
     if rn and res_dev:
         _device_record(t, rn, s)
     elif rn:
-        _host_record(t, rn, s, Tier.HOST)  # host residents' m and v always stay in RAM
+        _host_record(t, rn, s, Tier.HOST, Tier.HOST)  # host residents' state always stays in RAM
     for _ in range(n_dev):
         _device_record(t, n, s)
-    if s.grad_accum > 1:  # an fp32 sum per record, made on the first accumulation
-        t.add("grad_accum", Tier.HOST, 4 * (streamed * part + (0 if res_dev else rn)))
-        t.add("grad_accum", Tier.GPU, 4 * (n_dev * n + (rn if res_dev else 0)))
+    if s.grad_accum > 1:  # an fp32 sum per block record, made on its first accumulation
+        # (the residents' gradients accumulate in their .grad on the device: device_buffers)
+        kept = streamed - len(spill) if s.grad_sums is not Tier.HOST else streamed
+        t.add("grad_accum", Tier.HOST, 4 * kept * part)
+        t.add("grad_accum", Tier.GPU, 4 * n_dev * n)
+        if s.grad_sums is Tier.CXL:  # CxlGradSums: a page-rounded lease per spilled block
+            t.add("grad_accum", Tier.CXL, len(spill) * _page(4 * part))
     hidden = shape.hidden_size or 0
     _activations(t, shape.blocks, s.batch_size * s.seq_len * hidden * s.item, s)
     t.add("working", Tier.GPU, working_bytes(shape, s))
@@ -179,7 +186,7 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
     working = (s.slots + 2) * padded + shards + (0 if res_dev else 2 * rn) + shape.resident_trainable
     t.add("device_buffers", Tier.GPU, working * s.item)
     if s.optimizer is Tier.NVME and spill:
-        halves = 3 if s.spill_master else 2  # master (with master nvme), m, v
+        halves = 3 if s.master is Tier.NVME else 2  # master (with master nvme), m, v
         t.add("nvme_staging", Tier.HOST, NVME_STAGED_BLOCKS * halves * nvme_half_bytes(part))
     # The keeper's segments (offload/snapshot): every record's master, m, v and step count.
     snapshot_state = 12 * (streamed * part + n_dev * n + rn) + 64 * (shape.blocks + 1)
@@ -188,12 +195,15 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
     return t
 
 
-def _host_record(t: Tally, numel: int, s: Settings, optimizer: Tier, master_spills: bool = False) -> None:
+def _host_record(t: Tally, numel: int, s: Settings, optimizer: Tier, master: Tier) -> None:
     """Runtime._host_record: pageable fp32 master, wire and gradient in the pinned pool; in
     float32 the master is itself the pool buffer the device copies from (no separate wire).
-    With master_spills the master is in the block's nvme file instead, before m and v."""
-    if master_spills:
+    A spilled master is in the block's nvme file instead, before m and v, or in a page-rounded
+    lease on a CXL node (CxlMasterTier)."""
+    if master is Tier.NVME:
         t.add("master", Tier.NVME, nvme_half_bytes(numel))
+    elif master is Tier.CXL:
+        t.add("master", Tier.CXL, _page(4 * numel))
     else:
         t.add("master", Tier.HOST, 4 * numel)
     if s.item != 4:

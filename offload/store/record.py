@@ -5,11 +5,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from offload.model.layout import ALIGN, FlatLayout
+
+if TYPE_CHECKING:
+    from offload.store.tiers.grad_sums import GradSumTier
 
 
 @dataclass(slots=True, eq=False)
@@ -18,7 +21,8 @@ class BlockRecord:
     name: str
     layout: FlatLayout
     # fp32, flat: the model's weights. A placeholder on the meta device (no memory) when the
-    # record's StateTier holds the master (placement.master nvme): StateTier.acquire gives it then.
+    # record's StateTier holds the master (placement.master nvme or cxl): StateTier.acquire gives
+    # it then.
     master: torch.Tensor
     # Adam m and v, fp32; None where placement.optimizer_state keeps them off RAM (the optimizer
     # gets them from the runtime's StateTier then).
@@ -28,6 +32,9 @@ class BlockRecord:
     grad: torch.Tensor  # compute dtype, pinned: where the device's gradients land
     step: torch.Tensor  # Adam step count (a float tensor, as torch's fused kernel wants)
     grad_acc: torch.Tensor | None = None  # fp32 sum over micro-batches, made when accumulating
+    # Where grad_acc is made (placement.gradients cxl, for a spilled block); None: next to grad,
+    # in the record's own memory.
+    grad_acc_tier: GradSumTier | None = None
     grad_count: int = 0  # backward passes since zero_grad()
     folded: bool = False  # grad_acc already holds the last micro-batch too
     queued: bool = False  # its update for this step was queued during backward
@@ -67,12 +74,13 @@ class BlockRecord:
 
     def state_bytes(self) -> int:
         """Bytes of state this record holds in memory (on the host, or on the device if on_device);
-        state on another tier (m and v, a master) is counted by the tier (``StateTier.stored_bytes``)."""
+        state on another tier (m and v, a master, a gradient sum) is counted by the tier
+        (``StateTier.stored_bytes``, ``GradSumTier.stored_bytes``)."""
         tensors = [self.master, self.grad]
         tensors += [t for t in (self.exp_avg, self.exp_avg_sq) if t is not None]
         if self.wire.data_ptr() != self.master.data_ptr():
             tensors.append(self.wire)
-        if self.grad_acc is not None:
+        if self.grad_acc is not None and self.grad_acc_tier is None:
             tensors.append(self.grad_acc)
         return sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
@@ -98,7 +106,11 @@ class BlockRecord:
             self.folded = False
             return
         if self.grad_acc is None:
-            self.grad_acc = torch.empty(self.numel, dtype=torch.float32, device=self.grad.device)
+            self.grad_acc = (
+                torch.empty(self.numel, dtype=torch.float32, device=self.grad.device)
+                if self.grad_acc_tier is None
+                else self.grad_acc_tier.make(self)
+            )
         if self.grad_count == 1:
             self.grad_acc.copy_(self.grad)
         else:

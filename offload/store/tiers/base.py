@@ -6,7 +6,8 @@ bringing it in early, ``acquire(rec)`` returns it (waiting if it is still on its
 ``flush()`` waits for every write-back, ``close()`` frees what the tier holds.
 
 The state is always m and v; a tier may hold the fp32 master too (NvmeTier with
-``placement.master: nvme``). The record's ``master`` is then a placeholder on the meta device,
+``placement.master: nvme``, CxlMasterTier with ``placement.master: cxl``, which wraps the tier
+of m and v). The record's ``master`` is then a placeholder on the meta device,
 and ``acquire`` is the only way to the values: :class:`Held` carries all three either way, so a
 caller never asks where the master is.
 """
@@ -17,6 +18,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from offload.config import Tier
 from offload.store.record import BlockRecord
 
 
@@ -50,9 +52,10 @@ class StateTier(Protocol):
     def close(self) -> None:
         """Frees the tier's memory and files; the tier is unusable afterwards."""
 
-    def stored_bytes(self) -> int:
-        """Bytes of optimizer state this tier keeps outside the records (files on disk, memory
-        mapped on CXL nodes); ``BlockRecord.state_bytes`` counts the records' own memory."""
+    def stored_bytes(self, tier: Tier | None = None) -> int:
+        """Bytes of state this tier keeps outside the records (files on disk, memory mapped on
+        CXL nodes), on tier (None: on every tier; a tier may keep masters on one and m, v on
+        another); ``BlockRecord.state_bytes`` counts the records' own memory."""
         ...
 
 
@@ -81,5 +84,5 @@ class HostTier:
     def close(self) -> None:
         pass
 
-    def stored_bytes(self) -> int:
+    def stored_bytes(self, tier: Tier | None = None) -> int:
         return 0
