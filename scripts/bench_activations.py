@@ -1,21 +1,31 @@
-"""Peak device memory and step time against sequence length, for each activation placement.
+"""Peak device memory and step time against sequence length, for each activation placement, and
+recompute against offload_saved auto's choice.
 
 One wrapped model (default the 6.7B Llama shape, batch 1) trains a few steps at each sequence
 length under each placement:
 
-    gpu          boundary states on the device, every block recomputed (the default)
-    host         boundary states in pinned host memory, every block recomputed
-    nvme         boundary states in files under --nvme-dir, every block recomputed
-    offload      boundary states on the device, offload_saved auto: the first step measures,
-                 then the blocks the cost model picks keep their saved tensors in host memory
-    offload-all  offload_saved always (every block)
+    gpu / recompute    boundary states on the device, every block recomputed (the default)
+    host               boundary states in pinned host memory, every block recomputed
+    nvme               boundary states in files under --nvme-dir, every block recomputed
+    auto (offload)     boundary states on the device, offload_saved auto: two recomputed
+                       steps (the second measured), then what the cost model picks per block
+    auto-host          the same with the boundary states in host memory
+    offload-all        every block's graph in host memory (offload_saved always)
+    device-all         every block's graph on the device
+    attention-all      every block's attention output and log-sum-exp on the device
+    attention-host-all the same in host memory
 
-An out-of-memory step is reported as "OOM" and the next configuration goes on. Prints a table
-and writes JSON (--out). The model is wrapped once (about a minute for 6.7B) and its placement
-switched between runs, so a full sweep fits the device tool's 10-minute limit:
+For auto it prints the choice per block (device / host / attention / recompute), its estimated
+step against recomputing, and what bounds the step; the table shows the median step after the
+choice and the peak device memory. An out-of-memory step is reported as "OOM" and the next
+configuration goes on. Prints a table and writes JSON (--out). The model is wrapped once (about
+a minute for 6.7B) and its placement switched between runs, so a sweep fits the device tool's
+10-minute limit:
 
-    python scripts/bench_activations.py --size 7b --seqs 2048,8192,16384,32768 \
-        --placements gpu,host,offload --out $OUT/activations_7b.json
+    python scripts/bench_activations.py --size 7b --seqs 2048,8192,16384,32768 \\
+        --placements recompute,auto,host,auto-host --device-blocks 10 --out $OUT/activations_7b.json
+    python scripts/bench_activations.py --size 7b --seqs 131072 --placements host,auto-host \\
+        --device-blocks 10 --loss-chunk 8192 --steps 2 --out $OUT/activations_7b_128k.json
     python scripts/bench_activations.py --size tiny --device cpu --seqs 64,128 --steps 2   # a check
 """
 
@@ -27,6 +37,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -34,13 +45,24 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import ROOT, SHAPES, llama_config
 
-PLACEMENTS: dict[str, dict[str, Any]] = {
-    "gpu": {"activations": "gpu", "offload_saved": "never"},
-    "host": {"activations": "host", "offload_saved": "never"},
-    "nvme": {"activations": "nvme", "offload_saved": "never"},
-    "offload": {"activations": "gpu", "offload_saved": "auto"},
-    "offload-all": {"activations": "gpu", "offload_saved": "always"},
+Placement = Callable[[int], dict[str, Any]]  # blocks -> placement
+PLACEMENTS: dict[str, Placement] = {
+    "gpu": lambda n: {"activations": "gpu", "offload_saved": "never"},
+    "host": lambda n: {"activations": "host", "offload_saved": "never"},
+    "nvme": lambda n: {"activations": "nvme", "offload_saved": "never"},
+    "auto": lambda n: {"activations": "gpu", "offload_saved": "auto"},
+    "auto-host": lambda n: {"activations": "host", "offload_saved": "auto"},
+    "offload-all": lambda n: {"activations": "gpu", "offload_saved": "always"},
+    "device-all": lambda n: {"activations": "gpu", "offload_saved": {"device": list(range(n))}},
+    "attention-all": lambda n: {"activations": "gpu", "offload_saved": {"attention": list(range(n))}},
+    "attention-host-all": lambda n: {
+        "activations": "host",
+        "offload_saved": {"attention_host": list(range(n))},
+    },
 }
+PLACEMENTS["recompute"] = PLACEMENTS["gpu"]
+PLACEMENTS["offload"] = PLACEMENTS["auto"]  # its name before the per-block choice
+AUTO_WARMUP = 2  # recomputed steps before auto decides (engine/choice.py: one warm-up, one measured)
 
 
 def switch(model: Any, placement: dict[str, Any]) -> Any:
@@ -50,42 +72,55 @@ def switch(model: Any, placement: dict[str, Any]) -> Any:
 
     rt = model.runtime
     rt.activations.close()
-    rt.cfg = load_config(rt.cfg, placement=placement)
-    rt.activations = make_activations(rt.cfg, rt.executor)
+    # Reset first: a mapping given before would be merged with the new one.
+    rt.cfg = load_config(load_config(rt.cfg, placement={"offload_saved": "never"}), placement=placement)
+    rt.activations = make_activations(rt.cfg, rt.executor, rt.updater)
     for m in model.modules():
         if isinstance(m, BlockProxy):
             m.activations = rt.activations
     return rt.activations
 
 
+def step(model: Any, opt: Any, x: Any, loss_chunk: int | None) -> float:
+    from offload.train.loss import causal_lm_loss
+
+    loss = causal_lm_loss(model, {"input_ids": x, "labels": x}, loss_chunk)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return float(loss.item())  # syncs the device
+
+
 def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) -> dict[str, Any]:
     import torch
 
-    acts = switch(model, PLACEMENTS[name])
+    blocks = model.config.num_hidden_layers
+    placement = PLACEMENTS[name](blocks)
+    acts = switch(model, placement)
+    auto = placement["offload_saved"] == "auto"
     cuda = a.device.startswith("cuda")
-    x = torch.randint(0, 32000 if a.size != "tiny" else 1000, (a.batch, seq), device=a.device)
+    x = torch.randint(0, model.config.vocab_size, (a.batch, seq), device=a.device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times: list[float] = []
+    steps = a.steps + (AUTO_WARMUP if auto else 0)
     try:
-        for _ in range(a.steps):
+        for _ in range(steps):
             t = time.perf_counter()
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            loss_value = loss.item()  # syncs the device
-            del loss
+            loss_value = step(model, opt, x, a.loss_chunk)
             times.append(time.perf_counter() - t)
     except torch.cuda.OutOfMemoryError:
         opt.zero_grad()
         gc.collect()
-        return {"placement": name, "seq": seq, "result": "OOM", "steps": times}
+        return {"placement": name, "seq": seq, "result": "OOM", "steps": times, **_choice(acts)}
     model.runtime.wait_updates()
-    steady = times[2:] if name.startswith("offload") and len(times) > 2 else times[1:] or times
-    out: dict[str, Any] = {
+    # Steady steps: after the first (warm-up) one; for auto, after the step that decided (it
+    # measures the link and waits for the optimizer once).
+    skip = AUTO_WARMUP + 1 if auto else 1
+    steady = times[skip:] or times[-1:]
+    return {
         "placement": name,
         "seq": seq,
         "result": "ok",
@@ -93,20 +128,22 @@ def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) ->
         "steps": times,
         "loss": loss_value,
         "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "offload_saved": placement["offload_saved"] if not auto else "auto",
+        **_choice(acts),
     }
-    if acts.measure is not None and acts.measure.decision is not None:
-        d = acts.measure.decision
-        out["offloaded_blocks"] = d.blocks
-        out["choice"] = d.describe()
-        out["estimated_step_s"] = d.step_s
-        out["estimated_recompute_step_s"] = d.recompute_step_s
-    elif PLACEMENTS[name]["offload_saved"] == "always":
-        out["offloaded_blocks"] = "all"
-    return out
+
+
+def _choice(acts: Any) -> dict[str, Any]:
+    """auto's decision: per block what it keeps, the estimate, the bound."""
+    m = acts.measure
+    if m is None or m.decision is None:
+        return {}
+    d = m.decision
+    return {"choice": d.describe(), "decision": d.to_json(), "estimated_step_s": d.step_s}
 
 
 def table(results: list[dict[str, Any]], seqs: list[int], names: list[str]) -> str:
-    lines = [f"{'placement':<12}" + "".join(f"{s:>22}" for s in seqs)]
+    lines = [f"{'placement':<19}" + "".join(f"{s:>22}" for s in seqs)]
     for name in names:
         cells = []
         for s in seqs:
@@ -116,19 +153,30 @@ def table(results: list[dict[str, Any]], seqs: list[int], names: list[str]) -> s
                 continue
             peak = "-" if r["peak_gpu_GiB"] is None else f"{r['peak_gpu_GiB']:.1f} GiB"
             cells.append(f"{r['step_s']:>9.3f} s {peak:>10}")
-        lines.append(f"{name:<12}" + "".join(cells))
+        lines.append(f"{name:<19}" + "".join(cells))
+    for r in results:
+        if "choice" in r:
+            keep = "".join(k[0].upper() if k != "attention_host" else "a" for k in r["decision"]["keep"])
+            lines.append(f"{r['placement']} @ {r['seq']}: {keep}  {r['choice']}")
+    if any("choice" in r for r in results):
+        lines.append(
+            "(per block: D device graph, H host graph, A attention on device, a on host, R recompute)"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--size", default="7b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seqs", default="2048,8192,16384,32768")
-    ap.add_argument("--placements", default="gpu,host,offload")
-    ap.add_argument("--steps", type=int, default=3, help="per run; offload's first step measures")
+    ap.add_argument("--placements", default="recompute,auto")
+    ap.add_argument("--steps", type=int, default=3, help="steps timed per run (auto runs 2 more first)")
     ap.add_argument("--device-blocks", type=int, default=0)
+    ap.add_argument(
+        "--loss-chunk", type=int, default=None, help="train.loss_chunk (default: the model's loss)"
+    )
     ap.add_argument("--nvme-dir", default="/tmp/offload-act")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -164,7 +212,7 @@ def main() -> None:
     for seq in seqs:
         for name in names:
             r = run_one(model, opt, a, seq, name)
-            print(json.dumps({k: v for k, v in r.items() if k != "steps"}), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("steps", "decision")}), flush=True)
             results.append(r)
     model.runtime.close()
     print()

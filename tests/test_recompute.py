@@ -166,3 +166,16 @@ def test_the_search_is_quick_for_many_blocks() -> None:
     """80 blocks with every kind possible: the split search is O(n^3 log n), not exponential."""
     c = choose(blocks(80, att=0.004, att_bytes=10**7), Link(5 * GB, 5 * GB), device_bytes=2 * GB)
     assert len(c.keep) == 80
+
+
+def test_a_measured_step_the_model_does_not_explain_dilutes_the_gain() -> None:
+    """The model says 0.32 s recomputing and 0.24 s offloading (25%); the step was measured at
+    1.0 s: the 0.68 s it does not explain stays, so offloading would save 8% of the real step."""
+    costs, link = blocks(8), Link(100 * GB, 100 * GB)
+    c = choose(costs, link, device_bytes=WINDOW, bounds=Bounds(measured_s=1.0))
+    assert c.keep == (R,) * 8 and c.slack_s == pytest.approx(0.68)
+    assert c.recompute_step_s == pytest.approx(1.0)
+    assert "would save 8.0% of the step" in c.reason and "0.680 s of it outside the model" in c.describe()
+    kept = choose(costs, link, device_bytes=WINDOW, bounds=Bounds(measured_s=0.5))
+    assert kept.keep == (H,) * 8 and kept.step_s == pytest.approx(0.42)
+    assert choose(costs, link, device_bytes=WINDOW, bounds=Bounds(measured_s=0.1)).slack_s == 0

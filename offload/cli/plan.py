@@ -45,7 +45,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--tflops",
         type=float,
         default=None,
-        help="matmul TFLOPS for offload_saved's choice (default: measured on CUDA, else 300)",
+        help="matmul TFLOPS for offload_saved's choice, attention at half (default: measured on CUDA, else 300)",
     )
     p.add_argument(
         "--adam-gps",

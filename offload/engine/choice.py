@@ -15,7 +15,9 @@ initialisation, which would pass for compute) for what the cost model needs:
   and bytes of its attention calls (engine/attention.py's Probe, in the forward);
 - the GPU time between the last block's forward and its backward (the head and the loss);
 - the CPU optimizer's busy time for the step's updates (the updater's clock);
-- the step's peak device memory, which leaves the room kept tensors may take.
+- the step's peak device memory, which leaves the room kept tensors may take;
+- the pass's wall time, from its first block's forward to the next pass's: what the model does
+  not explain of it is added to every estimate (offload.plan.recompute.calibrated).
 
 At the next forward it measures the host link (each way, and both ways at once) and
 :func:`offload.plan.recompute.choose` decides; ``decision.describe()`` says what and why.
@@ -100,10 +102,18 @@ class MeasuredChoice:
         self._attention: dict[int, Probe] = {}
         self._busy_start: float | None = None
         self._passes = 0  # backward passes finished so far
+        self._pass_start: float | None = None  # host clock at the measured pass's first forward
 
     def __call__(self, index: int) -> Keep:
-        if self.decision is None and len(self._saved) == self.blocks:
-            self.decision = self._decide()
+        if self.decision is None and index == 0:
+            now = time.perf_counter()
+            if len(self._saved) == self.blocks:
+                # The measured pass began at its block 0's forward and ends now, at the next
+                # one's: the optimizer step and the loss's sync in between.
+                assert self._pass_start is not None
+                self.decision = self._decide(now - self._pass_start)
+            elif self._passes == WARMUP_PASSES and self._pass_start is None:
+                self._pass_start = now
         return Keep.RECOMPUTE if self.decision is None else self.decision.keep[index]
 
     @property
@@ -201,9 +211,10 @@ class MeasuredChoice:
             )
         return out
 
-    def bounds(self) -> Bounds:
-        """The CPU optimizer's busy time over the measured step (after waiting for its updates)
-        and the GPU time between the last block's forward and its backward (head and loss)."""
+    def bounds(self, measured_s: float | None = None) -> Bounds:
+        """The CPU optimizer's busy time over the measured step (after waiting for its updates),
+        the GPU time between the last block's forward and its backward (head and loss), and the
+        measured pass's wall time (measured_s)."""
         cpu = 0.0
         if self.optimizer_busy is not None and self._busy_start is not None:
             if self.settle is not None:
@@ -212,7 +223,7 @@ class MeasuredChoice:
         last = self.blocks - 1
         fwd, bwd = self._times.get((last, _FORWARD)), self._times.get((last, _BACKWARD))
         other = self._between(fwd[1], bwd[0]) if fwd and bwd and len(fwd) == 2 else 0.0
-        return Bounds(cpu_s=cpu, other_s=max(other, 0.0))
+        return Bounds(cpu_s=cpu, other_s=max(other, 0.0), measured_s=measured_s)
 
     def room(self) -> tuple[int | None, int]:
         """(device bytes, host bytes) the kept tensors may take: on CUDA the device's memory (or
@@ -229,9 +240,9 @@ class MeasuredChoice:
         peak = torch.cuda.max_memory_allocated(self.device.torch)
         return max(total - DEVICE_MARGIN_BYTES - peak, 0), host
 
-    def _decide(self) -> Choice:
+    def _decide(self, measured_s: float) -> Choice:
         self.device.synchronize()  # the events of the measured step must have completed
-        costs, bounds = self.costs(), self.bounds()
+        costs, bounds = self.costs(), self.bounds(measured_s)
         device_bytes, host_bytes = self.room()
         h2d, d2h = measure_link(self.device.torch)
         link = self.traffic.link(h2d, d2h, measure_duplex(self.device.torch))

@@ -26,7 +26,9 @@ backward and the next forward)::
 with F a block's forward, B its backward proper, A its attention forward, ``moved`` the bytes
 of the host-kept blocks, ``other`` the GPU time outside the blocks (embedding, head, loss) and
 ``link(h, d)`` the slowest of h at the host-to-device rate, d at the device-to-host rate and
-h + d at the rate both directions reach together (they share the PCIe link).
+h + d at the rate both directions reach together (they share the PCIe link). When the step
+recomputing every block was measured (auto), what the model does not explain of it (launch gaps,
+overlap that is not perfect) is added to every estimate, so gains are fractions of the real step.
 
 Every split of the blocks into the five kinds is tried, the blocks taken by position: host
 blocks first (their copy out has the rest of the forward to hide behind), device blocks last,
@@ -42,7 +44,7 @@ import bisect
 import enum
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MIN_GAIN = 0.10
 """The smallest estimated gain (a fraction of the step) for which blocks skip their recompute."""
@@ -136,6 +138,20 @@ class Bounds:
     """The CPU optimizer's updates of one step (the streamed blocks, and host residents)."""
     other_s: float = 0.0
     """GPU time outside the blocks (embedding, head and loss, forward and backward)."""
+    measured_s: float | None = None
+    """The step as measured recomputing every block (auto's measured pass; None: not measured).
+    What the model does not explain of it (launch gaps, overlap that is not perfect) is added to
+    every estimate, so a gain is a fraction of the real step."""
+    slack_s: float = 0.0
+    """That unexplained time (:func:`calibrated` sets it)."""
+
+
+def calibrated(costs: Sequence[BlockCost], link: Link, bounds: Bounds) -> Bounds:
+    """bounds with slack_s = what its measured step has beyond the model's (0 when not measured)."""
+    if bounds.measured_s is None:
+        return bounds
+    model = estimate(costs, link, [Keep.RECOMPUTE] * len(costs), replace(bounds, slack_s=0.0))
+    return replace(bounds, slack_s=max(bounds.measured_s - model.step_s, 0.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +198,7 @@ def _estimate(fwd_compute: float, bwd_compute: float, moved: int, link: Link, b:
     forward, backward = max(fwd_compute, fwd_link), max(bwd_compute, bwd_link)
     gpu = forward + backward + b.other_s
     bound = fwd_link > fwd_compute or bwd_link > bwd_compute
-    return Estimate(max(gpu, b.cpu_s), forward, backward, gpu, b.cpu_s, bound)
+    return Estimate(max(gpu, b.cpu_s) + b.slack_s, forward, backward, gpu, b.cpu_s, bound)
 
 
 def _recomputed(c: BlockCost, k: Keep) -> float:
@@ -228,6 +244,8 @@ class Choice:
     """What bounds the step recomputing every block (:attr:`Estimate.bound`)."""
     reason: str = ""
     """Why nothing is kept although something could be (the gain is under MIN_GAIN)."""
+    slack_s: float = 0.0
+    """Time of the measured step the model does not explain (in both step estimates)."""
 
     @property
     def offload(self) -> tuple[bool, ...]:
@@ -248,15 +266,17 @@ class Choice:
 
     def describe(self) -> str:
         """One line: what each block keeps, the estimated steps and what bounds them."""
+        slack = f", {self.slack_s:.3f} s of it outside the model" if self.slack_s > 0 else ""
         if not self.blocks:
             why = f": {self.reason}" if self.reason else ""
             return (
-                f"recompute every block (est. step {self.recompute_step_s:.3f} s, bound by {self.bound}){why}"
+                f"recompute every block (est. step {self.recompute_step_s:.3f} s{slack}, "
+                f"bound by {self.bound}){why}"
             )
         parts = [f"{_NAMES[k]} {ranges(self.of(k))}" for k in _ORDER if self.of(k)]
         return (
             f"{', '.join(parts)} (est. step {self.step_s:.3f} s against {self.recompute_step_s:.3f} s "
-            f"recomputing, {self.gain:.0%} faster; recomputing is bound by {self.bound})"
+            f"recomputing{slack}, {self.gain:.0%} faster; recomputing is bound by {self.bound})"
         )
 
     def to_json(self) -> dict[str, object]:
@@ -270,6 +290,7 @@ class Choice:
             "device_bytes": self.device_bytes,
             "bound": self.bound,
             "reason": self.reason,
+            "slack_s": self.slack_s,
         }
 
 
@@ -291,6 +312,7 @@ def fixed(
     window: int = SAVED_WINDOW,
 ) -> Choice:
     """The Choice of a given keep (a list in placement.offload_saved), with its estimate."""
+    bounds = calibrated(costs, link, bounds or Bounds())
     base = estimate(costs, link, [Keep.RECOMPUTE] * len(costs), bounds)
     return Choice(
         tuple(keep),
@@ -299,6 +321,7 @@ def fixed(
         host_bytes(costs, keep),
         device_bytes(costs, keep, window),
         base.bound,
+        slack_s=bounds.slack_s,
     )
 
 
@@ -315,18 +338,23 @@ def choose(
     device holds a window of the host-kept groups too). Ties go to fewer host bytes, then fewer
     device bytes. A gain under min_gain keeps nothing (see the module docstring)."""
     n = len(costs)
+    bounds = calibrated(costs, link, bounds or Bounds())
     base = estimate(costs, link, [Keep.RECOMPUTE] * n, bounds)
+    nothing = Choice(
+        (Keep.RECOMPUTE,) * n, base.step_s, base.step_s, 0, 0, base.bound, slack_s=bounds.slack_s
+    )
     best: tuple[tuple[float, int, int], _Split] | None = None  # the best split keeping something
-    for key, split in _splits(costs, link, bounds or Bounds(), host_bytes, device_bytes, window):
+    for key, split in _splits(costs, link, bounds, host_bytes, device_bytes, window):
         if split.keeps and (best is None or key < best[0]):
             best = key, split
     if best is None:
-        return Choice((Keep.RECOMPUTE,) * n, base.step_s, base.step_s, 0, 0, base.bound)
+        return nothing
     (step, moved, held), split = best
-    choice = Choice(tuple(split.keep(costs)), step, base.step_s, moved, held, base.bound)
+    choice = replace(
+        nothing, keep=tuple(split.keep(costs)), step_s=step, offloaded_bytes=moved, device_bytes=held
+    )
     if choice.gain < min_gain:
-        why = _why_not(choice, base, min_gain)
-        return Choice((Keep.RECOMPUTE,) * n, base.step_s, base.step_s, 0, 0, base.bound, why)
+        return replace(nothing, reason=_why_not(choice, base, min_gain))
     return choice
 
 
