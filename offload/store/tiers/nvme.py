@@ -19,15 +19,22 @@ next in that order, wrapping around: releasing the round's last block starts rea
 step's first one while forward and backward run, instead of leaving the disk idle until that
 update asks for it. That read takes only a lease that is free or holds a settled block (never a
 wait); a guess that turns out wrong costs one read and is evicted like any staged block.
+
+One transfer at a time: the tier's reads and writes go to the disk in the order asked, each
+started when the one before has finished (``_Serial``). Writing block i-1 back while reading block
+i+1 ahead at once is slower on the disks this was measured on (a virtio disk: 3.1 s per 13B
+block's m and v both ways at once against 2.3 s one after the other); the next update waits for
+its read either way, and the queue never runs dry while the disk is the bottleneck.
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import shutil
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,11 +57,60 @@ def _half_bytes(numel: int) -> int:
 
 
 @dataclass(slots=True, eq=False)
+class _Transfer:
+    """A read or write waiting its turn in ``_Serial``; the IoFuture's face (wait, done, path,
+    nbytes) for the rest of the tier."""
+
+    start: Callable[[], oio.IoFuture]
+    path: str
+    nbytes: int
+    finished: threading.Event = field(default_factory=threading.Event)
+    error: OSError | None = None
+
+    def done(self) -> bool:
+        return self.finished.is_set()
+
+    def wait(self) -> None:
+        self.finished.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class _Serial:
+    """A thread that starts the tier's transfers one at a time, in the order submitted."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_Transfer | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="offload-nvme-tier", daemon=True)
+        self._thread.start()
+
+    def submit(self, f: oio.DirectFile, lease: Lease, write: bool) -> _Transfer:
+        move = f.write_from if write else f.read_into
+        t = _Transfer(lambda: move(lease, 0), f.path, lease.nbytes)
+        self._queue.put(t)
+        return t
+
+    def close(self) -> None:
+        """Ends the thread after the transfers already submitted."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (t := self._queue.get()) is not None:
+            try:
+                t.start().wait()
+            except OSError as e:
+                t.error = e
+            finally:
+                t.finished.set()
+
+
+@dataclass(slots=True, eq=False)
 class _Staged:
     """One block's state in a lease, with the read or write moving it (None: settled)."""
 
     lease: Lease
-    io: oio.IoFuture | None
+    io: _Transfer | None
     name: str
     """The block's record name (block.N), for errors."""
     acquired: bool = False
@@ -70,6 +126,7 @@ class NvmeTier:
         self.master = master
         self._halves = 3 if master else 2  # [master,] m, v
         self._engine = oio.Engine()
+        self._serial = _Serial()
         slot = self._halves * _half_bytes(numel)
         self._pool = PinnedPool(
             STAGED_BLOCKS * slot, arena_bytes=STAGED_BLOCKS * slot, pin=False, name="nvme-staging"
@@ -144,7 +201,7 @@ class NvmeTier:
             if st is None or not st.acquired:
                 raise RuntimeError(f"{rec.name}'s optimizer state released without acquire")
             st.acquired = False
-            st.io = self._files[rec.index].write_from(st.lease, 0)  # write-behind; waited on eviction
+            st.io = self._serial.submit(self._files[rec.index], st.lease, write=True)  # waited on eviction
             self._touch(rec.index)
             ahead = self._after(rec.index)
             if ahead is not None and ahead not in self._staged:
@@ -169,6 +226,7 @@ class NvmeTier:
                         st.io.wait()
                 st.lease.release()
             self._staged.clear()
+            self._serial.close()
             for f in self._files.values():
                 f.close()
             self._pool.detach_io(self._engine)
@@ -192,7 +250,7 @@ class NvmeTier:
 
     def _read(self, rec: BlockRecord) -> _Staged:
         lease = self._lease(self._halves * _half_bytes(rec.numel))
-        st = _Staged(lease, self._files[rec.index].read_into(lease, 0), rec.name)
+        st = _Staged(lease, self._serial.submit(self._files[rec.index], lease, write=False), rec.name)
         self._staged[rec.index] = st
         return st
 
@@ -225,7 +283,7 @@ class NvmeTier:
             del self._staged[victim]
             st.lease.release()
             lease = self._pool.lease(nbytes, purpose="adam state")
-        self._staged[index] = _Staged(lease, f.read_into(lease, 0), self._names[index])
+        self._staged[index] = _Staged(lease, self._serial.submit(f, lease, write=False), self._names[index])
 
     def _lease(self, nbytes: int) -> Lease:
         """A staging lease; when all are out, frees the least recently used one not in use."""
