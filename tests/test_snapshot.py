@@ -257,9 +257,20 @@ def test_the_plan_counts_what_the_keeper_holds(where: Path, capsys: pytest.Captu
     # and page rounding.
     assert 0 <= held - planned <= 2 * (segment.HEADER_BYTES + (32 << 10) + 2 * payload.BASE_ALIGN)
     assert memory_factor(3) == 2 * 3 / 2 and memory_factor(5, parity=2, buffers=1) == 5 / 3
+    # Over 3 nodes (k = 2, m = 1) a snapshot takes (k + m) / k = 1.5 times what it takes on one.
+    three = make_plan(tiny("gpt2", layers=3), cfg, batch_size=1, seq_len=1, snapshot=memory_factor(3))
+    assert abs(three.get("snapshot", Tier.HOST) - 1.5 * planned) <= 1
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
     assert main(["plan", recipe, "--no-detect", "--snapshot-nodes", "3"]) == 0
-    assert "\nsnapshot " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("snapshot "))
+    note = next(line for line in out.splitlines() if line.startswith("note: snapshot: "))
+    assert note.startswith(
+        "note: snapshot: 3 node(s), stripes of k = 2 data + m = 1 parity chunk(s): each rank's snapshot "
+        "takes (k + m) / k = 1.50 x its master, m and v in its node's keeper, per buffer; x 2 buffer(s): "
+    )
+    assert note.endswith(" per rank (the snapshot row)") and " x 3.00 = " in note
+    assert float(row.split()[2]) > 0  # the host column
     assert main(["plan", recipe, "--no-detect", "--snapshot-nodes", "3", "--snapshot-parity", "3"]) == 2
     assert "snapshot parity = 3 needs at least 4 nodes" in capsys.readouterr().err
 

@@ -13,6 +13,7 @@ from offload.cli import CliError
 from offload.cli._recipe import add_recipe_arguments, read_recipe
 
 if TYPE_CHECKING:
+    from offload.plan import Plan
     from offload.plan.measure import Rates
 
 
@@ -99,6 +100,18 @@ def _snapshot(args: argparse.Namespace) -> float:
     return memory_factor(args.snapshot_nodes, args.snapshot_parity, args.snapshot_buffers)
 
 
+def _with_snapshot_note(plan: Plan, args: argparse.Namespace) -> Plan:
+    """The plan with a note on how its snapshot row comes about: the code and its (k + m) / k."""
+    from dataclasses import replace
+
+    from offload.config import Tier
+    from offload.snapshot.config import memory_note
+
+    row = plan.get("snapshot", Tier.HOST)
+    note = memory_note(args.snapshot_nodes, args.snapshot_parity, args.snapshot_buffers, row)
+    return replace(plan, notes=(*plan.notes, note))
+
+
 def run(args: argparse.Namespace) -> int:
     from offload.config import ConfigError
     from offload.model.discovery import UnsupportedModelError
@@ -127,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except (ConfigError, UnsupportedModelError, ValueError) as e:
         raise CliError(str(e)) from None
+    if args.snapshot_nodes is not None:
+        plan = _with_snapshot_note(plan, args)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
     else:

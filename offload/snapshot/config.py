@@ -126,8 +126,29 @@ def interval(stall_s: float, step_s: float, budget: float) -> int:
 def memory_factor(nodes: int, parity: int | None = None, buffers: int = 2) -> float:
     """The keeper's memory as a multiple of a rank's snapshot payload: buffers * (k + m) / k for
     a coding group of ``nodes`` nodes (the planner's ``snapshot`` row)."""
+    k, m = _code(nodes, parity, buffers)
+    return buffers * (k + m) / k
+
+
+def memory_note(nodes: int, parity: int | None, buffers: int, row: int) -> str:
+    """How to read the plan's ``snapshot`` row (row: its bytes): the code over ``nodes`` nodes
+    and the multiple of the rank's state it comes to (``offload plan --snapshot-nodes``)."""
+    from offload.utils.sizes import format_bytes
+
+    k, m = _code(nodes, parity, buffers)
+    factor = buffers * (k + m) / k
+    return (
+        f"snapshot: {nodes} node(s), stripes of k = {k} data + m = {m} parity chunk(s): each rank's "
+        f"snapshot takes (k + m) / k = {(k + m) / k:.2f} x its master, m and v in its node's keeper, "
+        f"per buffer; x {buffers} buffer(s): {format_bytes(round(row / factor))} x {factor:.2f} = "
+        f"{format_bytes(row)} per rank (the snapshot row)"
+    )
+
+
+def _code(nodes: int, parity: int | None, buffers: int) -> tuple[int, int]:
+    """(k, m) of a coding group of ``nodes`` nodes; ConfigError or TopologyError on bad values."""
     from offload.snapshot.topology import node_keys_to_topology
 
     SnapshotConfig(parity=parity, buffers=buffers)  # the checks and messages of the config's fields
     t = node_keys_to_topology([str(n) for n in range(nodes)], 0, parity)
-    return buffers * (t.k + t.m) / t.k
+    return t.k, t.m
