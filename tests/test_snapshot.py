@@ -155,6 +155,53 @@ def test_a_newer_checkpoint_wins_over_the_flushed_snapshot(where: Path, tmp_path
     assert f"falling back to the disk checkpoint {tmp_path / 'step_000003'} (step 3)" in restored.message
 
 
+def test_a_checkpoint_in_checkpoint_dir_is_the_fallback_and_the_keeper_forgets_newer_steps(
+    where: Path, tmp_path: Path
+) -> None:
+    """With the memory lost, an offload.save checkpoint under checkpoint_dir (not flush_dir) is
+    loaded; the newer, incomplete snapshots the keeper still holds are cleared, so that they never
+    mix with the snapshots of the run that goes on from the checkpoint."""
+    ckpt = tmp_path / "ckpt"
+    cfg = SnapshotConfig(dir=str(where), buffers=1, checkpoint_dir=str(ckpt))
+    model, opt, sched = make()
+    snap = Snapshotter(model, opt, cfg)
+    train(model, opt, sched, range(1, 3), snap)
+    offload.save(model, opt, ckpt, step=2, scheduler=sched, extra={"position": 2}).wait()
+    train(model, opt, sched, range(3, 4), snap)
+    snap.close()
+    client = KeeperClient.connect(where, start=False)
+    seg = client.open("default", 0, 0)
+    assert seg is not None
+    before = seg.header()
+    assert before is not None and before.step == 3
+    seg.view()[segment.HEADER_BYTES + 100] ^= 0xFF  # step 3 fails its crc32: lost, one buffer
+    model, opt, sched = make()
+    restored = Snapshotter(model, opt, cfg).restore(scheduler=sched)
+    assert (restored.source, restored.step, restored.extra) == ("disk", 2, {"position": 2})
+    assert restored.path == ckpt / "step_000002"
+    assert "step 3 is gone from ranks [0]" in restored.message
+    assert f"falling back to the disk checkpoint {ckpt / 'step_000002'} (step 2)" in restored.message
+    assert seg.header() == before.invalid()  # step 3 cleared
+    seg.close()
+    client.close()
+
+
+def test_without_a_trace_of_the_job_in_the_keeper_checkpoint_dir_is_not_a_fallback(
+    where: Path, tmp_path: Path
+) -> None:
+    """A keeper that holds no step of the job (a first start, or a finished run, which leaves its
+    last checkpoint behind) starts fresh: checkpoint_dir counts only after a crash."""
+    model, opt, sched = make()
+    offload.save(model, opt, tmp_path, step=5, scheduler=sched, extra={"position": 5}).wait()
+    model, opt, sched = make()
+    restored = Snapshotter(model, opt, dir=str(where), checkpoint_dir=str(tmp_path)).restore(scheduler=sched)
+    assert (restored.source, restored.step) == ("none", None)
+    assert (
+        "no keeper holds a snapshot of job 'default', and no disk snapshot: starting fresh"
+        in restored.message
+    )
+
+
 def test_a_corrupt_snapshot_without_disk_is_lost(where: Path) -> None:
     ref = reference(where, buffers=1)
     client = KeeperClient.connect(where, start=False)
@@ -167,7 +214,15 @@ def test_a_corrupt_snapshot_without_disk_is_lost(where: Path) -> None:
     assert str(e.value) == (
         "offload snapshot: the in-memory snapshot of job 'default' is lost: step 3 is gone from ranks [0] "
         "(their node or keeper lost, or the snapshot incomplete), more than can be rebuilt (parity 0); and "
-        "there is no disk checkpoint (SnapshotConfig.flush_dir is not set) to fall back to"
+        "there is no disk checkpoint (neither SnapshotConfig.flush_dir nor checkpoint_dir is set) to fall "
+        "back to"
+    )
+    model, opt, sched = make()
+    roots = {"flush_dir": str(where.parent / "flushed"), "checkpoint_dir": str(where.parent / "ckpt")}
+    with pytest.raises(SnapshotLost) as e:
+        Snapshotter(model, opt, ref[2], **roots).restore(scheduler=sched)
+    assert str(e.value).endswith(
+        f"and there is no disk checkpoint in {roots['flush_dir']} or {roots['checkpoint_dir']} to fall back to"
     )
 
 

@@ -1,5 +1,6 @@
 """Where chunks and parity cells live (topology.py) and which step a restart can restore (survey.py):
-pure logic, checked over every group size, parity and loss pattern up to m."""
+pure logic, checked over every group size, parity and loss pattern up to m; and which step on disk
+the ranks agree on when the memory is lost."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from offload.snapshot.survey import choose, lost
+from offload.snapshot.survey import choose, choose_disk, lost, unseen
 from offload.snapshot.topology import Topology, TopologyError, node_keys_to_topology
 
 
@@ -102,3 +103,28 @@ def test_a_chunk_failing_its_crc_is_rebuilt_from_its_stripe() -> None:
     assert plan is not None and plan.slots[1] == 0
     assert [(rb.rank, rb.chunk) for rb in plan.rebuild] == [(1, 0)]
     assert lost(st) == (5, [1])
+
+
+def disk(flushed: list[int], saved: list[int]) -> dict[str, Any]:
+    return {"flushed": flushed, "saved": saved}
+
+
+def test_the_disk_fallback_takes_the_newest_step_every_rank_can_load() -> None:
+    # A flushed step counts once every rank has its file; a checkpoint once every rank sees it.
+    assert choose_disk([disk([2, 4], []), disk([2, 4], []), disk([2], [])]) == ("flushed", 2)
+    assert choose_disk([disk([], [3, 6]), disk([], [3, 6]), disk([], [3, 6])]) == ("checkpoint", 6)
+    # The newer of the two kinds; a tie goes to the flushed snapshot (each rank's own state).
+    assert choose_disk([disk([4], [6]), disk([4], [6])]) == ("checkpoint", 6)
+    assert choose_disk([disk([6], [6]), disk([6], [6])]) == ("flushed", 6)
+    assert choose_disk([disk([8], [6]), disk([8], [6])]) == ("flushed", 8)
+    # Nothing every rank can load: None, whatever some ranks have.
+    assert choose_disk([disk([2], [4]), disk([], []), disk([3], [4])]) is None
+    assert choose_disk([disk([], [])]) is None
+
+
+def test_checkpoints_not_every_rank_sees_are_named() -> None:
+    # Rank 0 writes a multi-rank checkpoint; on a filesystem the others do not share, only it sees it.
+    reports = [disk([], [2, 4]), disk([], [2]), disk([], [2])]
+    assert choose_disk(reports) == ("checkpoint", 2)
+    assert unseen(reports) == {4: [1, 2]}
+    assert unseen([disk([], [2]), disk([], [2])]) == {}

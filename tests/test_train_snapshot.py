@@ -148,3 +148,56 @@ def test_sigterm_flushes_the_newest_snapshot_and_the_run_resumes_from_it(
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["resumed_from"], summary["start_step"]) == ("disk", step) and step >= 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    # The finished run deleted its flushed snapshot too: the recipe run again starts fresh.
+    assert list(flushed.glob("snap_*")) == []
+    assert main(["train", TINY, *short(tmp_path / "again", *snap), "--set", "train.steps=2"]) == 0
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["resumed_from"] is None
+
+
+def test_a_lost_snapshot_with_nothing_on_disk_is_refused_unless_resume_names_a_checkpoint(
+    keepers: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The keeper's snapshots fail their crc32s (lost, though the keeper held the job: a crash)
+    and neither flush_dir nor the checkpoint directory holds a step: the restart is refused,
+    saying so; with --resume naming a checkpoint elsewhere it goes on from that, exactly."""
+    from offload.cli._recipe import read_recipe
+    from offload.cli.main import build_parser
+    from offload.snapshot import segment
+    from offload.snapshot.client import KeeperClient
+    from offload.train.trainer import train
+
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert main(["train", TINY, *short(straight)]) == 0
+
+    def stop_after_3(line: str) -> None:
+        if line.startswith("step 3/"):
+            raise Interrupt  # the step-3 checkpoint and snapshot commit before the error goes up
+
+    snap = snapshots(keepers / "k")
+    argv = ["train", TINY, *short(cut, *snap, "--set", "train.save_every=3")]
+    with pytest.raises(Interrupt):
+        train(read_recipe(build_parser().parse_args(argv)), log=stop_after_3)
+    client = KeeperClient.connect(keepers / "k", start=False)
+    for slot in (0, 1):  # steps 2 and 3
+        seg = client.open("tiny", 0, slot)
+        assert seg is not None
+        seg.view()[segment.HEADER_BYTES + 100] ^= 0xFF
+        seg.close()
+    client.close()
+    capsys.readouterr()
+
+    elsewhere = ["--set", f"train.checkpoint_dir={tmp_path / 'other'}"]
+    assert main([*argv, *elsewhere]) == 2
+    assert (
+        "cannot restore the snapshot of job 'tiny': offload snapshot: the in-memory snapshot of job 'tiny' "
+        "is lost: step 3 is gone from ranks [0] (their node or keeper lost, or the snapshot incomplete), "
+        "more than can be rebuilt (parity 0); and there is no disk checkpoint in "
+        f"{tmp_path / 'other'} to fall back to"
+    ) in capsys.readouterr().err
+    point = cut / "ckpt" / "step_000003"
+    assert main([*argv, *elsewhere, "--resume", str(point)]) == 0
+    err = capsys.readouterr().err
+    assert f"to fall back to; loading {point}" in err and f"resuming from {point} (step 3)" in err
+    a, b = json.loads((straight / "summary.json").read_text()), json.loads((cut / "summary.json").read_text())
+    assert (b["start_step"], b["resumed_from"]) == (3, "checkpoint")
+    assert b["losses"] == a["losses"][3:]

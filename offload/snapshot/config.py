@@ -37,7 +37,12 @@ class SnapshotConfig:
     """A keeper with no trainer connected for this long ends, dropping its snapshots."""
     flush_dir: str | None = None
     """Where ``flush()`` and SIGTERM write snapshots to disk, and where ``restore()`` looks when the
-    memory is lost."""
+    memory is lost (for flushed snapshots and ``offload.save`` checkpoints)."""
+    checkpoint_dir: str | None = None
+    """Where else ``restore()`` looks for ``offload.save`` checkpoints (the root given to save; every
+    rank must see it: a shared filesystem) when the keepers lost the snapshot: only when some
+    keeper still holds a step of the job, the trace of a crash (a finished run leaves its last
+    checkpoint there too). ``offload train`` sets it to ``train.checkpoint_dir``."""
     lazy: bool = True
     """Capture host records in the background, each before its next update (a capture fence, as
     checkpoints do); False: capture everything inside ``snapshot()``."""

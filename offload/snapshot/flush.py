@@ -8,13 +8,15 @@ whole; a step counts as flushed once every rank's file is there (``flushed_steps
 their own files (by ``Snapshotter.flush``, on SIGTERM, or ``offload snapshot flush`` on each node
 from its keeper, even after the trainers died), so there is no step-wide manifest to agree on.
 
-This is the disk checkpoint of a multi-rank run (``offload.save`` refuses sharded runs for now);
-like the snapshot it restores the run it came from, same model, placement and world size. The
-bytes are checked against the header's crc32s as they are written and again when read. No torch.
+Unlike an ``offload.save`` checkpoint (whole parameters, loaded at any world size), a flushed
+snapshot restores the run it came from, same model, placement and world size, each rank its own
+state; it can be written from the keeper alone. The bytes are checked against the header's crc32s
+as they are written and again when read. No torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -102,6 +104,22 @@ def flushed_steps(root: Path, world: int | None = None, rank: int | None = None)
         if (rank is None or rank in ranks) and (world is None or ranks >= set(range(world))):
             out.append(int(match.group(1)))
     return sorted(out, reverse=True)
+
+
+def remove(root: Path, job: str, rank: int) -> list[Path]:
+    """Deletes this rank's flushed files of job under root (the run is done: a later start must not
+    restore them), and each step's directory once it is empty; returns the files deleted."""
+    gone = []
+    for step in flushed_steps(root, rank=rank):
+        path = rank_file(root, step, rank)
+        with open(path, "rb") as f:
+            h = segment.read_header(f.read(segment.HEADER_BYTES))
+        if h is not None and h.job == job:
+            path.unlink(missing_ok=True)
+            gone.append(path)
+            with contextlib.suppress(OSError):  # another rank's file is still there
+                path.parent.rmdir()
+    return gone
 
 
 def _fsync_dir(path: Path) -> None:  # checkpoint.writer has one too, but imports torch

@@ -11,10 +11,14 @@
 3. Each rank loads its payload into the run (payload.load) and clears its slots holding any newer,
    incomplete step, so that the next snapshot cannot be confused with them.
 
-If more nodes of a coding group are gone than its parity covers, the newest flushed snapshot under
-``flush_dir`` every rank has is loaded instead (for a one-rank run also an ``offload.save``
-checkpoint there, whichever is newer), with a message saying what was lost; with none,
-SnapshotLost says so. A job whose keepers never held a snapshot starts fresh (source "none").
+If more nodes of a coding group are gone than its parity covers, the newest step on disk every rank
+can load is loaded instead, agreed by all ranks (survey.choose_disk): a snapshot flushed under
+``flush_dir`` that every rank has its file of, or an ``offload.save`` checkpoint that every rank
+sees (whole parameters, written by rank 0 of a multi-rank run, loaded by every rank at any world
+size) under ``flush_dir``, or under ``checkpoint_dir`` when some keeper still holds a step of the
+job (the trace of a crash: a finished run leaves its last checkpoint there too, and drops its
+snapshots), with a message saying what was lost and what is loaded; with neither, SnapshotLost
+says so. A job no keeper holds a step of and nothing on disk starts fresh (source "none").
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from offload.snapshot import codec, flush, parity, payload, segment
-from offload.snapshot.survey import Plan, Rebuild, choose, lost
+from offload.snapshot.survey import Plan, Rebuild, choose, choose_disk, lost, unseen
 
 if TYPE_CHECKING:
     from offload.snapshot.snapshotter import Snapshotter
@@ -50,6 +54,8 @@ class Restored:
     seconds: float = 0.0
     rebuilt: tuple[int, ...] = ()
     """Ranks whose snapshot was rebuilt from parity."""
+    path: Path | None = None
+    """Source "disk": the flushed step's directory or the checkpoint that was loaded."""
 
 
 def restore(snap: Snapshotter, scheduler: Any) -> Restored:
@@ -164,7 +170,6 @@ def _clear_newer(snap: Snapshotter, step: int) -> None:
 def _fallback(snap: Snapshotter, scheduler: Any, statuses: list[dict[str, Any]], t0: float) -> Restored:
     gone = lost(statuses)
     seen = any(st["seen"] for st in statuses)
-    root = None if snap.cfg.flush_dir is None else Path(snap.cfg.flush_dir)
     if gone is None:
         what = f"no keeper holds a snapshot of job '{snap.cfg.job}'"
     else:
@@ -179,19 +184,24 @@ def _fallback(snap: Snapshotter, scheduler: Any, statuses: list[dict[str, Any]],
                 else "can be rebuilt (parity 0)"
             )
         )
-    disk = _disk_step(snap, root)
+    roots = _roots(snap, seen)
+    disk, note = _on_disk(snap, roots)
     if disk is None:
         if not seen:
             message = f"offload snapshot: {what}, and no disk snapshot: starting fresh"
             _say(snap, message)
             return Restored(source="none", step=None, message=message, seconds=time.perf_counter() - t0)
-        where = f"in {root}" if root is not None else "(SnapshotConfig.flush_dir is not set)"
+        where = (
+            "in " + " or ".join(str(r) for r in dict.fromkeys(roots))
+            if roots
+            else "(neither SnapshotConfig.flush_dir nor checkpoint_dir is set)"
+        )
         raise SnapshotLost(
-            f"offload snapshot: {what}; and there is no disk checkpoint {where} to fall back to"
+            f"offload snapshot: {what}; and there is no disk checkpoint {where} to fall back to{note}"
         )
     kind, step, path = disk
     shown = path.parent if kind == "flushed" else path  # the step's directory: the same on every rank
-    message = f"offload snapshot: {what}; falling back to the disk checkpoint {shown} (step {step})"
+    message = f"offload snapshot: {what}; falling back to the disk checkpoint {shown} (step {step}){note}"
     _say(snap, message)
     if kind == "checkpoint":
         from offload.checkpoint import load
@@ -199,25 +209,58 @@ def _fallback(snap: Snapshotter, scheduler: Any, statuses: list[dict[str, Any]],
         extra = load(snap.model, snap.optimizer, path, scheduler=scheduler)
     else:
         extra = _load_flushed(snap, path, scheduler)
-    return Restored(source="disk", step=step, extra=extra, message=message, seconds=time.perf_counter() - t0)
+    _clear_newer(snap, step)  # what the keepers still hold of the lost run must not mix with the next
+    return Restored(
+        source="disk",
+        step=step,
+        extra=extra,
+        message=message,
+        seconds=time.perf_counter() - t0,
+        path=shown,
+    )
 
 
-def _disk_step(snap: Snapshotter, root: Path | None) -> tuple[str, int, Path] | None:
-    """The newest flushed snapshot every rank has under root: ("flushed", step, this rank's file);
-    one rank: or an offload.save checkpoint there, ("checkpoint", step, its directory), if newer."""
-    if root is None:
-        return None
-    have = flush.flushed_steps(root, rank=snap.rank)
-    everyone = [have] if snap.pg is None else parity.gather_json(snap.pg, have)
-    common = set(everyone[0]).intersection(*everyone[1:])
-    best = None if not common else ("flushed", max(common), flush.rank_file(root, max(common), snap.rank))
-    if snap.world == 1:
-        from offload.checkpoint import list_checkpoints
+def _roots(snap: Snapshotter, seen: bool) -> list[Path]:
+    """Where the disk fallback looks for checkpoints: flush_dir, then checkpoint_dir if some keeper
+    held a step of the job (seen: a crashed run, not a finished one or none)."""
+    dirs = (snap.cfg.flush_dir, snap.cfg.checkpoint_dir if seen else None)
+    return [Path(d) for d in dirs if d is not None]
 
-        saved = list_checkpoints(root)
-        if saved and (best is None or saved[-1][0] > best[1]):
-            best = ("checkpoint", *saved[-1])
-    return best
+
+def _on_disk(snap: Snapshotter, roots: list[Path]) -> tuple[tuple[str, int, Path] | None, str]:
+    """The newest step on disk that every rank can load, agreed by all of them (a collective): a
+    snapshot flushed to flush_dir, ("flushed", step, this rank's file), or a checkpoint under
+    roots, ("checkpoint", step, its directory); or None. And a note naming a newer checkpoint
+    that not every rank sees (else "")."""
+    from offload.checkpoint import list_checkpoints
+
+    saved: dict[int, Path] = {}
+    for root in reversed(roots):  # the first root's checkpoint of a step wins
+        saved.update(list_checkpoints(root))
+    flush_root = None if snap.cfg.flush_dir is None else Path(snap.cfg.flush_dir)
+    flushed = [] if flush_root is None else flush.flushed_steps(flush_root, rank=snap.rank)
+    mine: dict[str, Any] = {
+        "flushed": flushed,
+        "saved": sorted(saved),
+        "paths": {str(k): str(v) for k, v in saved.items()},
+    }
+    reports = [mine] if snap.pg is None else parity.gather_json(snap.pg, mine)
+    choice = choose_disk(reports)
+    missed = {s: ranks for s, ranks in unseen(reports).items() if choice is None or s > choice[1]}
+    note = ""
+    if missed:
+        step = max(missed)
+        holder = next(r for r in reports if step in r["saved"])
+        note = (
+            f" (the checkpoint {holder['paths'][str(step)]} is not seen by ranks {missed[step]}: every "
+            "rank loads it, so it must be on a filesystem all of them read)"
+        )
+    if choice is None:
+        return None, note
+    kind, step = choice
+    if kind == "flushed" and flush_root is not None:
+        return (kind, step, flush.rank_file(flush_root, step, snap.rank)), note
+    return (kind, step, saved[step]), note
 
 
 def _load_flushed(snap: Snapshotter, path: Path, scheduler: Any) -> dict[str, Any]:

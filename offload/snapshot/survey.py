@@ -6,6 +6,11 @@ From all reports, identically on every rank, ``choose`` takes the newest step S 
 rank's data is whole: each chunk either good in its own keeper, or in a stripe with k good cells
 at step S (then decoded from the first k of them). A step some rank never committed (a crash in
 the middle of a snapshot) is thus still restorable when parity covers that rank.
+
+When no step can be put together, ``choose_disk`` takes the newest step on disk that every rank can
+load, from what each rank reports it sees there (``flushed``: the steps it has its own flushed file
+of; ``saved``: the ``offload.save`` checkpoints it sees), and ``unseen`` names the checkpoints some
+ranks do not see (not on a filesystem they share).
 """
 
 from __future__ import annotations
@@ -119,3 +124,22 @@ def lost(statuses: list[dict[str, Any]]) -> tuple[int, list[int]] | None:
         if mine is None or len(mine["good"]) < mine["k"]:
             missing.append(r)
     return step, missing
+
+
+def choose_disk(reports: list[dict[str, Any]]) -> tuple[str, int] | None:
+    """The newest step on disk every rank can load, as ("flushed" or "checkpoint", step), or None:
+    a flushed snapshot every rank has its file of, or a checkpoint every rank sees. A flushed
+    snapshot wins a tie: it puts back each rank's own state (its RNG states too)."""
+    flushed = set.intersection(*(set(r["flushed"]) for r in reports))
+    saved = set.intersection(*(set(r["saved"]) for r in reports))
+    best = None if not flushed else ("flushed", max(flushed))
+    if saved and (best is None or max(saved) > best[1]):
+        best = ("checkpoint", max(saved))
+    return best
+
+
+def unseen(reports: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """Checkpoint steps some rank sees and others do not: step -> the ranks that do not see it."""
+    steps = sorted({s for r in reports for s in r["saved"]})
+    out = {s: [rank for rank, r in enumerate(reports) if s not in r["saved"]] for s in steps}
+    return {s: ranks for s, ranks in out.items() if ranks}

@@ -39,7 +39,7 @@ from offload.train.loss import causal_lm_loss
 from offload.train.ranks import Ranks, join
 from offload.train.recipe import Recipe, build_hf_config
 from offload.train.schedule import make_scheduler
-from offload.train.snapshots import Snapshots
+from offload.train.snapshots import SnapshotGone, Snapshots
 from offload.train.tokenizer import load_tokenizer
 
 Log = Callable[[str], None]
@@ -145,7 +145,9 @@ def _train(
         world_size=ranks.world,
     )
     stamp = fingerprint(recipe, ranks.world)
-    snaps = Snapshots(t.snapshot, recipe.name, wrapped, opt, ranks) if t.snapshot is not None else None
+    snaps = None
+    if t.snapshot is not None:
+        snaps = Snapshots(t.snapshot, recipe.name, wrapped, opt, ranks, t.checkpoint_dir)
     try:
         start, source = _start(wrapped, opt, sched, stream, point, snaps, stamp, t.steps, log)
     except BaseException:
@@ -234,26 +236,42 @@ def _start(
     steps: int,
     log: Log,
 ) -> tuple[int, str | None]:
-    """Loads the newest state the run has: its job's snapshot (keeper, parity or flushed to disk)
-    or the --resume checkpoint, whichever is at the later step (the checkpoint on a tie: it needs
-    no keeper). Returns the step and where it came from (None: a fresh start)."""
+    """Loads the newest state the run has: its job's snapshot (keeper, parity, or when that is lost
+    the newest step on disk: flushed, or a checkpoint of train.checkpoint_dir) or the --resume
+    checkpoint, whichever is at the later step (the checkpoint on a tie: it needs no keeper).
+    Returns the step and where it came from (None: a fresh start)."""
     import offload
 
     disk = -1 if point is None else int(read_manifest(point)["step"])
-    got = None if snaps is None else snaps.restore(sched, stamp, steps)
-    if snaps is not None and got is not None and got[1] > disk:
-        source, step, extra = got
-        stream.load_state_dict(extra["data"])
-        how = {"keeper": "from the keeper", "parity": "rebuilt from parity", "disk": "flushed to disk"}
-        log(f"resuming from the snapshot of job '{snaps.cfg.job}', {how.get(source, source)} (step {step})")
-        return step, source
+    got = None
+    if snaps is not None:
+        try:
+            got = snaps.restore(sched, stamp, steps)
+        except SnapshotGone as e:
+            if point is None:
+                raise
+            log(f"{e}; loading {point}")
+    if (
+        snaps is not None
+        and got is not None
+        and got.step is not None
+        and (got.step > disk or _same(got.path, point))
+    ):
+        stream.load_state_dict(got.extra["data"])
+        log(snaps.resuming(got))
+        return got.step, "parity" if got.rebuilt else got.source
     if point is None:
         return 0, None
     if got is not None:
-        log(f"the snapshot of step {got[1]} is not newer than {point}: loading the checkpoint")
+        log(f"the snapshot of step {got.step} is not newer than {point}: loading the checkpoint")
     extra = offload.load(wrapped, opt, point, scheduler=sched)
     stream.load_state_dict(extra["data"])
     return disk, "checkpoint"
+
+
+def _same(a: Path | None, b: Path | None) -> bool:
+    """a and b are one directory (the disk fallback loaded the --resume checkpoint already)."""
+    return a is not None and b is not None and a.resolve() == b.resolve()
 
 
 def _plan(recipe: Recipe, model: torch.nn.Module) -> Plan:
