@@ -95,10 +95,17 @@ def test_loss_chunk_must_be_positive() -> None:
 
 
 def test_the_plan_counts_one_chunk_of_logits() -> None:
+    """With the chunked loss the working row is the larger of the loss's transients (one chunk
+    of logits, the hidden states' gradient, an fp32 head gradient) and one block's recompute
+    and backward (14 hidden-wide and 6 MLP-wide tensors a token)."""
     cfg = load_config(device="cpu", dtype="float32")
     model = tiny("llama", layers=2)
+    vocab, hidden, inter, tokens = 96, 48, 96, 32
     whole = make_plan(model, cfg, batch_size=2, seq_len=16)
+    assert whole.get("working", Tier.GPU) == tokens * ((4 * hidden + 3 * inter) * 4 + vocab * 12)
+    block = tokens * (14 * hidden + 6 * inter) * 4
+    loss = 8 * vocab * 12 + tokens * hidden * 4 + 4 * vocab * hidden
     chunked = make_plan(model, cfg, batch_size=2, seq_len=16, loss_chunk=8)
-    vocab, hidden, tokens = 96, 48, 32
-    saved = (tokens - 8) * vocab * (4 + 8) - tokens * hidden * 4 - 4 * vocab * hidden
-    assert whole.get("working", Tier.GPU) - chunked.get("working", Tier.GPU) == saved
+    assert chunked.get("working", Tier.GPU) == max(block, loss) == block
+    tiny_vocab_chunks = make_plan(model, cfg, batch_size=2, seq_len=16, loss_chunk=1)
+    assert tiny_vocab_chunks.get("working", Tier.GPU) == block

@@ -260,8 +260,9 @@ def test_128k_recipe_fills_its_sequence_and_fits_an_h100() -> None:
     h100 = Rates(52e9, 52e9, 600e12, attention_flops=300e12, adam_params_s=5.1e9)
     plan = make_plan(model, cfg, batch_size=1, seq_len=t.seq_len, rates=h100, loss_chunk=t.loss_chunk)
     assert plan.fits, plan.problems
-    assert plan.recompute is not None and set(plan.recompute.keep) == {Keep.ATTENTION, Keep.ATTENTION_HOST}
-    assert plan.recompute.gain >= 0.15
+    choice = plan.recompute
+    assert choice is not None and set(choice.keep) <= {Keep.ATTENTION, Keep.ATTENTION_HOST, Keep.RECOMPUTE}
+    assert len(choice.blocks) >= 20 and choice.gain >= 0.10  # the attention keeps that fit, and pay
 
 
 def _parameters(config: transformers.PretrainedConfig) -> int:

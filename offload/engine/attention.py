@@ -15,11 +15,13 @@ values, which are cheap to recompute. So for the blocks that keep their attentio
   the kept output and log-sum-exp, as autograd would have.
 
 The recomputed queries, keys and values are bitwise those of the forward (the recompute is
-exact), the kernel and its arguments are the ones the dispatcher uses, so gradients are bitwise
-those of a plain recompute (``tests/test_attention_keep.py``). A call is kept only when its
-kernel is flash attention (CUDA, or the CPU's flash kernel) with no mask and no dropout, and on
-CUDA a head size that needs no padding; any other call is recomputed as usual (a ``None`` in
-the block's records), and :class:`Probe` says in the measuring step which blocks can keep.
+exact), and the kernel and its arguments are the ones the dispatcher uses, so gradients are
+bitwise those of a plain recompute (``tests/test_attention_keep.py``; where the dispatcher would
+have picked cuDNN, below, they agree to the two kernels' rounding). A call is kept only when its
+kernel is flash attention (CUDA, or the CPU's flash kernel; on CUDA also where the dispatcher
+would pick cuDNN attention and flash can run the call) with no mask and no dropout, and on CUDA a
+head size that needs no padding; any other call is recomputed as usual (a ``None`` in the
+block's records), and :class:`Probe` says in the measuring step which blocks can keep.
 """
 
 from __future__ import annotations
@@ -35,7 +37,13 @@ from offload.engine.activations import HostStore, Stored
 from offload.engine.device import Device
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
-_FLASH = 1  # torch.nn.attention.SDPBackend.FLASH_ATTENTION, as torch._fused_sdp_choice returns it
+_FLASH, _CUDNN = 1, 3  # torch.nn.attention.SDPBackend's values, as torch._fused_sdp_choice returns them
+
+
+def _flash_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, gqa: bool) -> bool:
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, causal, gqa)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +76,17 @@ class _Options:
             return False
         if q.is_cuda and q.shape[-1] % 8:
             return False  # the CUDA path would pad the head size: not the kernel called below
-        choice = torch._fused_sdp_choice(
-            q, k, v, None, 0.0, self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa
+        choice = int(
+            torch._fused_sdp_choice(
+                q, k, v, None, 0.0, self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa
+            )
         )
-        return int(choice) == _FLASH
+        if choice == _FLASH:
+            return True
+        # Where a torch version prefers cuDNN attention (Hopper), flash runs the call as well,
+        # unless it was disabled (sdpa_kernel, enable_flash_sdp), which can_use_flash_attention
+        # checks too.
+        return choice == _CUDNN and q.is_cuda and _flash_can_run(q, k, v, self.is_causal, self.enable_gqa)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -47,6 +47,9 @@ Chooser = Callable[[int], Keep]
 _FORWARD, _BACKWARD = "forward", "recompute+backward"  # the executor's compute spans
 WARMUP_PASSES = 1
 """Passes (forward and backward) auto runs before the one it measures."""
+HOST_MARGIN_BYTES = 4 << 30
+"""Host memory auto leaves free when it keeps tensors there: the rest of the process grows
+(allocator caches, I/O buffers), and pinned memory cannot be swapped out."""
 
 
 class Traffic:
@@ -226,14 +229,17 @@ class MeasuredChoice:
         return Bounds(cpu_s=cpu, other_s=max(other, 0.0), measured_s=measured_s)
 
     def room(self) -> tuple[int | None, int]:
-        """(device bytes, host bytes) the kept tensors may take: on CUDA the device's memory (or
+        """(device bytes, host bytes) the kept tensors may take. Device, on CUDA: its memory (or
         budgets.gpu_bytes) less the planner's margin and the measured step's peak; on the CPU,
-        where the device is host memory, budgets.gpu_bytes or three quarters of what is free;
-        host: budgets.host_bytes or three quarters of what is free, whichever is less."""
+        where the device is host memory, budgets.gpu_bytes, else the host's free memory less
+        HOST_MARGIN_BYTES. Host: its free memory less HOST_MARGIN_BYTES (pinned memory cannot be
+        swapped out), and no more than budgets.host_bytes less what the process holds now."""
         from offload.plan.planner import DEVICE_MARGIN_BYTES
 
-        free = int(psutil.virtual_memory().available * 3 // 4)
-        host = free if self.budgets.host_bytes is None else min(free, self.budgets.host_bytes)
+        free = max(psutil.virtual_memory().available - HOST_MARGIN_BYTES, 0)
+        host = free
+        if self.budgets.host_bytes is not None:
+            host = max(min(free, self.budgets.host_bytes - psutil.Process().memory_info().rss), 0)
         if not self.device.cuda:
             return (free if self.budgets.gpu_bytes is None else self.budgets.gpu_bytes), host
         total = self.budgets.gpu_bytes or torch.cuda.get_device_properties(self.device.torch).total_memory

@@ -233,18 +233,23 @@ def working_bytes(shape: ModelShape, s: Settings) -> int:
     compute dtype, their fp32 upcast for the loss and its fp32 gradient (vocab x (i + 8)), and one
     block's recompute for backward (about 4 hidden-wide and 3 MLP-wide tensors in the compute
     dtype). Calibrated on the H100 (docs/plan.md): Llama 3.4B and 6.7B from 2K to 32K tokens, within
-    about 1% of the measured peak. With a chunked loss (offload/train/loss.py) the logits are
-    those of one chunk, and the loss keeps the hidden states' gradient (i per hidden unit and
-    token) and an fp32 gradient of the head (4 x vocab x hidden) from forward to backward."""
+    about 1% of the measured peak; there the loss's transients outweigh the block's, and the sum
+    of the two terms stands for the larger.
+
+    With a chunked loss (offload/train/loss.py) the loss's transients are small: one chunk's
+    logits, the hidden states' gradient (i per hidden unit and token) and an fp32 gradient of the
+    head (4 x vocab x hidden). Then the block's recompute-and-backward is the larger, counted in
+    full: what a Llama block's graph saves (12 hidden-wide and 4 MLP-wide tensors, as the meta
+    count of offload/plan/activations.py finds) and the gradients live at the start of its MLP's
+    backward (2 of each), per token. Not calibrated on the GPU yet."""
     hidden = shape.hidden_size or 0
     inter = shape.intermediate_size or 4 * hidden
     vocab = shape.vocab_size or 0
     tokens = s.batch_size * s.seq_len
-    block = tokens * (4 * hidden + 3 * inter) * s.item
     if s.loss_chunk is None:
-        return block + tokens * vocab * (s.item + 8)
-    logits = min(s.loss_chunk, tokens) * vocab * (s.item + 8)
-    return block + logits + tokens * hidden * s.item + 4 * vocab * hidden
+        return tokens * ((4 * hidden + 3 * inter) * s.item + vocab * (s.item + 8))
+    loss = min(s.loss_chunk, tokens) * vocab * (s.item + 8) + tokens * hidden * s.item + 4 * vocab * hidden
+    return max(loss, tokens * (14 * hidden + 6 * inter) * s.item)
 
 
 def _activations(t: Tally, blocks: int, per_block: int, s: Settings) -> None:
