@@ -134,6 +134,7 @@ class NvmeTier:
         self._pool.attach_io(self._engine)  # registered buffers where io_uring takes them
         self._files: dict[int, oio.DirectFile] = {}  # block index -> its file
         self._names: dict[int, str] = {}  # block index -> its record's name (for errors)
+        self._sizes: dict[int, int] = {}  # block index -> bytes of its staged state (its file's size)
         self._staged: dict[int, _Staged] = {}  # block index -> staged state, least recently used first
         self._round: list[int] = []  # block indices in the order acquired since the round began
         self._last_round: list[int] = []  # the round before (the order to read ahead in)
@@ -151,7 +152,7 @@ class NvmeTier:
         f = oio.open(d / f"{rec.name}.adam", "x", engine=self._engine)
         self._files[rec.index] = f
         self._names[rec.index] = rec.name
-        nbytes = self._halves * _half_bytes(rec.numel)
+        nbytes = self._sizes[rec.index] = self._halves * _half_bytes(rec.numel)
         with self._pool.lease(nbytes, purpose="zero-fill") as lease:
             lease.tensor.zero_()
             if self.master:
@@ -267,8 +268,7 @@ class NvmeTier:
     def _read_if_free(self, index: int) -> None:
         """Starts reading index's state into a lease that is free or holds a block whose transfer
         is done (evicting it); does nothing rather than wait."""
-        f = self._files[index]
-        nbytes = f.size()  # the file is exactly the staged state: [master,] m, v, each padded
+        f, nbytes = self._files[index], self._sizes[index]
         try:
             lease = self._pool.lease(nbytes, purpose="adam state")
         except PoolExhausted:
