@@ -1,8 +1,8 @@
 """Asynchronous saves: the step captured is the one save() was called at, while training goes on.
 
-A gate stops the writer just before it captures block 1 until the optimizer's worker is waiting
-in the capture fence for block 1's next update, so every run really has an update held back by
-the save (no timing involved). Then: the checkpoint holds exactly the state at the save (bitwise,
+A gate stops the writer just before its first capture until the optimizer's worker is waiting in
+the capture fence for a record's next update, so every run really has an update held back by the
+save (no timing involved). Then: the checkpoint holds exactly the state at the save (bitwise,
 float32 on the CPU), training was not perturbed (its losses equal a run without saves), and
 resuming from it equals the straight run. Failures (a full disk, EIO, a failed rename) surface on
 wait(), leave no checkpoint, keep ``latest`` and release the held updates.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,11 @@ def train(model: Any, opt: Any, data: list[torch.Tensor]) -> list[float]:
 
 
 class Gate:
-    """Holds the writer before it captures block 1 until the worker waits in the fence for it."""
+    """Holds the writer before its first capture until the worker waits in the fence for a record.
+
+    Any record, not a chosen one: which update the worker reaches first depends on timing (with
+    overlap_backward, what backward queued and the worker has not started yet runs in forward
+    order after step()), and the writer takes the record the worker waits for next."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.worker_held = threading.Event()
@@ -45,12 +50,12 @@ class Gate:
         gate = self
 
         def gated_wait_ready(fence: capture.CaptureFence, rec: Any) -> None:
-            if rec.index == 1:
-                assert gate.worker_held.wait(60), "the worker never waited for block 1's capture"
+            assert gate.worker_held.wait(60), "the worker never waited for a capture"
             wait_ready(fence, rec)
 
         def signalling_hold(fence: capture.CaptureFence, rec: Any) -> None:
-            if rec.index == 1 and fence._ready[id(rec)].is_set() and not fence._captured[id(rec)].is_set():
+            ready, captured = fence._ready.get(id(rec)), fence._captured.get(id(rec))
+            if ready is not None and captured is not None and ready.is_set() and not captured.is_set():
                 gate.worker_held.set()
             hold(fence, rec)
 
@@ -86,7 +91,7 @@ def test_save_in_flight_captures_its_step(
     model, opt = make(opt_cfg, **overrides, trace=str(tmp_path / "trace.json"))
     losses = train(model, opt, data[:3])
     handle = save(model, opt, tmp_path / "ckpt", step=3)
-    losses += train(model, opt, data[3:])  # block 1's next update waits until the save has it
+    losses += train(model, opt, data[3:])  # a record's next update waits until the save has it
     assert handle.wait() == tmp_path / "ckpt" / "step_000003"
     assert losses == straight  # the save did not perturb training
     assert_same(offload.state_dict(model), expect)
@@ -105,6 +110,61 @@ def test_save_in_flight_captures_its_step(
     assert ("wait_capture", 4) in lanes and ("checkpoint", 6) in lanes  # optimizer and io lanes
 
 
+class FakeRecord:
+    def __init__(self, index: int, pending: bool) -> None:
+        self.index, self.name = index, f"block.{index}"
+        self.updated = threading.Event()
+        if not pending:
+            self.updated.set()
+
+
+class FakeUpdater:
+    fence: Any = None
+
+
+class FakeRuntime:
+    def __init__(self) -> None:
+        self.updater = FakeUpdater()
+
+
+def test_writer_takes_the_record_the_worker_waits_for() -> None:
+    """next_ready: the record the worker waits for first, else the first ready in the writer's
+    order; it waits while none is ready and raises when the update it waits for failed."""
+    from offload.engine.trace import Tracer
+
+    tracer = Tracer(None, torch.device("cpu"))
+    recs: list[Any] = [FakeRecord(i, pending=i in (0, 1)) for i in range(4)]
+    fence = capture.CaptureFence(recs, tracer)
+    fence.install(FakeRuntime(), recs)  # type: ignore[arg-type]
+    order = [recs[3], recs[2], recs[1], recs[0]]  # the writer's guess: last block first
+    assert fence.next_ready(order) is recs[3]  # nobody waits: the first ready
+    fence.finished(recs[0], ok=True)  # block 0's update from before the save has run
+    held = threading.Thread(target=fence.hold, args=(recs[0],))  # its next one waits for the save
+    held.start()
+    while fence._waiting is None:
+        time.sleep(0.001)
+    assert fence.next_ready(order) is recs[0]  # the worker waits for it: taken first
+    fence.captured(recs[0])
+    held.join(10)
+    assert not held.is_alive() and fence.hold_s > 0
+
+    got: list[Any] = []
+    taker = threading.Thread(target=lambda: got.append(fence.next_ready([recs[1]])))
+    taker.start()
+    taker.join(0.05)
+    assert taker.is_alive() and got == []  # block 1's update from before the save has not run
+    fence.finished(recs[1], ok=True)
+    taker.join(10)
+    assert got == [recs[1]]
+
+    bad: Any = FakeRecord(8, pending=True)
+    failing = capture.CaptureFence([bad], tracer)
+    failing.install(FakeRuntime(), [bad])  # type: ignore[arg-type]
+    failing.finished(bad, ok=False)
+    with pytest.raises(RuntimeError, match=r"optimizer update of block\.8 failed"):
+        failing.next_ready([bad])
+
+
 def test_second_save_waits_for_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Gate(monkeypatch)
     model, opt = make(CLIP)
@@ -115,8 +175,8 @@ def test_second_save_waits_for_the_first(tmp_path: Path, monkeypatch: pytest.Mon
         first.stats  # noqa: B018
     with pytest.raises(TimeoutError, match=r"still in flight after 0\.01 s"):
         first.wait(timeout=0.01)
-    # The second step's update of block 1 waits for the first save, which the gate lets go once
-    # it does; the second save() returns only after the first has committed.
+    # The second step's first update waits for the first save, which the gate lets go once it
+    # does; the second save() returns only after the first has committed.
     train(model, opt, data[1:])
     second = save(model, opt, tmp_path, step=2)
     assert first.done() and first.wait() == tmp_path / "step_000001"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from offload import io as oio
+from offload.checkpoint import staging as staging_mod
 from offload.checkpoint.format import read_header
 from offload.checkpoint.staging import FileStream, Staging, chunk_size, safetensors_header
 
@@ -87,6 +89,37 @@ def test_failed_write_surfaces_when_its_chunk_is_taken(disk_dir: Path, ring: Sta
     assert a is not b
     ring.give(a, [])
     ring.give(b, [])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 5000), st.integers(1, 4), st.integers(1, 700))
+def test_copy_split_over_threads(n: int, threads: int, slice_bytes: int) -> None:
+    """Staging.copy splits host copies over its threads: every byte lands, whatever the split."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(staging_mod, "COPY_THREADS", threads)
+        m.setattr(staging_mod, "COPY_SLICE", slice_bytes)
+        ring = Staging(4096, 1, pin=False)
+        try:
+            src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+            dst = np.zeros(n + 3, dtype=np.uint8)
+            ring.copy(dst[1 : n + 1], src)
+            assert np.array_equal(dst[1 : n + 1], src) and dst[0] == dst[n + 1] == dst[n + 2] == 0
+        finally:
+            ring.close()
+
+
+def test_file_through_copy_threads(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(staging_mod, "COPY_THREADS", 3)
+    monkeypatch.setattr(staging_mod, "COPY_SLICE", 1000)
+    ring = Staging(8192, 3, pin=False)
+    try:
+        t = torch.randn(10_000, generator=torch.Generator().manual_seed(1))
+        crc = write(disk_dir / "c.safetensors", {"t": t}, ring)
+    finally:
+        ring.close()
+    with safe_open(str(disk_dir / "c.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("t"), t)
+    assert crc["t"] == zlib.crc32(t.numpy().tobytes())
 
 
 def test_bad_ring_and_chunk_sizes() -> None:

@@ -21,6 +21,14 @@ update pending, so its state is the save's at once; otherwise its pending update
 before the save, and ``finished`` marks it ready. The training loop cannot queue a record's next
 update before the pending one has run (the next forward waits for it), so an update held in
 ``hold`` is always one queued after the save.
+
+Which record to capture next (``next_ready``): the one the worker is waiting for, if any, else
+the first of the writer's order whose state is the save's. The writer's order guesses the order of
+the next updates, but the worker's real order changes under a save: with
+``optimizer.overlap_backward`` backward queues the updates last block first, and what is still
+queued at ``step()`` runs in forward order (``Updater.reorder``), which is the case exactly when
+the save holds the worker back. Following the worker, the next forward gets block 0 first instead
+of last.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ class CaptureFence:
         self._captured = {id(r): threading.Event() for r in records}  # copied out: may change
         self._failed: str | None = None
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a record became ready, or the worker waits
+        self._waiting: int | None = None  # id of the record the worker waits for in hold()
         self.hold_s = 0.0  # seconds the worker waited in hold()
 
     def install(self, rt: Runtime, records: list[BlockRecord]) -> None:
@@ -64,8 +74,12 @@ class CaptureFence:
             return  # not saved, already copied out, or the update the save is waiting for
         start = time.perf_counter()
         with self.tracer.span("wait_capture", "optimizer", block=rec.index):
+            with self._changed:
+                self._waiting = id(rec)
+                self._changed.notify_all()  # the writer may take rec next (next_ready)
             captured.wait()
         with self._lock:
+            self._waiting = None
             self.hold_s += time.perf_counter() - start
 
     def finished(self, rec: BlockRecord, ok: bool) -> None:
@@ -75,7 +89,24 @@ class CaptureFence:
             return
         if not ok:
             self._failed = f"the optimizer update of {rec.name} failed before the checkpoint captured it"
-        ready.set()
+        with self._changed:
+            ready.set()
+            self._changed.notify_all()
+
+    def next_ready(self, records: list[BlockRecord]) -> BlockRecord:
+        """Writer thread: of records (not captured yet, in the writer's order), the one the worker
+        waits for, else the first whose state is the save's; waits until there is one."""
+        with self._changed:
+            while True:
+                if self._failed is not None:
+                    raise RuntimeError(self._failed)
+                for rec in records:
+                    if id(rec) == self._waiting:  # waiting in hold(): its state is the save's
+                        return rec
+                for rec in records:
+                    if self._ready[id(rec)].is_set():
+                        return rec
+                self._changed.wait()
 
     def wait_ready(self, rec: BlockRecord) -> None:
         """Writer thread: until rec holds the state as of the save."""
@@ -91,8 +122,10 @@ class CaptureFence:
         """Every record captured, or the save failed: nothing waits on this save any more."""
         if rt.updater.fence is self:
             rt.updater.fence = None
-        for ev in (*self._ready.values(), *self._captured.values()):
-            ev.set()
+        with self._changed:
+            for ev in (*self._ready.values(), *self._captured.values()):
+                ev.set()
+            self._changed.notify_all()
 
 
 @dataclass(slots=True)

@@ -57,6 +57,7 @@ class SaveHandle:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stats: SaveStats | None = None
+        self._reported = False  # wait() raised the error: nobody needs to be told again at exit
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -69,6 +70,7 @@ class SaveHandle:
             self._thread.join()  # a thread that ran torch ops must be gone before torch is torn down
             self._thread = None
         if self._error is not None:
+            self._reported = True
             raise self._error
         return self.path
 

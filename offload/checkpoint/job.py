@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ class SaveJob:
                 self._recycle()
             elif self.group.rank == 0:
                 self._guarded(self._recycle)
-            for plan in self.plans:
+            for plan in self._order():
                 with self.rt.tracer.span("checkpoint", "io", block=plan.rec.index):
                     if self.group is None:
                         self._write(plan)
@@ -147,6 +148,23 @@ class SaveJob:
                 prune_s=self.prune_s,
             )
             self.handle._done.set()
+
+    def _order(self) -> Iterator[RecordPlan]:
+        """The plans in the order they are written. One process: each host record when the capture
+        fence says it is the one to take (the worker waits for it, or it is the first ready, see
+        CaptureFence.next_ready), then the device snapshots. Multi-rank: as given, the same on
+        every rank (the shards travel in collectives)."""
+        if self.group is not None:
+            yield from self.plans
+            return
+        host = [p for p in self.plans if id(p.rec) not in self.snaps]
+        device = [p for p in self.plans if id(p.rec) in self.snaps]
+        while host:
+            rec = self.fence.next_ready([p.rec for p in host])
+            plan = next(p for p in host if p.rec is rec)
+            host.remove(plan)
+            yield plan
+        yield from device
 
     def _write(self, plan: RecordPlan) -> None:
         rec = plan.rec

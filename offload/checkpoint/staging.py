@@ -1,11 +1,14 @@
 """Staging: the pinned chunks checkpoint bytes pass through on their way to disk, and one
 safetensors file streamed through them.
 
-A record is copied chunk by chunk into a small ring of 4096-aligned pool leases, and each full
-chunk is written with O_DIRECT (``offload.io``) at the next file offset, a multiple of the chunk
-size, so every write but a file's last partial chunk goes direct. The copy into staging is what
-*captures* a record (after it the optimizer may change it again); the ring bounds how far capture
-runs ahead of the disk: when every chunk is in flight, taking one waits for the oldest write.
+A record is copied chunk by chunk into a ring of 4096-aligned pool leases, and each full chunk is
+written with O_DIRECT (``offload.io``) at the next file offset, a multiple of the chunk size, so
+every write but a file's last partial chunk goes direct. The copy into staging is what *captures*
+a record (after it the optimizer may change it again); the ring bounds how far capture runs ahead
+of the disk: when every chunk is in flight, taking one waits for the oldest write. A ring that
+holds every host record lets capture run at memory speed, and then the copy itself is what the
+optimizer may wait for: host bytes are copied on COPY_THREADS threads (numpy releases the GIL),
+the writer thread taking one part.
 Each tensor's crc32 is summed over the staged bytes, the very bytes that are written, on a few
 threads (zlib releases the GIL): a tensor's pieces chain in order, different tensors run side by
 side, so the writer thread only copies and a single crc32 stream does not cap the throughput.
@@ -36,6 +39,8 @@ from offload.memory.arena import Lease
 CHUNK_BYTES = 64 << 20  # bytes per staging chunk (and per write request)
 ALIGN = 4096  # O_DIRECT's alignment; chunk sizes are multiples of it
 CRC_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
+COPY_THREADS = CRC_THREADS  # threads copying host bytes into staging (the writer thread is one)
+COPY_SLICE = 8 << 20  # bytes per thread at least: smaller copies stay on the writer thread
 
 Pending = Union[oio.IoFuture, "Future[int]"]  # what reads a chunk: its write, its crc32 sums
 
@@ -103,6 +108,11 @@ class Staging:
         self.pool = PinnedPool(chunk_bytes * chunks, arena_bytes=chunk_bytes, pin=pin, name="checkpoint")
         self.pool.attach_io(self.engine)  # registered buffers where io_uring takes them
         self.crc = ThreadPoolExecutor(CRC_THREADS, thread_name_prefix="offload-crc32")
+        self.copier = (
+            ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="offload-ckpt-copy")
+            if COPY_THREADS > 1
+            else None
+        )
         self._ring: deque[tuple[Lease, list[Pending]]] = deque(
             (self.pool.lease(chunk_bytes, purpose="checkpoint staging"), []) for _ in range(chunks)
         )
@@ -121,6 +131,22 @@ class Staging:
             self._ring.appendleft((lease, []))
             raise
         return lease
+
+    def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """dst[:] = src (host bytes), split over the copy threads when large enough; returns when
+        all of it is copied."""
+        parts = min(COPY_THREADS, src.size // COPY_SLICE)
+        if parts < 2 or self.copier is None:
+            np.copyto(dst, src)
+            return
+        step = -(-src.size // parts)
+        rest = [
+            self.copier.submit(np.copyto, dst[i : i + step], src[i : i + step])
+            for i in range(step, src.size, step)
+        ]
+        np.copyto(dst[:step], src[:step])
+        for f in rest:
+            f.result()
 
     def give(self, lease: Lease, pending: list[Pending]) -> None:
         """Puts a chunk back with what is still reading it (its write, its crc32 sums)."""
@@ -141,6 +167,8 @@ class Staging:
     def close(self) -> None:
         self.drain(raise_errors=False)
         self.crc.shutdown()
+        if self.copier is not None:
+            self.copier.shutdown()
         for lease, _ in self._ring:
             lease.release()
         self._ring.clear()
@@ -196,8 +224,8 @@ class FileStream:
             if data.is_cuda:
                 with torch.cuda.stream(self.stream):  # waited for in _write
                     dst.copy_(data[at : at + k], non_blocking=True)
-            else:  # one thread's memcpy: torch's would take every core from the optimizer
-                np.copyto(dst.numpy(), data[at : at + k].numpy())
+            else:  # our own threads: torch's copy would take every core from the optimizer
+                self.staging.copy(dst.numpy(), data[at : at + k].numpy())
             self._pieces.append((key, self._used, self._used + k))
             self._used += k
             at += k

@@ -104,10 +104,12 @@ def _drain_all() -> None:
     for saver in list(_SAVERS.values()):
         handle = saver.current
         if handle is not None:
+            seen = handle._reported
             try:
                 handle.wait()
             except BaseException as e:
-                print(f"offload: the checkpoint {handle.path} failed: {e}", flush=True)
+                if not seen:  # a failure its caller never waited for
+                    print(f"offload: the checkpoint {handle.path} failed: {e}", flush=True)
             saver.current = None
         if saver.staging is not None:
             saver.staging.close()
