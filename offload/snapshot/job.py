@@ -16,8 +16,6 @@ Order, and why:
 from __future__ import annotations
 
 import time
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,7 +23,7 @@ import torch
 
 from offload.checkpoint.capture import CaptureFence
 from offload.engine.runtime import Runtime
-from offload.snapshot import parity, payload
+from offload.snapshot import crc, parity, payload
 from offload.snapshot.client import Segment
 from offload.snapshot.config import SnapshotHandle, SnapshotStats
 from offload.snapshot.segment import Cell, Header
@@ -46,7 +44,6 @@ class SnapshotJob:
     fence: CaptureFence | None  # None: the caller waited for every update (not lazy)
     topo: Topology
     pg: Any  # the snapshot process group (None on one rank)
-    crc_pool: ThreadPoolExecutor
     piece: int
     nbytes: int  # the payload's bytes
     t0: float
@@ -89,7 +86,7 @@ class SnapshotJob:
                 self.fence.release(self.rt)
             k, chunk = self.header.k, self.header.chunk
             parts = [self.data[i * chunk : (i + 1) * chunk].numpy().data for i in range(k)]
-            crcs = list(self.crc_pool.map(zlib.crc32, parts))  # zlib lets go of the GIL
+            crcs = [crc.crc32(p) for p in parts]  # each on several threads (crc.py)
             self.header = replace(self.header, step=self.handle.step, crcs=tuple(crcs), payload=self.nbytes)
             self.seg.write_header(self.header)  # the commit of this rank's data
             return crcs
@@ -127,7 +124,7 @@ class SnapshotJob:
         for j in range(topo.m):
             stripe = topo.stripe_of_cell(topo.node, j)
             members = tuple(everyone[topo.group[topo.member(stripe, i)]][i] for i in range(topo.k))
-            crc = zlib.crc32(self.cells[j * h.chunk : (j + 1) * h.chunk].numpy().data)
-            cells.append(Cell(stripe=stripe, j=j, crc=crc, members=members))
+            cell_crc = crc.crc32(self.cells[j * h.chunk : (j + 1) * h.chunk].numpy().data)
+            cells.append(Cell(stripe=stripe, j=j, crc=cell_crc, members=members))
         self.header = replace(h, parity_step=self.handle.step, cells=tuple(cells))
         self.seg.write_header(self.header)  # the commit of this node's parity cells

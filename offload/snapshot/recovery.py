@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from offload.snapshot import codec, flush, parity, payload, segment
+from offload.snapshot import codec, crc, flush, parity, payload, segment
 from offload.snapshot.survey import Plan, Rebuild, choose, choose_disk, lost, unseen
 
 if TYPE_CHECKING:
@@ -126,7 +125,7 @@ def _gather_chunks(snap: Snapshotter, plan: Plan) -> torch.Tensor:
     for rb in plan.rebuild:  # every rank walks the same list in the same order
         _rebuild_one(snap, plan, rb, data)
     if any(rb.rank == snap.rank for rb in plan.rebuild):
-        crcs = tuple(zlib.crc32(data[i * chunk : (i + 1) * chunk].numpy().data) for i in range(topo.k))
+        crcs = tuple(crc.crc32(data[i * chunk : (i + 1) * chunk].numpy().data) for i in range(topo.k))
         # The rebuilt data is committed in this keeper again (its parity cells come with the next snapshot).
         seg.write_header(replace(snap.blank(chunk), step=plan.step, crcs=crcs))
     return data
@@ -152,7 +151,7 @@ def _rebuild_one(snap: Snapshotter, plan: Plan, rb: Rebuild, data: torch.Tensor)
     for p in lost_data:
         out[p] = torch.empty(chunk, dtype=torch.uint8)  # another lost member of the stripe: unused
     codec.decode(cells, k, m, out=out)
-    got = zlib.crc32(out[rb.chunk].numpy().data)
+    got = crc.crc32(out[rb.chunk].numpy().data)
     if got != rb.crc:
         raise SnapshotLost(
             f"chunk {rb.chunk} of rank {rb.rank} rebuilt from parity fails its crc32 "

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from offload.snapshot import crc
+
 MAGIC = b"OFFSNAP\x01"
 HEADER_BYTES = 64 << 10
 """Bytes reserved for the header: room for the crc32s of a few thousand chunks and cells."""
@@ -160,7 +162,7 @@ def crc_chunks(buf: Any, k: int, chunk: int, first: int = 0, count: int | None =
     out = []
     for i in range(first, first + n):
         lo, hi = data_range(k, chunk, i)
-        out.append(zlib.crc32(view[lo:hi]))
+        out.append(crc.crc32(view[lo:hi]))
     return out
 
 

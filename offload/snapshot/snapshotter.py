@@ -27,7 +27,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -45,8 +44,6 @@ from offload.snapshot.config import SnapshotConfig, SnapshotHandle, interval
 from offload.snapshot.job import SnapshotJob
 from offload.snapshot.segment import Header
 from offload.snapshot.topology import node_keys_to_topology
-
-CRC_THREADS = 4
 
 
 class Snapshotter:
@@ -74,7 +71,6 @@ class Snapshotter:
         self.segments: dict[int, Segment] = {}
         self.current: SnapshotHandle | None = None
         self._reported: SnapshotHandle | None = None  # the last failed snapshot already printed
-        self.crc_pool = ThreadPoolExecutor(CRC_THREADS, thread_name_prefix="offload-snapshot-crc")
         self._next: int | None = None  # the step auto takes its next snapshot at
         self._last_call: tuple[int, float] | None = None
         self._step_s = 0.0
@@ -152,7 +148,6 @@ class Snapshotter:
             fence=fence,
             topo=topo,
             pg=self.pg,
-            crc_pool=self.crc_pool,
             piece=self.cfg.piece_bytes,
             nbytes=need,
             t0=t0,
@@ -315,7 +310,6 @@ class Snapshotter:
             seg.close()
         self.segments.clear()
         self.client.close()
-        self.crc_pool.shutdown()
 
 
 def _wait_at_exit(ref: weakref.ref[Snapshotter]) -> None:
