@@ -138,6 +138,10 @@ def test_a_lost_keeper_falls_back_to_the_flushed_snapshot(where: Path, tmp_path:
         "no keeper holds a snapshot of job 'default'; falling back to the disk checkpoint" in restored.message
     )
     assert_continues(ref, losses, state)
+    # A finished run deletes its own flushed files (offload train does), not another job's.
+    assert flush.remove(tmp_path, "other", 0) == [] and path.exists()
+    assert flush.remove(tmp_path, "default", 0) == [path]
+    assert not path.parent.exists() and flush.flushed_steps(tmp_path) == []
 
 
 def test_a_newer_checkpoint_wins_over_the_flushed_snapshot(where: Path, tmp_path: Path) -> None:

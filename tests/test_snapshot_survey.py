@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from offload.snapshot.survey import choose, choose_disk, lost, unseen
+from offload.snapshot.survey import choose, choose_disk, lost, unseen, unseen_note
 from offload.snapshot.topology import Topology, TopologyError, node_keys_to_topology
 
 
@@ -125,6 +125,13 @@ def test_the_disk_fallback_takes_the_newest_step_every_rank_can_load() -> None:
 def test_checkpoints_not_every_rank_sees_are_named() -> None:
     # Rank 0 writes a multi-rank checkpoint; on a filesystem the others do not share, only it sees it.
     reports = [disk([], [2, 4]), disk([], [2]), disk([], [2])]
+    reports[0]["paths"] = {"2": "ckpt/step_000002", "4": "ckpt/step_000004"}
     assert choose_disk(reports) == ("checkpoint", 2)
     assert unseen(reports) == {4: [1, 2]}
+    assert unseen_note(reports, 2) == (
+        " (the checkpoint ckpt/step_000004 is not seen by ranks [1, 2]: every rank loads it, so it must "
+        "be on a filesystem all of them read)"
+    )
+    assert unseen_note(reports, None).startswith(" (the checkpoint ckpt/step_000004 is not seen")
+    assert unseen_note(reports, 4) == ""  # nothing newer than what is loaded goes unseen
     assert unseen([disk([], [2]), disk([], [2])]) == {}

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from offload.snapshot import codec, crc, flush, parity, payload, segment
-from offload.snapshot.survey import Plan, Rebuild, choose, choose_disk, lost, unseen
+from offload.snapshot.survey import Plan, Rebuild, choose, choose_disk, lost, unseen_note
 
 if TYPE_CHECKING:
     from offload.snapshot.snapshotter import Snapshotter
@@ -245,15 +245,7 @@ def _on_disk(snap: Snapshotter, roots: list[Path]) -> tuple[tuple[str, int, Path
     }
     reports = [mine] if snap.pg is None else parity.gather_json(snap.pg, mine)
     choice = choose_disk(reports)
-    missed = {s: ranks for s, ranks in unseen(reports).items() if choice is None or s > choice[1]}
-    note = ""
-    if missed:
-        step = max(missed)
-        holder = next(r for r in reports if step in r["saved"])
-        note = (
-            f" (the checkpoint {holder['paths'][str(step)]} is not seen by ranks {missed[step]}: every "
-            "rank loads it, so it must be on a filesystem all of them read)"
-        )
+    note = unseen_note(reports, None if choice is None else choice[1])
     if choice is None:
         return None, note
     kind, step = choice

@@ -9,8 +9,8 @@ the middle of a snapshot) is thus still restorable when parity covers that rank.
 
 When no step can be put together, ``choose_disk`` takes the newest step on disk that every rank can
 load, from what each rank reports it sees there (``flushed``: the steps it has its own flushed file
-of; ``saved``: the ``offload.save`` checkpoints it sees), and ``unseen`` names the checkpoints some
-ranks do not see (not on a filesystem they share).
+of; ``saved``: the ``offload.save`` checkpoints it sees; ``paths``: where), and ``unseen_note``
+names a newer checkpoint some ranks do not see (not on a filesystem they share).
 """
 
 from __future__ import annotations
@@ -143,3 +143,17 @@ def unseen(reports: list[dict[str, Any]]) -> dict[int, list[int]]:
     steps = sorted({s for r in reports for s in r["saved"]})
     out = {s: [rank for rank, r in enumerate(reports) if s not in r["saved"]] for s in steps}
     return {s: ranks for s, ranks in out.items() if ranks}
+
+
+def unseen_note(reports: list[dict[str, Any]], chosen: int | None) -> str:
+    """A note on the newest checkpoint newer than the chosen step (None: nothing chosen) that some
+    ranks do not see, naming it (from the reports' "paths") and them; "" when there is none."""
+    missed = {s: ranks for s, ranks in unseen(reports).items() if chosen is None or s > chosen}
+    if not missed:
+        return ""
+    step = max(missed)
+    path = next(r["paths"][str(step)] for r in reports if step in r["saved"])
+    return (
+        f" (the checkpoint {path} is not seen by ranks {missed[step]}: every rank loads it, so it "
+        "must be on a filesystem all of them read)"
+    )
