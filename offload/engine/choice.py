@@ -14,8 +14,9 @@ initialisation, which would pass for compute) for what the cost model needs:
 - the bytes its graph saves (a pack hook that moves nothing, in the recompute), and the time
   and bytes of its attention calls (engine/attention.py's Probe, in the forward);
 - the GPU time between the last block's forward and its backward (the head and the loss);
-- the CPU optimizer's busy time for the step's updates (the updater's clock);
-- the step's peak device memory, which leaves the room kept tensors may take;
+- the CPU optimizer's busy time over the pass's wall time (the updater's clock);
+- the step's peak device memory (what the caching allocator reserved), which leaves the room
+  kept tensors may take;
 - the pass's wall time, from its first block's forward to the next pass's: what the model does
   not explain of it is added to every estimate (offload.plan.recompute.calibrated).
 
@@ -79,7 +80,7 @@ class Traffic:
 class MeasuredChoice:
     """See the module docstring. ``weights()`` gives the storage keys of every weight buffer
     (never counted as saved: the graph keeps references to them); ``optimizer_busy()`` the
-    optimizer worker's busy seconds so far and ``settle()`` waits for its queued updates (None:
+    optimizer worker's busy seconds so far (None:
     the CPU bound is not counted)."""
 
     def __init__(
@@ -90,7 +91,6 @@ class MeasuredChoice:
         weights: Callable[[], set[int]],
         budgets: BudgetsConfig | None = None,
         optimizer_busy: Callable[[], float] | None = None,
-        settle: Callable[[], None] | None = None,
     ) -> None:
         self.device = device
         self.blocks = blocks
@@ -98,7 +98,6 @@ class MeasuredChoice:
         self.weights = weights
         self.budgets = budgets or BudgetsConfig()
         self.optimizer_busy = optimizer_busy
-        self.settle = settle
         self.decision: Choice | None = None
         self._times: dict[tuple[int, str], list[Any]] = {}  # (block, phase) -> [start, end]
         self._saved: dict[int, int] = {}
@@ -117,6 +116,7 @@ class MeasuredChoice:
                 self.decision = self._decide(now - self._pass_start)
             elif self._passes == WARMUP_PASSES and self._pass_start is None:
                 self._pass_start = now
+                self._busy_start = None if self.optimizer_busy is None else self.optimizer_busy()
         return Keep.RECOMPUTE if self.decision is None else self.decision.keep[index]
 
     @property
@@ -135,8 +135,6 @@ class MeasuredChoice:
         if not self.recording or (index, phase) in self._times:
             yield
             return
-        if self._busy_start is None and self.optimizer_busy is not None:
-            self._busy_start = self.optimizer_busy()
         self._times[(index, phase)] = [self._mark()]
         yield
         self._times[(index, phase)].append(self._mark())
@@ -215,13 +213,13 @@ class MeasuredChoice:
         return out
 
     def bounds(self, measured_s: float | None = None) -> Bounds:
-        """The CPU optimizer's busy time over the measured step (after waiting for its updates),
-        the GPU time between the last block's forward and its backward (head and loss), and the
+        """The CPU optimizer's busy time over the measured pass's wall time (from its start to
+        now, the next pass's start: what the CPU does in a step of a steady run), the GPU time between the last block's forward and its backward (head and loss), and the
         measured pass's wall time (measured_s)."""
         cpu = 0.0
         if self.optimizer_busy is not None and self._busy_start is not None:
-            if self.settle is not None:
-                self.settle()  # host wait: every update of the measured step has run
+            # Over the measured pass's wall time: in a steady run the updates that spill into
+            # the next pass match those that spilled into this one.
             cpu = self.optimizer_busy() - self._busy_start
         last = self.blocks - 1
         fwd, bwd = self._times.get((last, _FORWARD)), self._times.get((last, _BACKWARD))
@@ -230,7 +228,8 @@ class MeasuredChoice:
 
     def room(self) -> tuple[int | None, int]:
         """(device bytes, host bytes) the kept tensors may take. Device, on CUDA: its memory (or
-        budgets.gpu_bytes) less the planner's margin and the measured step's peak; on the CPU,
+        budgets.gpu_bytes) less the planner's margin and the peak the caching allocator reserved
+        (since the last reset of the peak statistics: the measured step's, or earlier); on the CPU,
         where the device is host memory, budgets.gpu_bytes, else the host's free memory less
         HOST_MARGIN_BYTES. Host: its free memory less HOST_MARGIN_BYTES (pinned memory cannot be
         swapped out), and no more than budgets.host_bytes less what the process holds now."""
@@ -243,7 +242,9 @@ class MeasuredChoice:
         if not self.device.cuda:
             return (free if self.budgets.gpu_bytes is None else self.budgets.gpu_bytes), host
         total = self.budgets.gpu_bytes or torch.cuda.get_device_properties(self.device.torch).total_memory
-        peak = torch.cuda.max_memory_allocated(self.device.torch)
+        # What the caching allocator held at its peak, not only what tensors used: kept groups
+        # of a few GiB each must find room beside the allocator's cached blocks.
+        peak = torch.cuda.max_memory_reserved(self.device.torch)
         return max(total - DEVICE_MARGIN_BYTES - peak, 0), host
 
     def _decide(self, measured_s: float) -> Choice:
@@ -263,13 +264,12 @@ def make_choice(
     weights: Callable[[], set[int]],
     budgets: BudgetsConfig | None = None,
     optimizer_busy: Callable[[], float] | None = None,
-    settle: Callable[[], None] | None = None,
 ) -> Chooser | None:
     """The choice of ``placement.offload_saved``; None for "never"."""
     if spec == "never":
         return None
     if spec == "auto":
-        return MeasuredChoice(device, blocks, traffic, weights, budgets, optimizer_busy, settle)
+        return MeasuredChoice(device, blocks, traffic, weights, budgets, optimizer_busy)
     if spec == "always":
         return lambda index: Keep.HOST
     kinds = {"host": spec} if isinstance(spec, list) else dict(spec)

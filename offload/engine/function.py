@@ -93,8 +93,7 @@ def make_activations(cfg: Config, executor: Executor, updater: Updater | None = 
     traffic = Traffic(weight_bytes=streamed, grad_bytes=streamed)
     keys = lambda: weight_keys(executor)  # noqa: E731
     busy = None if updater is None else (lambda: updater.busy_s)
-    settle = None if updater is None else updater.wait_all
-    choose = make_choice(p.offload_saved, device, blocks, traffic, keys, cfg.budgets, busy, settle)
+    choose = make_choice(p.offload_saved, device, blocks, traffic, keys, cfg.budgets, busy)
     measure = choose if isinstance(choose, MeasuredChoice) else None
     executor.timer = None if measure is None else measure.timer
     if choose is None:
