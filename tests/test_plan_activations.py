@@ -86,7 +86,7 @@ def test_auto_keeps_every_graph_on_the_device_when_it_has_room() -> None:
     saved = saved_bytes_per_block(tiny("llama", layers=4), "float32", 2, 16)
     assert p.recompute is not None and p.recompute.keep == (Keep.DEVICE,) * 4
     assert p.get("saved", Tier.GPU) == 4 * saved and p.get("saved", Tier.HOST) == 0
-    assert "offload_saved: keep on the device 0-3 (est. step" in p.table()
+    assert "offload_saved: keep on the device 4 blocks: 0-3 (est. step" in p.table()
     assert p.to_json()["offload_saved"]["device"] == [0, 1, 2, 3]
 
 
@@ -99,7 +99,7 @@ def test_auto_offloads_to_host_when_the_device_is_full() -> None:
     assert p.get("saved", Tier.HOST) == 4 * saved
     assert p.get("saved", Tier.GPU) == SAVED_WINDOW * saved
     assert p.fits
-    assert "offload_saved: offload to host 0-3" in p.table()
+    assert "offload_saved: offload to host 4 blocks: 0-3 (est." in p.table()
     assert p.to_json()["offload_saved"]["blocks"] == [0, 1, 2, 3]
 
 

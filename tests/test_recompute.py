@@ -49,9 +49,10 @@ def test_pcie_limited_offloads_until_the_link_is_as_busy_as_compute() -> None:
     costs = blocks(8)
     link = Link(5 * GB, 5 * GB)
     c = choose(costs, link, device_bytes=WINDOW)
-    assert c.keep == (H,) * 4 + (R,) * 4  # the earliest: the most forward left to hide their copies
+    # Spread out: with one copy in flight at a put, each copy overlaps the blocks up to the next.
+    assert c.keep == (H, R) * 4
     assert c.step_s == min(step_time(costs, link, [H] * k + [R] * (8 - k)) for k in range(9))
-    assert "offload to host 0-3, recompute 4-7" in c.describe()
+    assert "offload to host 4 blocks: 0, 2, 4, 6; recompute 4 blocks: 1, 3, 5, 7" in c.describe()
 
 
 def test_other_traffic_leaves_less_room() -> None:
@@ -78,8 +79,8 @@ def test_memory_limited_keeps_on_the_device_first() -> None:
     costs = blocks(8)
     room = 3 * GB // 10 + WINDOW
     c = choose(costs, Link(5 * GB, 5 * GB), device_bytes=room)
-    assert c.of(D) == [5, 6, 7]  # the last blocks
-    assert c.of(H) == [0, 1, 2, 3] and c.of(R) == [4]
+    assert c.of(H) == [0, 2, 4, 6]  # spread out
+    assert c.of(D) == [3, 5, 7] and c.of(R) == [1]  # the last blocks left
     assert c.device_bytes == device_bytes(costs, c.keep) <= room
     on_host_only = choose(costs, Link(5 * GB, 5 * GB), device_bytes=WINDOW)
     assert c.step_s < on_host_only.step_s
@@ -113,7 +114,7 @@ def test_a_small_gain_is_not_taken() -> None:
 
 def test_the_host_budget_bounds_the_host_blocks() -> None:
     c = choose(blocks(8), Link(100 * GB, 100 * GB), host_bytes=45 * GB // 100, device_bytes=WINDOW)
-    assert c.of(H) == [0, 1, 2, 3] and c.offloaded_bytes == 4 * GB // 10
+    assert c.of(H) == [0, 2, 4, 6] and c.offloaded_bytes == 4 * GB // 10
 
 
 def test_attention_keeps_take_scarce_device_memory_first() -> None:
@@ -123,7 +124,7 @@ def test_attention_keeps_take_scarce_device_memory_first() -> None:
     c = choose(costs, Link(1, 1), device_bytes=10**8)
     assert c.keep == (A,) * 10
     assert c.step_s == pytest.approx(0.1 + 0.2 + 10 * 0.004)
-    assert "keep attention on the device 0-9" in c.describe()
+    assert "keep attention on the device 10 blocks: 0-9 (est." in c.describe()
 
 
 def test_attention_on_host_when_the_device_is_full() -> None:

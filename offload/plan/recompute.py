@@ -30,10 +30,12 @@ h + d at the rate both directions reach together (they share the PCIe link). Whe
 recomputing every block was measured (auto), what the model does not explain of it (launch gaps,
 overlap that is not perfect) is added to every estimate, so gains are fractions of the real step.
 
-Every split of the blocks into the five kinds is tried, the blocks taken by position: host
-blocks first (their copy out has the rest of the forward to hide behind), device blocks last,
-the attention keeps in between (host first); the device kinds must fit ``device_bytes`` with a
-window of host groups in flight (``SAVED_WINDOW``), the host kinds ``host_bytes``. A choice that
+Every count of blocks of each kind is tried (with as many device attention keeps as fit: they
+cost no link time); the device kinds must fit ``device_bytes`` with a window of host groups in
+flight (``SAVED_WINDOW``), the host kinds ``host_bytes``. The host-kept blocks are then spread
+evenly over the blocks, so that each copy overlaps the blocks up to the next host-kept one (the
+store lets one copy out be in flight at a put), and the device graphs take the last blocks left
+(:meth:`_Split.keep`). A choice that
 saves less than ``MIN_GAIN`` of the step is not taken: every block recomputes, and the choice
 says why (a step bound by the CPU optimizer or the link gains nothing from skipping compute).
 """
@@ -227,6 +229,9 @@ def host_bytes(costs: Sequence[BlockCost], keep: Sequence[Keep]) -> int:
     return sum(_host_bytes(c, k) for c, k in zip(costs, keep))
 
 
+_moved, _held = host_bytes, device_bytes  # for choose(), whose budgets take these names
+
+
 @dataclass(frozen=True, slots=True)
 class Choice:
     """What each block keeps, and the step times the model predicts."""
@@ -273,9 +278,9 @@ class Choice:
                 f"recompute every block (est. step {self.recompute_step_s:.3f} s{slack}, "
                 f"bound by {self.bound}){why}"
             )
-        parts = [f"{_NAMES[k]} {ranges(self.of(k))}" for k in _ORDER if self.of(k)]
+        parts = [f"{_NAMES[k]} {_count(self.of(k))}: {ranges(self.of(k))}" for k in _ORDER if self.of(k)]
         return (
-            f"{', '.join(parts)} (est. step {self.step_s:.3f} s against {self.recompute_step_s:.3f} s "
+            f"{'; '.join(parts)} (est. step {self.step_s:.3f} s against {self.recompute_step_s:.3f} s "
             f"recomputing{slack}, {self.gain:.0%} faster; recomputing is bound by {self.bound})"
         )
 
@@ -349,9 +354,14 @@ def choose(
             best = key, split
     if best is None:
         return nothing
-    (step, moved, held), split = best
+    split = best[1]
+    keep = split.keep(costs)
     choice = replace(
-        nothing, keep=tuple(split.keep(costs)), step_s=step, offloaded_bytes=moved, device_bytes=held
+        nothing,
+        keep=tuple(keep),
+        step_s=estimate(costs, link, keep, bounds).step_s,
+        offloaded_bytes=_moved(costs, keep),
+        device_bytes=_held(costs, keep, window),
     )
     if choice.gain < min_gain:
         return replace(nothing, reason=_why_not(choice, base, min_gain))
@@ -371,9 +381,10 @@ def _why_not(choice: Choice, base: Estimate, min_gain: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Split:
-    """A split by position: the first ``host`` blocks keep their graph in host memory, the last
-    ``device`` on the device; of the attention-keepable blocks in between, the first
-    ``att_host`` keep their attention in host memory, the next ``att_device`` on the device."""
+    """How many blocks keep each kind; :meth:`keep` says which. The search prices a split as if
+    the host graphs were the first blocks, the device graphs the last and the attention keeps
+    (host first) the attention-keepable blocks in between, which is exact when the blocks cost
+    alike (the blocks of one model do)."""
 
     n: int
     device: int = 0
@@ -386,15 +397,38 @@ class _Split:
         return bool(self.device or self.host or self.att_device or self.att_host)
 
     def keep(self, costs: Sequence[BlockCost]) -> list[Keep]:
+        """Which blocks keep what. Host-kept blocks are spread evenly over the blocks: the store
+        lets one copy out be in flight when the next host group is put, so a copy overlaps every
+        block up to the next host-kept one, and spread out the copies keep pace with compute
+        where they would stall it bunched together (and likewise coming back in backward).
+        Device graphs take the last blocks left (their backward runs first and frees them
+        first); device attention keeps the attention-keepable blocks left."""
         keep = [Keep.RECOMPUTE] * self.n
-        for i in range(self.host):
-            keep[i] = Keep.HOST
-        for i in range(self.n - self.device, self.n):
+
+        def place(kind: Keep, count: int, among: list[int]) -> None:
+            for i in _spread(among, count):
+                keep[i] = kind
+
+        def free(keepable: bool = False) -> list[int]:
+            return [
+                i
+                for i in range(self.n)
+                if keep[i] is Keep.RECOMPUTE and (not keepable or costs[i].attention_bytes > 0)
+            ]
+
+        place(Keep.HOST, self.host, free())
+        place(Keep.ATTENTION_HOST, self.att_host, free(keepable=True))
+        for i in free()[self.n :: -1][: self.device]:
             keep[i] = Keep.DEVICE
-        middle = [i for i in range(self.host, self.n - self.device) if costs[i].attention_bytes > 0]
-        for j, i in enumerate(middle[: self.att_host + self.att_device]):
-            keep[i] = Keep.ATTENTION_HOST if j < self.att_host else Keep.ATTENTION
+        for i in free(keepable=True)[: self.att_device]:
+            keep[i] = Keep.ATTENTION
         return keep
+
+
+def _spread(among: list[int], count: int) -> list[int]:
+    """count of the positions in among, evenly spaced, the first included."""
+    count = min(count, len(among))
+    return [among[j * len(among) // count] for j in range(count)]
 
 
 def _splits(
@@ -446,6 +480,10 @@ def _splits(
 
 def _prefix(values: Iterable[float]) -> list:
     return list(itertools.accumulate(values, initial=0))
+
+
+def _count(blocks: list[int]) -> str:
+    return f"{len(blocks)} block" + ("s" if len(blocks) != 1 else "")
 
 
 def ranges(indices: list[int]) -> str:
