@@ -419,7 +419,7 @@ class PlacementConfig:
     mapping names the blocks of each kind: {device: [..]} keep their graph on the device, {host:
     [..]} in host memory, {attention: [..]} keep their attention output and log-sum-exp on the
     device and recompute the rest, {attention_host: [..]} the same in host memory. "auto"
-    recomputes every block in the first step while measuring, then keeps what the cost model
+    recomputes every block for two steps, measuring the second, then keeps what the cost model
     picks (offload.plan.recompute): nothing unless that saves at least 10% of the step."""
     device_blocks: int | Literal["auto"] = 0
     """How many of the first blocks keep all their state (weights, master, Adam m and v,

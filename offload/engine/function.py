@@ -50,7 +50,7 @@ class Activations:
     attention: AttentionKeep | None = None
     choose: Chooser | None = None
     measure: MeasuredChoice | None = None
-    """offload_saved auto, while its first step is being measured."""
+    """offload_saved auto (it measures its second pass, then decides)."""
 
     def keep(self, index: int) -> Keep:
         return Keep.RECOMPUTE if self.choose is None else self.choose(index)
