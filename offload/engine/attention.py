@@ -93,12 +93,12 @@ class _Options:
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[Any]]:
         """(output, tensors the backward needs besides q, k, v and the output, other values)."""
         if q.is_cuda:
-            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
-                torch.ops.aten._scaled_dot_product_flash_attention(
-                    q, k, v, 0.0, self.is_causal, False, scale=self.scale
-                )
+            out, lse, *rest = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, self.is_causal, False, scale=self.scale
             )
-            return out, [lse, cum_q, cum_k, seed, offset], [max_q, max_k]
+            # cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused: sizes, and tensors that are
+            # empty or undefined (None) without dropout and nesting; they stay as they are.
+            return out, [lse], rest[:6]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, self.is_causal, scale=self.scale
         )
@@ -109,8 +109,8 @@ class _Options:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The kernel's backward, called as autograd's derivative of the forward above calls it."""
         if q.is_cuda:
-            lse, cum_q, cum_k, seed, offset = kept.tensors
-            max_q, max_k = kept.values
+            (lse,) = kept.tensors
+            cum_q, cum_k, max_q, max_k, seed, offset = kept.values
             return torch.ops.aten._scaled_dot_product_flash_attention_backward(
                 grad, q, k, v, kept.out, lse, cum_q, cum_k, max_q, max_k, 0.0, self.is_causal, seed,
                 offset, scale=self.scale,
@@ -123,7 +123,8 @@ class _Options:
 
 @dataclass(slots=True, eq=False)
 class Kept:
-    """One kept attention call: its output, what its backward needs, and its other values."""
+    """One kept attention call: its output, the log-sum-exp, and the kernel's other values (on
+    CUDA its sizes and the small or undefined tensors it returns; they never leave the device)."""
 
     out: torch.Tensor
     tensors: list[torch.Tensor]
