@@ -59,6 +59,7 @@ class CaptureFence:
         self._changed = threading.Condition(self._lock)  # a record became ready, or the worker waits
         self._waiting: int | None = None  # id of the record the worker waits for in hold()
         self.hold_s = 0.0  # seconds the worker waited in hold()
+        self.ready_wait_s = 0.0  # seconds the writer waited for updates from before the save
 
     def install(self, rt: Runtime, records: list[BlockRecord]) -> None:
         """Called by save() on the training thread, before any later update can be queued."""
@@ -96,21 +97,27 @@ class CaptureFence:
     def next_ready(self, records: list[BlockRecord]) -> BlockRecord:
         """Writer thread: of records (not captured yet, in the writer's order), the one the worker
         waits for, else the first whose state is the save's; waits until there is one."""
+        start = time.perf_counter()
         with self._changed:
-            while True:
-                if self._failed is not None:
-                    raise RuntimeError(self._failed)
-                for rec in records:
-                    if id(rec) == self._waiting:  # waiting in hold(): its state is the save's
-                        return rec
-                for rec in records:
-                    if self._ready[id(rec)].is_set():
-                        return rec
-                self._changed.wait()
+            try:
+                while True:
+                    if self._failed is not None:
+                        raise RuntimeError(self._failed)
+                    for rec in records:
+                        if id(rec) == self._waiting:  # waiting in hold(): its state is the save's
+                            return rec
+                    for rec in records:
+                        if self._ready[id(rec)].is_set():
+                            return rec
+                    self._changed.wait()
+            finally:
+                self.ready_wait_s += time.perf_counter() - start
 
     def wait_ready(self, rec: BlockRecord) -> None:
         """Writer thread: until rec holds the state as of the save."""
+        start = time.perf_counter()
         self._ready[id(rec)].wait()
+        self.ready_wait_s += time.perf_counter() - start
         if self._failed is not None:
             raise RuntimeError(self._failed)
 

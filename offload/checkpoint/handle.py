@@ -33,6 +33,17 @@ class SaveStats:
     """Of bytes: written over the files of a surplus step, in place (``prune="before"``)."""
     prune_s: float = 0.0
     """Of write_s: taking surplus steps out (``prune="before"``) and pruning after the commit."""
+    commit_s: float = 0.0
+    """Of write_s: from the last record staged to the end: the last writes, fsyncs, manifest,
+    renames and the prune after the commit."""
+    ready_wait_s: float = 0.0
+    """Of write_s: waiting for optimizer updates queued before save() (the state to capture)."""
+    copy_s: float = 0.0
+    """Of write_s: copying into staging (host memcpy; waiting for device-to-host copies)."""
+    write_wait_s: float = 0.0
+    """Of write_s: waiting for the disk (a staging chunk's write before refilling it; the last ones)."""
+    crc_wait_s: float = 0.0
+    """Of write_s: waiting for crc32 sums (a chunk whose write was done but not its sums)."""
 
     @property
     def gbps(self) -> float:

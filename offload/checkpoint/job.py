@@ -19,7 +19,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +106,11 @@ class SaveJob:
     recycler: Recycler | None = None
     reused: int = 0  # bytes written over a surplus step's files
     prune_s: float = 0.0
+    commit_s: float = 0.0
 
     def run(self) -> None:
         start = time.perf_counter()
+        tally = replace(self.staging.tally)
         try:
             if self.group is None:
                 self._recycle()
@@ -135,6 +137,7 @@ class SaveJob:
             self.fence.release(self.rt)
             self.snaps.clear()
             end = time.perf_counter()
+            spent = self.staging.tally.since(tally)
             self.handle._stats = SaveStats(
                 step=self.handle.step,
                 bytes=self.bytes,
@@ -146,6 +149,11 @@ class SaveJob:
                 device_copy=self.device_copy,
                 reused_bytes=self.reused,
                 prune_s=self.prune_s,
+                commit_s=self.commit_s,
+                ready_wait_s=self.fence.ready_wait_s,
+                copy_s=spent.copy_s,
+                write_wait_s=spent.write_wait_s,
+                crc_wait_s=spent.crc_wait_s,
             )
             self.handle._done.set()
 
@@ -270,11 +278,16 @@ class SaveJob:
                 fs.put(tensor_key(kind, ref.names[0]), ref.view(flat).reshape(-1).view(torch.uint8))
 
     def _finish(self) -> None:
-        self.staging.drain()  # every chunk's write has landed (or raises its error)
-        for f in self.files:
-            f.sync()
-            f.close()
-        self._commit()
+        t = time.perf_counter()
+        try:
+            with self.rt.tracer.span("commit", "io", step=self.handle.step):
+                self.staging.drain()  # every chunk's write has landed (or raises its error)
+                for f in self.files:
+                    f.sync()
+                    f.close()
+                self._commit()
+        finally:
+            self.commit_s = time.perf_counter() - t
 
     def _commit(self) -> None:
         tmp, final = self.tmp, self.handle.path

@@ -22,10 +22,12 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 import zlib
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Union
 
 import numpy as np
@@ -87,6 +89,26 @@ def safetensors_header(
     return struct.pack("<Q", len(raw)) + raw, index
 
 
+@dataclass(slots=True)
+class Tally:
+    """Where the writer thread's time went, summed over the saves that used a ring (a save reports
+    the difference between its end and its start)."""
+
+    copy_s: float = 0.0
+    """Copying into staging: host memcpy, and waiting for device-to-host copies to land."""
+    write_wait_s: float = 0.0
+    """Waiting for a chunk's write before refilling it, or for every write before the commit."""
+    crc_wait_s: float = 0.0
+    """Waiting for a chunk's crc32 sums after its write was done."""
+
+    def since(self, start: Tally) -> Tally:
+        return Tally(
+            self.copy_s - start.copy_s,
+            self.write_wait_s - start.write_wait_s,
+            self.crc_wait_s - start.crc_wait_s,
+        )
+
+
 def chunk_size(largest_file: int) -> int:
     """CHUNK_BYTES, or less for small files: the largest file rounded up to ALIGN."""
     return min(CHUNK_BYTES, max(ALIGN, -(-largest_file // ALIGN) * ALIGN))
@@ -113,6 +135,7 @@ class Staging:
             if COPY_THREADS > 1
             else None
         )
+        self.tally = Tally()
         self._ring: deque[tuple[Lease, list[Pending]]] = deque(
             (self.pool.lease(chunk_bytes, purpose="checkpoint staging"), []) for _ in range(chunks)
         )
@@ -126,7 +149,7 @@ class Staging:
         its write)."""
         lease, pending = self._ring.popleft()
         try:
-            _settle(pending)  # host wait: a chunk is refilled only after its write and crc32 read it
+            self._settle(pending)  # host wait: a chunk is refilled only after its write and crc32 read it
         except BaseException:
             self._ring.appendleft((lease, []))
             raise
@@ -157,7 +180,7 @@ class Staging:
         errors: list[BaseException] = []
         for i, (lease, pending) in enumerate(self._ring):
             try:
-                _settle(pending)
+                self._settle(pending)
             except Exception as e:
                 errors.append(e)
             self._ring[i] = (lease, [])
@@ -176,17 +199,22 @@ class Staging:
         self.pool.close()
         self.engine.close()
 
-
-def _settle(pending: list[Pending]) -> None:
-    """Waits for each (all of them, even after one failed), then raises the first error."""
-    error: BaseException | None = None
-    for p in pending:
-        try:
-            p.result() if isinstance(p, Future) else p.wait()
-        except Exception as e:
-            error = error or e
-    if error is not None:
-        raise error
+    def _settle(self, pending: list[Pending]) -> None:
+        """Waits for each (all of them, even after one failed), then raises the first error; the
+        waits are tallied (the write comes first in pending, then the crc32 sums)."""
+        error: BaseException | None = None
+        for p in pending:
+            t = time.perf_counter()
+            try:
+                p.result() if isinstance(p, Future) else p.wait()
+            except Exception as e:
+                error = error or e
+            if isinstance(p, Future):
+                self.tally.crc_wait_s += time.perf_counter() - t
+            else:
+                self.tally.write_wait_s += time.perf_counter() - t
+        if error is not None:
+            raise error
 
 
 def _crc_after(prev: int | Future[int], data: Any) -> int:
@@ -221,11 +249,13 @@ class FileStream:
                 self._used = 0
             k = min(n - at, self.staging.chunk_bytes - self._used)
             dst = self._chunk.tensor[self._used : self._used + k]
+            t = time.perf_counter()
             if data.is_cuda:
                 with torch.cuda.stream(self.stream):  # waited for in _write
                     dst.copy_(data[at : at + k], non_blocking=True)
             else:  # our own threads: torch's copy would take every core from the optimizer
                 self.staging.copy(dst.numpy(), data[at : at + k].numpy())
+            self.staging.tally.copy_s += time.perf_counter() - t
             self._pieces.append((key, self._used, self._used + k))
             self._used += k
             at += k
@@ -247,7 +277,9 @@ class FileStream:
         if self.stream is not None:
             # Host wait: the chunk's device-to-host copies must land before crc32 reads the
             # chunk and the write sends it.
+            t = time.perf_counter()
             self.stream.synchronize()
+            self.staging.tally.copy_s += time.perf_counter() - t
         buf = chunk.tensor.numpy()
         pending: list[Pending] = [self.file.write_from(chunk, self.bytes, self._used)]
         for key, b, e in self._pieces:
