@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's benchmark session (see README "Results"): build, then one phase per call so
 # each stays inside the device tool's 10-minute command limit. Results land in $OUT.
-#   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more|nvme3b|big|snap3b|ckpt3b|act7b|dist7b|dist13b
+#   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more|nvme3b|big|snap3b|ckpt3b|act7b|act128k|dist7b|dist13b
 #   (train3b: DEVICE_BLOCKS=12, RUN=1; dist7b and dist13b need 2 GPUs: kind nvidia-h200-x2)
 # DeepSpeed's wheels and libaio come from .bench/deps (../shared/baselines/fetch_deps.sh).
 set -euo pipefail
@@ -19,15 +19,17 @@ case "${1:?phase}" in
   io)
     for size in 1GiB 4GiB; do python3 scripts/bench_io.py --dir /tmp --size "$size" --out "$OUT" | tail -12; done ;;
   gpu-tests)
-    python3 -m pytest -q tests/test_wrap_gpu.py tests/test_pool.py tests/test_activations_gpu.py 2>&1 | tail -6 ;;
+    python3 -m pytest -q tests/test_wrap_gpu.py tests/test_pool.py tests/test_activations_gpu.py tests/test_attention_keep.py \
+      tests/test_checkpoint_gpu.py 2>&1 | tail -8 ;;
   ckpt3b)
     python3 scripts/bench_ckpt.py --size 3b --steps "${STEPS:-4}" --save-every "${EVERY:-1}" --dir /tmp/ckpt-bench \
       --out "$OUT/ckpt_3b_every${EVERY:-1}.json" 2>&1 | grep -vi warn | tail -16 ;;
-  act7b)
+  act7b)  # issue 5: recompute against auto's per-block keeps, and the boundary states on the host
     python3 scripts/bench_activations.py --size 7b --device-blocks 10 --seqs "${SEQS:-2048,8192,16384,32768}" \
-      --placements gpu,host,offload --steps 3 --out "$OUT/activations_7b.json" 2>&1 | grep -vi warn | tail -20
-    python3 scripts/bench_activations.py --size 7b --device-blocks 10 --batch 3 --seqs 32768 --placements gpu,host \
-      --steps 3 --out "$OUT/activations_7b_32k_b3.json" 2>&1 | grep -vi warn | tail -6 ;;
+      --placements "${PLACEMENTS:-recompute,auto,host,auto-host}" --steps 3 --out "$OUT/activations_7b.json" 2>&1 | grep -vi warn | tail -24 ;;
+  act128k)  # issue 5: 128K tokens on the 6.7B shape, recompute or auto (P=host or auto-host)
+    python3 scripts/bench_activations.py --size 7b --device-blocks "${DEVICE_BLOCKS:-10}" --seqs 131072 \
+      --placements "${P:-host}" --loss-chunk 8192 --steps "${STEPS:-2}" --out "$OUT/act_128k_${P:-host}.json" 2>&1 | grep -vi warn | tail -12 ;;
   train3b)
     deepspeed_env
     db=${DEVICE_BLOCKS:-12}
