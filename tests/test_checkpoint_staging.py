@@ -108,9 +108,10 @@ def test_copy_split_over_threads(n: int, threads: int, slice_bytes: int) -> None
             ring.close()
 
 
-def test_file_through_copy_threads(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_file_through_copy_threads_and_crc_slices(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(staging_mod, "COPY_THREADS", 3)
     monkeypatch.setattr(staging_mod, "COPY_SLICE", 1000)
+    monkeypatch.setattr(staging_mod, "CRC_SLICE", 777)  # a tensor's crc32 from many slices, combined
     ring = Staging(8192, 3, pin=False)
     try:
         t = torch.randn(10_000, generator=torch.Generator().manual_seed(1))
