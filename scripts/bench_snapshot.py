@@ -46,6 +46,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", help="a shape of scripts/bench_train.py (default tiny)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per phase (default 4)")
+    p.add_argument(
+        "--every",
+        type=int,
+        default=0,
+        help="also: lazy snapshots every this many steps, --steps of them (0: skip; the spaced "
+        "schedule every: auto would pick when a snapshot costs more than 3%% of a step)",
+    )
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = [step(model, opt, x, cuda) for _ in range(a.steps)]
     snap = snapshotter(model, opt, a, scratch, rank, world)
     try:
-        mine = measure(snap, model, opt, x, cuda, a.steps, scratch)
+        mine = measure(snap, model, opt, x, cuda, a.steps, scratch, a.every)
         mine["plain_s"] = statistics.mean(plain)
         everyone = gather(mine, world)
     finally:
@@ -122,22 +129,38 @@ def step(model: Any, opt: Any, x: Any, cuda: bool, after: Any = None) -> float:
     return train_step(model, opt, x, cuda, after)[0]
 
 
-def run(snap: Any, model: Any, opt: Any, x: Any, cuda: bool, steps: int, lazy: bool) -> dict[str, Any]:
-    """steps steps, a snapshot after each (inside the step's time); then the last one waited for."""
+def run(
+    snap: Any, model: Any, opt: Any, x: Any, cuda: bool, steps: int, lazy: bool, every: int = 1
+) -> dict[str, Any]:
+    """steps steps, a snapshot after every ``every`` of them (inside the step's time); then the
+    last one waited for."""
     snap.cfg.lazy = lazy
     handles: list[Any] = []
     times = [
         step(model, opt, x, cuda, lambda: handles.append(snap.snapshot(len(handles) + 1)))
-        for _ in range(steps)
+        if (i + 1) % every == 0
+        else step(model, opt, x, cuda)
+        for i in range(steps)
     ]
     snap.wait()
     return {"steps": times, "stats": [h.stats for h in handles]}
 
 
-def measure(snap: Any, model: Any, opt: Any, x: Any, cuda: bool, steps: int, scratch: Path) -> dict[str, Any]:
+def measure(
+    snap: Any, model: Any, opt: Any, x: Any, cuda: bool, steps: int, scratch: Path, every: int
+) -> dict[str, Any]:
     run(snap, model, opt, x, cuda, 2, lazy=False)  # untimed: both buffers' pages faulted in
     lazy = run(snap, model, opt, x, cuda, steps, lazy=True)
     sync = run(snap, model, opt, x, cuda, steps, lazy=False)
+    spaced = {}
+    if every > 0:
+        r = run(snap, model, opt, x, cuda, steps * every, lazy=True, every=every)
+        spaced = {
+            "spaced_every": every,
+            "spaced_step_s": statistics.mean(r["steps"]),
+            "spaced_stall_s": statistics.mean(s.stall_s for s in r["stats"]),
+            "spaced_capture_s": statistics.mean(s.capture_s for s in r["stats"]),
+        }
     t = time.perf_counter()
     restored = snap.restore()
     restore_s = time.perf_counter() - t
@@ -157,6 +180,7 @@ def measure(snap: Any, model: Any, opt: Any, x: Any, cuda: bool, steps: int, scr
         "restored_from": restored.source,
         "flush_s": flush_s,
         "flushed_bytes": flushed.stat().st_size,
+        **spaced,
     }
 
 
@@ -173,6 +197,8 @@ def gather(mine: dict[str, Any], world: int) -> list[dict[str, Any]]:
 def summarize(
     a: argparse.Namespace, cuda: bool, world: int, nparams: int, k: int, m: int, ranks: list[dict[str, Any]]
 ) -> dict[str, Any]:
+    from offload.snapshot.config import interval
+
     worst = {key: max(r[key] for r in ranks) for key, v in ranks[0].items() if isinstance(v, (int, float))}
     return {
         "date": date.today().isoformat(),
@@ -190,6 +216,15 @@ def summarize(
         "lazy_overhead_pct": 100 * (worst["lazy_step_s"] / worst["plain_s"] - 1),
         "sync_overhead_pct": 100 * (worst["sync_step_s"] / worst["plain_s"] - 1),
         "segment_over_payload": worst["segment"] / worst["payload"],
+        **(
+            {
+                "spaced_overhead_pct": 100 * (worst["spaced_step_s"] / worst["plain_s"] - 1),
+                "spaced_stall_pct_of_step": 100 * worst["spaced_stall_s"] / worst["plain_s"],
+                "auto_every": interval(worst["lazy_stall_s"], worst["plain_s"], 0.03),
+            }
+            if "spaced_step_s" in worst
+            else {}
+        ),
         "max_over_ranks": worst,
         "ranks": ranks,
     }
@@ -208,6 +243,18 @@ def render(r: dict[str, Any]) -> str:
             f"{w['lazy_step_s'] * 1e3:.1f} ms ({r['lazy_overhead_pct']:+.1f}%), stall {w['lazy_stall_s'] * 1e3:.1f} ms",
         ),
         ("step, sync snapshot each", f"{w['sync_step_s'] * 1e3:.1f} ms ({r['sync_overhead_pct']:+.1f}%)"),
+        *(
+            [
+                (
+                    f"step, lazy every {w['spaced_every']}",
+                    f"{w['spaced_step_s'] * 1e3:.1f} ms ({r['spaced_overhead_pct']:+.1f}%), stall per snapshot "
+                    f"{w['spaced_stall_s'] * 1e3:.1f} ms, capture {w['spaced_capture_s'] * 1e3:.1f} ms; "
+                    f"every: auto would take {r['auto_every']}",
+                )
+            ]
+            if "spaced_step_s" in w
+            else []
+        ),
         ("capture (lazy, sync)", f"{w['lazy_capture_s'] * 1e3:.1f} ms, {w['sync_capture_s'] * 1e3:.1f} ms"),
         ("parity exchange", f"{w['parity_s'] * 1e3:.1f} ms"),
         (

@@ -54,7 +54,7 @@ case "${1:?phase}" in
       --optimizer-state auto --master auto --nvme-dir /tmp/nvme-state --host-bytes "${HOST_BYTES:-120GiB}" --gpu-bytes "${GPU_BYTES:-76GiB}" \
       --steps "${STEPS:-5}" --trace "$OUT/trace_${SIZE:-13b}_spill.json" --out "$OUT/train_${SIZE:-13b}_spill.json" 2>&1 | grep -vi warn | tail -30 ;;
   snap3b)  # issue 8: what a snapshot of the 3.4B state costs a step, and how fast it comes back
-    python3 scripts/bench_snapshot.py --size 3b --batch 4 --seq 2048 --steps "${STEPS:-3}" \
+    python3 scripts/bench_snapshot.py --size 3b --batch 4 --seq 2048 --steps "${STEPS:-2}" --every "${EVERY:-32}" \
       --out "$OUT/snapshot_3b.json" 2>&1 | grep -vi warn | tail -16 ;;
   train-more)
     for db in 12 0; do
