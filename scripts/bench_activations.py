@@ -18,7 +18,9 @@ length under each placement:
 For auto it prints the choice per block (device / host / attention / recompute), its estimated
 step against recomputing, and what bounds the step; the table shows the median step after the
 choice and the peak device memory. An out-of-memory step is reported as "OOM" and the next
-configuration goes on. Prints a table and writes JSON (--out). The model is wrapped once (about
+configuration goes on, after what the failed one held is freed: each run records the device
+memory allocated at its start (start_allocated_GiB; a warning when it is above the first run's),
+and its peaks allocated and reserved. Prints a table and writes JSON (--out). The model is wrapped once (about
 a minute for 6.7B) and its placement switched between runs, so a sweep fits the device tool's
 10-minute limit:
 
@@ -63,6 +65,7 @@ PLACEMENTS: dict[str, Placement] = {
 PLACEMENTS["recompute"] = PLACEMENTS["gpu"]
 PLACEMENTS["offload"] = PLACEMENTS["auto"]  # its name before the per-block choice
 AUTO_WARMUP = 2  # recomputed steps before auto decides (engine/choice.py: one warm-up, one measured)
+LEFTOVER_GIB = 0.25  # more allocated at a run's start than at the first run's: reported as left behind
 
 
 def switch(model: Any, placement: dict[str, Any]) -> Any:
@@ -91,45 +94,82 @@ def step(model: Any, opt: Any, x: Any, loss_chunk: int | None) -> float:
     return float(loss.item())  # syncs the device
 
 
+def clean_slate(model: Any, opt: Any, cuda: bool) -> dict[str, float]:
+    """Frees what an earlier run left on the device and starts the peak statistics afresh;
+    returns the device memory allocated and reserved now (GiB), which the run's figures include.
+
+    After an out-of-memory step this runs outside the except block that caught it: there the
+    traceback still holds the step's frames and their tensors, and gc.collect() cannot free
+    them. Here they are gone but for reference cycles (frames, exceptions, context managers),
+    which gc.collect() breaks. The failed step's gradients (the residents' on the device), the
+    stores' last groups and kept graphs (closed with the activations), and the allocator's
+    cached blocks go too, so each (placement, sequence) starts from the same memory."""
+    import torch
+
+    model.runtime.wait_updates()  # updates a failed backward had already queued
+    opt.zero_grad()
+    model.runtime.activations.close()
+    gc.collect()
+    if not cuda:
+        return {}
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return {
+        "start_allocated_GiB": torch.cuda.memory_allocated() / 2**30,
+        "start_reserved_GiB": torch.cuda.memory_reserved() / 2**30,
+    }
+
+
 def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) -> dict[str, Any]:
     import torch
 
     blocks = model.config.num_hidden_layers
     placement = PLACEMENTS[name](blocks)
+    cuda = a.device.startswith("cuda")
+    start = clean_slate(model, opt, cuda)
     acts = switch(model, placement)
     auto = placement["offload_saved"] == "auto"
-    cuda = a.device.startswith("cuda")
     x = torch.randint(0, model.config.vocab_size, (a.batch, seq), device=a.device)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     times: list[float] = []
     steps = a.steps + (AUTO_WARMUP if auto else 0)
+    head = {"placement": name, "seq": seq, **start}
+    failed = False
     try:
         for _ in range(steps):
             t = time.perf_counter()
             loss_value = step(model, opt, x, a.loss_chunk)
             times.append(time.perf_counter() - t)
     except torch.cuda.OutOfMemoryError:
-        opt.zero_grad()
-        gc.collect()
-        return {"placement": name, "seq": seq, "result": "OOM", "steps": times, **_choice(acts)}
+        failed = True  # freed by the next run's clean_slate, once this traceback is gone
+    if failed:
+        del x
+        return {**head, "result": "OOM", "steps": times, **_peaks(cuda), **_choice(acts)}
     model.runtime.wait_updates()
     # Steady steps: after the first (warm-up) one; for auto, after the step that decided (it
     # measures the link and waits for the optimizer once).
     skip = AUTO_WARMUP + 1 if auto else 1
     steady = times[skip:] or times[-1:]
     return {
-        "placement": name,
-        "seq": seq,
+        **head,
         "result": "ok",
         "step_s": sorted(steady)[len(steady) // 2],
         "steps": times,
         "loss": loss_value,
-        "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        **_peaks(cuda),
         "offload_saved": placement["offload_saved"] if not auto else "auto",
         **_choice(acts),
+    }
+
+
+def _peaks(cuda: bool) -> dict[str, float | None]:
+    import torch
+
+    if not cuda:
+        return {"peak_gpu_GiB": None}
+    return {
+        "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_GiB": torch.cuda.max_memory_reserved() / 2**30,
     }
 
 
@@ -214,6 +254,13 @@ def main() -> None:
             r = run_one(model, opt, a, seq, name)
             print(json.dumps({k: v for k, v in r.items() if k not in ("steps", "decision")}), flush=True)
             results.append(r)
+            first = results[0].get("start_allocated_GiB")
+            if first is not None and r["start_allocated_GiB"] > first + LEFTOVER_GIB:
+                print(
+                    f"warning: {name} @ {seq} started with {r['start_allocated_GiB']:.2f} GiB allocated, "
+                    f"the first run with {first:.2f}: an earlier run left tensors behind",
+                    flush=True,
+                )
     model.runtime.close()
     print()
     print(table(results, seqs, names))

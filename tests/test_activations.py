@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -281,3 +282,108 @@ def test_outstanding_copies_are_bounded() -> None:
     assert len(bounded._outgoing) == 1 and len(free._outgoing) == 4
     bounded.close()
     free.close()
+
+
+class _Event:
+    """A recorded event of the Recorder: done once ``landed``."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.landed = name, True
+
+    def query(self) -> bool:
+        return self.landed
+
+    def synchronize(self) -> None:
+        self.landed = True
+
+
+class Recorder(Device):
+    """The CPU device, logging the stream calls a CUDA device would get: what a store orders
+    after what, checked without a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.log: list[tuple[str, str, str]] = []
+        self.events: list[_Event] = []
+
+    def compute_stream(self) -> str:
+        return "compute"
+
+    def event(self, stream: str) -> _Event:
+        ev = _Event(f"{stream}{len(self.events)}")
+        self.events.append(ev)
+        self.log.append(("record", stream, ev.name))
+        return ev
+
+    def wait(self, stream: str, event: _Event | None) -> None:
+        if event is not None:
+            self.log.append(("wait", stream, event.name))
+
+
+def recording_store() -> tuple[HostStore, Recorder]:
+    dev = Recorder()
+    store = HostStore(dev, blocks=4, depth=1, outstanding=1)
+    store.d2h, store.h2d = "d2h", "h2d"
+    return store, dev
+
+
+def test_a_group_comes_back_after_the_compute_queued_before_it() -> None:
+    """The buffer a group comes back into is allocated on the compute stream (so it may take
+    the memory of the group compute has just finished with) and the copy into it waits for the
+    compute queued so far; compute waits for the copy before reading it."""
+    store, dev = recording_store()
+    handles = [store.put(i, [torch.randn(64)]) for i in range(3)]
+    out = handles[1].out.event.name  # its copy out
+    store.get(handles[2])  # the last put: no round trip; group 1 starts coming back
+    freed, back = dev.events[-2].name, dev.events[-1].name
+    assert dev.log[-4:] == [
+        ("record", "compute", freed),
+        ("wait", "h2d", freed),
+        ("wait", "h2d", out),
+        ("record", "h2d", back),
+    ]
+    store.get(handles[1])
+    assert ("wait", "compute", back) in dev.log
+    store.close()
+
+
+def test_a_group_dropped_while_coming_back_keeps_its_buffer_until_the_copy_lands() -> None:
+    """The compute stream may reuse a freed buffer at once: one whose copy back is still in
+    flight (a backward that failed) stays in its retired home until the copy is done."""
+    store, dev = recording_store()
+    handles = [store.put(i, [torch.randn(64)]) for i in range(3)]
+    store.get(handles[2])  # group 1 starts coming back
+    back = dev.events[-1]
+    back.landed = False
+    assert handles[1].home.incoming is not None
+    home = handles[1].home
+    del handles[1]
+    gc.collect()
+    store._reap()
+    assert home in store._retired and home.incoming is not None
+    back.landed = True
+    store._reap()
+    assert home.incoming is None and home not in store._retired
+    store.close()
+
+
+def test_the_previous_group_is_let_go_before_the_next_copy_is_queued() -> None:
+    """On CUDA a moved tensor's memory is reusable once the d2h stream has passed the event the
+    allocator records when it is freed: freed after the next copy is queued, it would wait for
+    that copy too (one group more on the device)."""
+    refs: list[weakref.ref] = []
+    dead_at_copy: list[bool] = []
+
+    class Check(HostStore):
+        def _copy_out(self, st):  # type: ignore[no-untyped-def]
+            dead_at_copy.append(all(r() is None for r in refs))
+            super()._copy_out(st)
+
+    store = Check(CPU, blocks=2, outstanding=1)
+    first = [torch.randn(64)]
+    refs.append(weakref.ref(first[0]))
+    store.put(0, first)
+    del first
+    store.put(1, [torch.randn(64)])
+    assert dead_at_copy == [False, True]
+    store.close()

@@ -17,7 +17,7 @@ from offload.plan import make_plan
 from offload.plan.activations import count_block, forward_flops, saved_bytes_per_block
 from offload.plan.measure import Rates
 from offload.plan.planner import DEVICE_MARGIN_BYTES
-from offload.plan.recompute import SAVED_WINDOW, Keep
+from offload.plan.recompute import SAVED_HELD, Keep
 from offload.plan.tally import ACTIVATION_STAGING, ACTIVATION_WINDOW
 from tests.models import Stack, batches, tiny
 
@@ -91,13 +91,13 @@ def test_auto_keeps_every_graph_on_the_device_when_it_has_room() -> None:
 
 
 def test_auto_offloads_to_host_when_the_device_is_full() -> None:
-    """Room for the window of host groups and no more: every graph goes to host memory, and
-    the gpu row counts the window."""
+    """Room for the window of host groups (and the allocator's one more) and no more: every graph
+    goes to host memory, and the gpu row counts them."""
     saved = saved_bytes_per_block(tiny("llama", layers=4), "float32", 2, 16)
-    p = gpu_room({"offload_saved": "auto"}, SAVED_WINDOW * saved + saved // 2)
+    p = gpu_room({"offload_saved": "auto"}, SAVED_HELD * saved + saved // 2)
     assert p.recompute is not None and p.recompute.keep == (Keep.HOST,) * 4
     assert p.get("saved", Tier.HOST) == 4 * saved
-    assert p.get("saved", Tier.GPU) == SAVED_WINDOW * saved
+    assert p.get("saved", Tier.GPU) == SAVED_HELD * saved
     assert p.fits
     assert "offload_saved: offload to host 4 blocks: 0-3 (est." in p.table()
     assert p.to_json()["offload_saved"]["blocks"] == [0, 1, 2, 3]
@@ -133,7 +133,7 @@ def test_a_mapping_is_shown_with_its_estimate() -> None:
     assert p.recompute is not None
     assert p.recompute.keep == (Keep.ATTENTION, Keep.ATTENTION, Keep.ATTENTION_HOST, Keep.DEVICE)
     assert p.get("saved", Tier.HOST) == counted.attention
-    assert p.get("saved", Tier.GPU) == counted.saved + (2 + SAVED_WINDOW) * counted.attention
+    assert p.get("saved", Tier.GPU) == counted.saved + (2 + SAVED_HELD) * counted.attention
 
 
 def test_no_choice_without_offload_saved() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from offload.plan.recompute import (
+    KEEP_MARGIN_BYTES,
+    SAVED_HELD,
     SAVED_WINDOW,
     BlockCost,
     Bounds,
@@ -15,12 +17,15 @@ from offload.plan.recompute import (
     device_bytes,
     estimate,
     fixed,
+    keep_margin,
     step_time,
 )
 
 GB = 10**9
 R, D, H, A, AH = Keep.RECOMPUTE, Keep.DEVICE, Keep.HOST, Keep.ATTENTION, Keep.ATTENTION_HOST
-WINDOW = SAVED_WINDOW * GB // 10  # device room for the host groups on their way, no more
+WINDOW = (
+    SAVED_HELD * GB // 10
+)  # device room for the host groups on their way (and the allocator's one), no more
 
 
 def blocks(n: int, fwd: float = 0.01, saved: int = GB // 10, att: float = 0.0, att_bytes: int = 0):
@@ -34,7 +39,7 @@ def test_a_fast_link_offloads_every_block() -> None:
     assert c.step_s == pytest.approx(8 * 0.01 + 8 * 0.02)  # no recompute left
     assert c.recompute_step_s == pytest.approx(8 * 0.01 + 8 * 0.03)
     assert c.offloaded_bytes == 8 * GB // 10
-    assert c.device_bytes == SAVED_WINDOW * GB // 10  # the host groups on their way
+    assert c.device_bytes == SAVED_HELD * GB // 10  # the host groups on their way
 
 
 def test_a_slow_link_recomputes_every_block() -> None:
@@ -129,7 +134,7 @@ def test_attention_keeps_take_scarce_device_memory_first() -> None:
 
 def test_attention_on_host_when_the_device_is_full() -> None:
     costs = blocks(4, att=0.006, att_bytes=10**7)
-    c = choose(costs, Link(10 * GB, 10 * GB), device_bytes=SAVED_WINDOW * 10**7)
+    c = choose(costs, Link(10 * GB, 10 * GB), device_bytes=SAVED_HELD * 10**7)
     assert set(c.keep) <= {H, AH} and AH in c.keep
 
 
@@ -144,7 +149,7 @@ def test_fixed_choice_is_estimated() -> None:
     costs, link = blocks(4), Link(1 * GB, 1 * GB)
     c = fixed(costs, link, [H, R, D, R])
     assert c.step_s == step_time(costs, link, [H, R, D, R]) > c.recompute_step_s
-    assert c.offloaded_bytes == GB // 10 and c.device_bytes == GB // 10 + SAVED_WINDOW * GB // 10
+    assert c.offloaded_bytes == GB // 10 and c.device_bytes == GB // 10 + SAVED_HELD * GB // 10
     assert c.to_json()["keep"] == ["host", "recompute", "device", "recompute"]
     assert c.to_json()["device"] == [2]
 
@@ -180,3 +185,23 @@ def test_a_measured_step_the_model_does_not_explain_dilutes_the_gain() -> None:
     kept = choose(costs, link, device_bytes=WINDOW, bounds=Bounds(measured_s=0.5))
     assert kept.keep == (H,) * 8 and kept.step_s == pytest.approx(0.42)
     assert choose(costs, link, device_bytes=WINDOW, bounds=Bounds(measured_s=0.1)).slack_s == 0
+
+
+def test_the_estimates_count_one_host_group_more_than_the_window() -> None:
+    """The runtime holds SAVED_WINDOW host groups of each kind on the device; a group comes back
+    as one contiguous buffer that the memory its tensors took in forward may not fit, so the
+    estimates count one more."""
+    costs = blocks(4, att=0.006, att_bytes=10**7)
+    assert SAVED_HELD == SAVED_WINDOW + 1
+    assert device_bytes(costs, [H, AH, D, A]) == GB // 10 + 10**7 + SAVED_HELD * (GB // 10 + 10**7)
+    assert device_bytes(costs, [H, AH, D, A], window=SAVED_WINDOW) == GB // 10 + 10**7 + SAVED_WINDOW * (
+        GB // 10 + 10**7
+    )
+    # Room for the window but not the allocator's group: the host graphs do not fit.
+    tight = choose(blocks(8), Link(100 * GB, 100 * GB), device_bytes=SAVED_WINDOW * GB // 10)
+    assert H not in tight.keep
+
+
+def test_the_margin_grows_with_the_device() -> None:
+    assert keep_margin(0) == keep_margin(10 * 2**30) == KEEP_MARGIN_BYTES  # 8% of 10 GiB is less
+    assert keep_margin(80 * 2**30) == int(0.08 * 80 * 2**30)  # an 80 GiB device: 6.4 GiB

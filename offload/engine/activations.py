@@ -78,6 +78,11 @@ class Home:
     """Where the group lies on disk (NVMe)."""
     read: Any = None
     """The read bringing it back from disk into the lease (NVMe)."""
+    incoming: torch.Tensor | None = None
+    """The device buffer a copy back is writing, until compute has been ordered after that copy
+    (OffloadingStore._rebuild). It belongs to the compute stream, which may reuse its memory as
+    soon as it is freed: a group dropped while its copy back is in flight (a backward that
+    failed) keeps the buffer here, in its retired home, until the copy is done."""
 
 
 @dataclass(slots=True, eq=False, weakref_slot=True)
@@ -197,6 +202,11 @@ class OffloadingStore:
             self._reap()
             tensors = list(tensors)
             shared = self._shared(tensors)
+            # Let the previous group go before this one's copy is queued: a moved tensor's memory
+            # is reusable once the d2h stream has passed the event the allocator records when
+            # it is freed (record_stream, _copy_to_host), and freed after this copy is queued
+            # it would wait for this copy too, one group more on the device.
+            self._last = None
             kept = {i: t for i, t in enumerate(tensors) if i in shared or not self._moves(t)}
             st = Stored(index, len(tensors), kept)
             moved = [t for i, t in enumerate(tensors) if i not in kept]
@@ -292,10 +302,9 @@ class OffloadingStore:
             compute = self.device.compute_stream()
             # Compute must not read the group before the copy back has landed.
             self.device.wait(compute, st.back)
-            if self.device.cuda:
-                # buf was allocated on the h2d stream: its memory must not go back to that stream's
-                # pool before the compute reading it is done.
-                st.buf.record_stream(compute)
+            # From here on compute is the buffer's last user, in its own stream's order: freeing
+            # it needs no event (it was allocated on compute, _copy_to_device).
+            st.home.incoming = None
             moved = st.packing.rebuild(st.buf)
             st.buf = None
         it = iter(moved)
@@ -325,13 +334,28 @@ class OffloadingStore:
             return dev.event(self.d2h)
 
     def _copy_to_device(self, st: Stored, lease: Lease, after: Any) -> None:
-        """Queues the copy of lease back to a new device buffer on the h2d stream."""
+        """Queues the copy of lease back to a new device buffer on the h2d stream.
+
+        The buffer is allocated on the compute stream, where the group will be read, so it may
+        take the memory of a group whose last use compute has queued (the previous block's,
+        freed as its backward returned), and the copy waits for the compute queued so far.
+        Allocated on the h2d stream instead, it could only reuse memory whose users had
+        finished on the device by the time the host asked, and the host runs blocks ahead of
+        the device in backward (it waits for nothing there): each group coming back would take
+        new memory while the ones before it waited to be freed, instead of a window of two.
+        """
         assert st.packing is not None
         dev = self.device
+        compute = dev.compute_stream()
+        st.buf = torch.empty(st.packing.nbytes, dtype=torch.uint8, device=dev.torch)
+        st.home.incoming = st.buf
+        freed = dev.event(compute)
         with dev.stream(self.h2d):
+            # The copy must not write the buffer before the compute queued so far is done: its
+            # memory may be what that compute read last.
+            dev.wait(self.h2d, freed)
             # The copy back must not start before the copy out has landed in host memory.
             dev.wait(self.h2d, after)
-            st.buf = torch.empty(st.packing.nbytes, dtype=torch.uint8, device=dev.torch)
             st.buf.copy_(lease.tensor[: st.packing.nbytes], non_blocking=True)
             st.back = dev.event(self.h2d)
         st.home.busy.append(CudaWait(st.back))  # the lease is free once this copy has read it
@@ -377,6 +401,7 @@ class OffloadingStore:
 
     def _free(self, home: Home) -> None:
         home.busy.clear()
+        home.incoming = None
         if home.lease is not None and not self._pool_closed():
             home.lease.release()
         home.lease = None

@@ -15,8 +15,9 @@ initialisation, which would pass for compute) for what the cost model needs:
   and bytes of its attention calls (engine/attention.py's Probe, in the forward);
 - the GPU time between the last block's forward and its backward (the head and the loss);
 - the CPU optimizer's busy time over the pass's wall time (the updater's clock);
-- the step's peak device memory (what the caching allocator reserved), which leaves the room
-  kept tensors may take;
+- the step's peak device memory (what the caching allocator reserved), which with what lies
+  outside the allocator and a margin of 8% of the device (at least 2 GiB) leaves the room kept
+  tensors may take (:func:`device_room`);
 - the pass's wall time, from its first block's forward to the next pass's: what the model does
   not explain of it is added to every estimate (offload.plan.recompute.calibrated).
 
@@ -40,7 +41,7 @@ from offload.engine.attention import Probe
 from offload.engine.device import Device
 from offload.engine.packing import Packing, storage_key
 from offload.plan.measure import measure_duplex, measure_link
-from offload.plan.recompute import BlockCost, Bounds, Choice, Keep, Link, choose
+from offload.plan.recompute import BlockCost, Bounds, Choice, Keep, Link, choose, keep_margin
 
 Spec = Literal["never", "auto", "always"] | list[int] | dict[str, list[int]]
 Chooser = Callable[[int], Keep]
@@ -227,25 +228,22 @@ class MeasuredChoice:
         return Bounds(cpu_s=cpu, other_s=max(other, 0.0), measured_s=measured_s)
 
     def room(self) -> tuple[int | None, int]:
-        """(device bytes, host bytes) the kept tensors may take. Device, on CUDA: its memory (or
-        budgets.gpu_bytes) less the planner's margin and the peak the caching allocator reserved
-        (since the last reset of the peak statistics: the measured step's, or earlier); on the CPU,
-        where the device is host memory, budgets.gpu_bytes, else the host's free memory less
-        HOST_MARGIN_BYTES. Host: its free memory less HOST_MARGIN_BYTES (pinned memory cannot be
-        swapped out), and no more than budgets.host_bytes less what the process holds now."""
-        from offload.plan.planner import DEVICE_MARGIN_BYTES
-
+        """(device bytes, host bytes) the kept tensors may take. Device, on CUDA:
+        :func:`device_room` of what the driver and the caching allocator report now; on the
+        CPU, where the device is host memory, budgets.gpu_bytes, else the host's free memory
+        less HOST_MARGIN_BYTES. Host: its free memory less HOST_MARGIN_BYTES (pinned memory
+        cannot be swapped out), and no more than budgets.host_bytes less what the process holds
+        now."""
         free = max(psutil.virtual_memory().available - HOST_MARGIN_BYTES, 0)
         host = free
         if self.budgets.host_bytes is not None:
             host = max(min(free, self.budgets.host_bytes - psutil.Process().memory_info().rss), 0)
         if not self.device.cuda:
             return (free if self.budgets.gpu_bytes is None else self.budgets.gpu_bytes), host
-        total = self.budgets.gpu_bytes or torch.cuda.get_device_properties(self.device.torch).total_memory
-        # What the caching allocator held at its peak, not only what tensors used: kept groups
-        # of a few GiB each must find room beside the allocator's cached blocks.
-        peak = torch.cuda.max_memory_reserved(self.device.torch)
-        return max(total - DEVICE_MARGIN_BYTES - peak, 0), host
+        dev = self.device.torch
+        device_free, total = torch.cuda.mem_get_info(dev)
+        reserved, peak = torch.cuda.memory_reserved(dev), torch.cuda.max_memory_reserved(dev)
+        return device_room(total, device_free, reserved, peak, self.budgets.gpu_bytes), host
 
     def _decide(self, measured_s: float) -> Choice:
         self.device.synchronize()  # the events of the measured step must have completed
@@ -254,6 +252,25 @@ class MeasuredChoice:
         h2d, d2h = measure_link(self.device.torch)
         link = self.traffic.link(h2d, d2h, measure_duplex(self.device.torch))
         return choose(costs, link, host_bytes, device_bytes, bounds)
+
+
+def device_room(total: int, free: int, reserved: int, peak: int, budget: int | None = None) -> int:
+    """Device bytes kept tensors may take on a CUDA device of total bytes, free of which the
+    driver reports free now (torch.cuda.mem_get_info), of which the caching allocator reserves
+    reserved now and reserved peak at most since its peak statistics were last reset (the
+    measured step's, or earlier): the device (or budget, if smaller) less
+
+    - what lies outside the allocator (total - free - reserved: the CUDA context, libraries'
+      workspaces, other processes), which the allocator's figures do not show;
+    - the margin (offload.plan.recompute.keep_margin: 8% of the device, at least 2 GiB);
+    - the peak the allocator reserved, not only what tensors took at once: kept groups of a few
+      GiB each need room beside its cached blocks, which they may not fit.
+
+    The planner's estimate of a choice adds, to the device-kept tensors, a window of host-kept
+    groups and one group more for the allocator (offload.plan.recompute.SAVED_HELD)."""
+    outside = max(total - free - reserved, 0)
+    capacity = total if budget is None else min(budget, total)
+    return max(capacity - outside - keep_margin(capacity) - peak, 0)
 
 
 def make_choice(

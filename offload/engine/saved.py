@@ -11,7 +11,9 @@ saved tensors are gathered as one group and copied to pinned host memory on a si
 :class:`HostStore`), with SSDTrain's deduplication (a storage saved twice moves once); backward
 fetches the group back, one block ahead. The store lets one copy out be in flight when the next
 group is put (a host wait for the one before), so host-kept groups do not pile up on the device
-waiting for their copy: two are there at a time (offload.plan.recompute.SAVED_WINDOW).
+waiting for their copy: two are there at a time (offload.plan.recompute.SAVED_WINDOW). That
+needs the pack hook to let go of them (:meth:`Packer.take`): autograd holds the hook until the
+block's backward.
 
 The weights need care. The block ran on views of a shared device slot that later blocks
 overwrite, so the pack hook never copies a tensor that lives in the block's weight buffer (the
@@ -104,7 +106,12 @@ class _Packed:
 
 class Packer:
     """The pack hook of one block's forward: tensors to move are gathered in ``tensors``
-    (identical views once); the rest (weights, buffers, other devices, small ones) stay put."""
+    (identical views once); the rest (weights, buffers, other devices, small ones) stay put.
+
+    Autograd keeps a reference to the pack hook in every tensor it saved with it, until the
+    block's backward frees the graph, and so to this object: once the block has run, the
+    gathered tensors must be taken away (:meth:`take`), or every host-kept block's saved tensors
+    would stay on the device until its backward however fast they were copied out."""
 
     def __init__(self, group: _Group, device: torch.device, keep: set[int], min_bytes: int = 0) -> None:
         self.group = group
@@ -113,6 +120,11 @@ class Packer:
         self.min_bytes = min_bytes
         self.tensors: list[torch.Tensor] = []
         self._seen: dict[tuple, _Packed] = {}
+
+    def take(self) -> list[torch.Tensor]:
+        """The gathered tensors, no longer held here (nor the positions seen)."""
+        tensors, self.tensors, self._seen = self.tensors, [], {}
+        return tensors
 
     def pack(self, t: torch.Tensor) -> Any:
         if t.device != self.device or storage_key(t) in self.keep:
@@ -228,7 +240,7 @@ class SavedTensors:
         executor.release(s)
         executor.prefetch(index + 1)
         if host:
-            group.stored = self.store.put(index, packer.tensors)
+            group.stored = self.store.put(index, packer.take())
         trainable = [leaf for k, leaf in enumerate(leaves) if k not in frozen]
         return out, Kept(index, [], edges, trainable, group)
 

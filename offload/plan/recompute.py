@@ -32,11 +32,10 @@ overlap that is not perfect) is added to every estimate, so gains are fractions 
 
 Every count of blocks of each kind is tried (with as many device attention keeps as fit: they
 cost no link time); the device kinds must fit ``device_bytes`` with a window of host groups in
-flight (``SAVED_WINDOW``), the host kinds ``host_bytes``. The host-kept blocks are then spread
-evenly over the blocks, so that each copy overlaps the blocks up to the next host-kept one (the
-store lets one copy out be in flight at a put), and the device graphs take the last blocks left
-(:meth:`_Split.keep`). A choice that
-saves less than ``MIN_GAIN`` of the step is not taken: every block recomputes, and the choice
+flight and one more for the allocator (``SAVED_HELD``), the host kinds ``host_bytes``. The
+host-kept blocks are then spread evenly over the blocks, so that each copy overlaps the blocks
+up to the next host-kept one (the store lets one copy out be in flight at a put), and the device
+graphs take the last blocks left (:meth:`_Split.keep`). A choice that saves less than ``MIN_GAIN`` of the step is not taken: every block recomputes, and the choice
 says why (a step bound by the CPU optimizer or the link gains nothing from skipping compute).
 """
 
@@ -52,9 +51,31 @@ MIN_GAIN = 0.10
 """The smallest estimated gain (a fraction of the step) for which blocks skip their recompute."""
 
 SAVED_WINDOW = 2
-"""Host-kept groups on the device at once besides the device-kept ones: in forward the one being
-copied out and the one being made (engine/saved.py waits for older copies before a block runs);
-in backward the one in use and the one coming back."""
+"""Host-kept groups (of each kind) the runtime holds on the device at once besides the
+device-kept ones: in forward the one being copied out and the one being made (the store waits
+for the copy before it at each put, and lets go of that group before queueing the next copy);
+in backward the one in use and the one coming back (allocated on the compute stream, so it
+takes the memory of the group before it)."""
+
+SAVED_HELD = SAVED_WINDOW + 1
+"""Host-kept groups of each kind the estimates count on the device: the window and one more for
+the caching allocator. A group comes back in backward as one contiguous buffer (a few GiB at
+long sequences), which the memory its tensors took one by one in forward, freed one by one and
+cached, need not fit: the allocator may reserve new memory beside it."""
+
+KEEP_MARGIN_BYTES = 2 << 30
+"""The least device memory a choice leaves free (see :func:`keep_margin`)."""
+
+KEEP_MARGIN_FRACTION = 0.08
+"""... and the share of the device it leaves free, when that is more: allocator rounding and
+fragmentation, and the step's transients that the measured step did not reach, grow with the
+device and the sequence."""
+
+
+def keep_margin(capacity: int) -> int:
+    """Device bytes a choice leaves free on a device (or budget) of capacity bytes: the larger
+    of KEEP_MARGIN_BYTES and KEEP_MARGIN_FRACTION of it."""
+    return max(KEEP_MARGIN_BYTES, int(capacity * KEEP_MARGIN_FRACTION))
 
 
 class Keep(str, enum.Enum):
@@ -215,9 +236,10 @@ def _host_bytes(c: BlockCost, k: Keep) -> int:
     return c.saved_bytes if k is Keep.HOST else c.attention_bytes if k is Keep.ATTENTION_HOST else 0
 
 
-def device_bytes(costs: Sequence[BlockCost], keep: Sequence[Keep], window: int = SAVED_WINDOW) -> int:
+def device_bytes(costs: Sequence[BlockCost], keep: Sequence[Keep], window: int = SAVED_HELD) -> int:
     """Device bytes a choice holds at its peak: the device-kept graphs and attention outputs,
-    and a window of the host-kept groups of each kind."""
+    and ``window`` of the largest host-kept groups of each kind (SAVED_HELD: the runtime's
+    window and one for the allocator)."""
     held = sum(c.saved_bytes for c, k in zip(costs, keep) if k is Keep.DEVICE)
     held += sum(c.attention_bytes for c, k in zip(costs, keep) if k is Keep.ATTENTION)
     host = [c.saved_bytes for c, k in zip(costs, keep) if k is Keep.HOST]
@@ -314,7 +336,7 @@ def fixed(
     link: Link,
     keep: Sequence[Keep],
     bounds: Bounds | None = None,
-    window: int = SAVED_WINDOW,
+    window: int = SAVED_HELD,
 ) -> Choice:
     """The Choice of a given keep (a list in placement.offload_saved), with its estimate."""
     bounds = calibrated(costs, link, bounds or Bounds())
@@ -337,10 +359,10 @@ def choose(
     device_bytes: int | None = None,
     bounds: Bounds | None = None,
     min_gain: float = MIN_GAIN,
-    window: int = SAVED_WINDOW,
+    window: int = SAVED_HELD,
 ) -> Choice:
     """The keep that minimises the step within host_bytes and device_bytes (None: no limit; the
-    device holds a window of the host-kept groups too). Ties go to fewer host bytes, then fewer
+    device holds ``window`` host-kept groups of each kind too). Ties go to fewer host bytes, then fewer
     device bytes. A gain under min_gain keeps nothing (see the module docstring)."""
     n = len(costs)
     bounds = calibrated(costs, link, bounds or Bounds())
