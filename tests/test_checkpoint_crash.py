@@ -4,7 +4,8 @@ between synchronous saves (``save(...).wait()`` after each step) and asynchronou
 writes in the background while the next steps train; each save() waits for the one before). A
 few more trials save with ``keep_last=1, prune="before"`` (each save writes over the files of the
 step before it): there a kill inside a save may leave no checkpoint at all (by design), but never
-a listed one that fails to verify or resume, and never a ``latest`` naming a step that is gone.
+a listed one that fails to verify or resume, and never a ``latest`` naming a step that is gone;
+and one more such save afterwards takes back every directory the killed trainer left behind.
 
 A supervisor subprocess imports torch and offload once and forks one trainer per trial (a fresh
 interpreter per trial would cost seconds of imports each); the trainer is a real process that
@@ -43,6 +44,7 @@ from tests.models import batches, tiny
 
 TRIALS = 10 if os.environ.get("CI") else 20  # CI machines are slower; 10 kills still cover it
 RECYCLE_TRIALS = 4 if os.environ.get("CI") else 6  # after those: keep_last=1, prune="before"
+RECLAIM_STEP = 10_000  # the supervisor's save into a prune="before" trial's root, after the kill
 MAX_STEPS = 200  # far more than a trainer reaches (about 50 steps a second) before the kill
 OPT = {"lr": 3e-3, "weight_decay": 0.1, "max_grad_norm": 0.5}
 DELAY_S = (0.0, 0.8)  # after the fork; the wrap takes the first tenth of a second or so
@@ -117,6 +119,16 @@ def supervise(base: Path, trials: int, seed: int) -> None:
             out["last"] = read_manifest(resolve(out["root"]))["step"]
             out["resumed"] = [step(model, opt, data[out["last"] + i]) for i in range(2)]
             model.runtime.close()
+        if out["recycle"]:  # the killed trainer's leftovers are reclaimed by the next such save
+            model, opt = make()
+            save(model, opt, out["root"], step=RECLAIM_STEP, keep_last=1, prune="before").wait()
+            model.runtime.close()
+            out["left"] = [
+                p.name
+                for p in Path(out["root"]).iterdir()
+                if p.name.startswith("step_") and ".tmp-" in p.name
+            ]
+            out["reclaimed"] = not out["left"]
         print(json.dumps(out), flush=True)
     model, opt = make()
     reach = max((out.get("last", 0) for out in outcomes), default=0) + 2
@@ -156,6 +168,9 @@ def test_sigkill_during_saves_leaves_loadable_checkpoints(tmp_path: Path) -> Non
         root = Path(out["root"])
         assert out["killed"], f"trainer of {root} ended before the kill: {out}"
         last = check_leftovers(root)
+        if out["recycle"]:
+            assert out["reclaimed"] and last == RECLAIM_STEP, f"{root}: leftovers not reclaimed: {out}"
+            last = out.get("last")
         assert last == out.get("last"), f"{root}: the supervisor resumed from {out.get('last')}"
         if last is not None:
             resumed_from["recycle" if out["recycle"] else "async" if out["async"] else "sync"].append(last)

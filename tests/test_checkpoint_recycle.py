@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from offload.checkpoint import (
 )
 from offload.checkpoint import recycle as recycle_mod
 from offload.checkpoint import retention as retention_mod
-from offload.checkpoint.format import latest_marker
+from offload.checkpoint.format import abandoned, latest_marker, temp_dirname
 from offload.checkpoint.recycle import Recycler
 from offload.checkpoint.retention import doomed
 from tests.models import batches, tiny
@@ -90,9 +93,9 @@ def test_recycler_takes_steps_out_keeps_files_by_name(tmp_path: Path) -> None:
     r = Recycler.take(tmp_path, [tmp_path / "step_000001", tmp_path / "step_000002"], {"block.0.safetensors"})
     assert steps_of(tmp_path) == [3]
     assert not (tmp_path / "latest").exists()  # it named a step taken out
-    [taken] = r.taken  # the second one is deleted at once: only the first one's files are reused
-    assert taken.name.startswith("step_000001.tmp-del-")
-    assert sorted(os.listdir(taken)) == ["block.0.safetensors"]
+    first, second = r.taken  # the first step's file of that name is kept; the rest deleted now
+    assert first.name.startswith("step_000001.tmp-del-") and second.name.startswith("step_000002.tmp-del-")
+    assert sorted(os.listdir(first)) == ["block.0.safetensors"] and os.listdir(second) == []
     assert r.nbytes == 100
     dest = tmp_path / "new"
     dest.mkdir()
@@ -126,6 +129,53 @@ def test_recycler_failing_midway_removes_what_it_took(
         Recycler.take(tmp_path, [tmp_path / "step_000001", tmp_path / "step_000002"], {"block.0.safetensors"})
     assert steps_of(tmp_path) == [2, 3] and leftovers(tmp_path) == []
     assert latest_marker(tmp_path) == "step_000003"  # named a step that was not taken
+
+
+def dead_owner_dir(root: Path, step_dir: str, deleting: bool = False) -> Path:
+    """A temporary directory made by a process that has ended since (a killed save or prune)."""
+    code = (
+        "import os, sys; from offload.checkpoint.format import temp_dirname; "
+        "print(temp_dirname(sys.argv[1], deleting=sys.argv[2] == '1'))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(
+        [sys.executable, "-c", code, step_dir, "1" if deleting else "0"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    path = root / out.stdout.strip()
+    path.mkdir(parents=True)
+    return path
+
+
+def test_abandoned_names_only_directories_of_ended_processes_here(tmp_path: Path) -> None:
+    dead = dead_owner_dir(tmp_path, "step_000004")
+    dead_del = dead_owner_dir(tmp_path, "step_000001", deleting=True)
+    mine = tmp_path / temp_dirname("step_000005")  # this process: a save in progress
+    mine.mkdir()
+    elsewhere = tmp_path / dead.name.replace(f"@{socket.gethostname()}", "@another-host")
+    elsewhere.mkdir()
+    (tmp_path / "step_000009.tmp-abc").mkdir()  # no owner in the name: never touched
+    assert abandoned(tmp_path) == sorted([dead, dead_del])
+    assert doomed(tmp_path, Retention(keep_last=1)) == []  # not steps
+    removed = offload.checkpoint.prune(tmp_path, Retention(keep_last=1))
+    assert removed == sorted([dead, dead_del])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [mine.name, elsewhere.name, "step_000009.tmp-abc"]
+    )
+
+
+def test_cli_prune_reports_leftovers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_checkpoint import cli
+
+    fake_steps(tmp_path, [1, 2], latest=2)
+    dead_owner_dir(tmp_path, "step_000003")
+    assert cli(["ckpt", "prune", str(tmp_path), "--keep-last", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "deleted 1 step(s) and 1 directory left by killed saves" in out
+    assert steps_of(tmp_path) == [2] and leftovers(tmp_path) == []
 
 
 # ---- save(prune="before") ---------------------------------------------------------------------
@@ -192,6 +242,23 @@ def test_before_resizes_a_file_of_another_size(tmp_path: Path) -> None:
     assert verify(path) == [] and (path / "block.0.safetensors").stat().st_size == size0
     assert not (path / "unrelated.bin").exists() and steps_of(tmp_path) == [2] and leftovers(tmp_path) == []
     assert 0 < handle.stats.reused_bytes < handle.stats.bytes
+    model.runtime.close()
+
+
+def test_before_reclaims_what_a_killed_save_left(tmp_path: Path) -> None:
+    """A save killed halfway left its temporary directory (tens of GB on a real run): the next
+    save with prune="before" writes over its files instead of needing room for new ones."""
+    model, opt = make()
+    train(model, opt, batches(1))
+    save(model, opt, tmp_path / "ref", step=1).wait()
+    killed = dead_owner_dir(tmp_path, "step_000001")
+    for f in (tmp_path / "ref" / "step_000001").glob("*.safetensors"):
+        (killed / f.name).write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # cut short: killed
+    old = inodes(killed)
+    handle = save(model, opt, tmp_path, step=2, keep_last=1, prune="before")
+    path = handle.wait()
+    assert inodes(path) == old and handle.stats.reused_bytes > 0
+    assert verify(path) == [] and steps_of(tmp_path) == [2] and leftovers(tmp_path) == []
     model.runtime.close()
 
 

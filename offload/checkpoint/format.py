@@ -14,8 +14,11 @@ Tensors are keyed ``master/<name>``, ``exp_avg/<name>`` and ``exp_avg_sq/<name>`
 model's own parameter names, unflattened, so a checkpoint does not depend on the store's flat
 layout or on where each record lived (host, device, NVMe). A directory counts as a checkpoint only
 when its name is ``step_<digits>`` and it holds ``manifest.json``: writers build it under
-``step_<digits>.tmp-<uuid>`` and rename it into place (see writer.py). Nothing here imports torch,
-so ``offload ckpt ls/inspect/verify`` stay light, and nothing is ever unpickled.
+``step_<digits>.tmp-<uuid>.<pid>@<host>`` and rename it into place (see writer.py); a prune renames
+a step to ``step_<digits>.tmp-del-<uuid>.<pid>@<host>`` before deleting it. The owner in those
+names lets a later save or prune tell the ones a killed process left behind (``abandoned``) and
+take their space back. Nothing here imports torch, so ``offload ckpt ls/inspect/verify`` stay
+light, and nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import struct
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 KINDS = ("master", "exp_avg", "exp_avg_sq")  # per parameter, in this order in each file
 STEP_RE = re.compile(r"^step_(\d+)$")
+TEMP_RE = re.compile(r"^(step_\d+)\.tmp(?:-del)?-[0-9a-f]{32}\.(\d+)@(.+)$")  # base, pid, host
 # safetensors dtype names -> bytes per element
 DTYPE_SIZES = {
     "F64": 8,
@@ -173,6 +179,42 @@ def resolve(path_or_root: str | os.PathLike[str]) -> Path:
     if not found:
         raise CheckpointNotFound(f"{p} holds no committed checkpoint (no step_* directory with a {MANIFEST})")
     return found[-1][1]
+
+
+def temp_dirname(step_dir: str, deleting: bool = False) -> str:
+    """A temporary name for the step directory step_dir while it is written (or, deleting, while it
+    is removed): no listing counts it, and it names its owner, this process on this host."""
+    kind = "tmp-del" if deleting else "tmp"
+    return f"{step_dir}.{kind}-{uuid.uuid4().hex}.{os.getpid()}@{socket.gethostname()}"
+
+
+def abandoned(root: str | os.PathLike[str]) -> list[Path]:
+    """The temporary step directories under root whose owner was a process of this host that is
+    gone (a save or a prune killed halfway), by name. Names without an owner are never counted,
+    nor those of another host or of a process still running (a pid reused since is taken for
+    running: such a directory is only left alone)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    host = socket.gethostname()
+    out = []
+    for p in root.iterdir():
+        m = TEMP_RE.match(p.name)
+        if m and m.group(3) == host and not _running(int(m.group(2))) and p.is_dir():
+            out.append(p)
+    return sorted(out)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def fsync_dir(path: Path) -> None:

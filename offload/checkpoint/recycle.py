@@ -18,11 +18,13 @@ Order, so that a reader never sees half a step and ``latest`` never names a step
 
 1. ``latest`` is removed if it names a surplus step (``load(root)`` then takes the newest
    committed one), and the root fsynced;
-2. each surplus step is renamed to ``step_N.tmp-del-<uuid>`` (out of the listing at once), the
-   root fsynced;
-3. the first one's files that the save writes under the same names are kept for it; everything
-   else (its manifest, files of other names, the other surplus steps) is deleted now, before the
-   writes start, not while they run;
+2. each surplus step is renamed to ``step_N.tmp-del-<uuid>.<pid>@<host>`` (out of the listing at
+   once), and so is each temporary directory a killed save or prune left behind
+   (``format.abandoned``: on a disk that holds one checkpoint, the files of a save killed halfway
+   would otherwise leave no room for the next one); the root fsynced;
+3. of their files, the first of each name that the save writes is kept for it (surplus steps
+   first, oldest first); everything else (manifests, files of other names, duplicates) is deleted
+   now, before the writes start, not while they run;
 4. the save ``claim``s each kept file by renaming it into its temporary directory;
 5. after the commit (or a failure), ``close`` removes what is left of the taken directories.
 """
@@ -31,12 +33,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offload.checkpoint.format import LATEST, fsync_dir, latest_marker
+from offload.checkpoint.format import LATEST, TEMP_RE, abandoned, fsync_dir, latest_marker, temp_dirname
 
 
 @dataclass(slots=True)
@@ -50,9 +51,10 @@ class Recycler:
 
     @classmethod
     def take(cls, root: Path, steps: list[Path], names: Collection[str]) -> Recycler:
-        """Takes steps (committed directories under root) out of the listing and keeps the first
-        one's files named in names; deletes the rest. On an error the steps already taken are
-        removed (they are out of the listing: nothing of them counts any more) and it is raised."""
+        """Takes steps (committed directories under root) out of the listing, and the abandoned
+        temporary directories under root, and keeps one file of each name in names; deletes the
+        rest. On an error the directories already taken are removed (they are out of the listing:
+        nothing of them counts any more) and it is raised."""
         recycler = cls()
         try:
             recycler._take(root, steps, set(names))
@@ -62,27 +64,32 @@ class Recycler:
         return recycler
 
     def _take(self, root: Path, steps: list[Path], names: set[str]) -> None:
-        if not steps:
+        left = abandoned(root)
+        if not steps and not left:
             return
         if latest_marker(root) in {p.name for p in steps}:
             (root / LATEST).unlink()
             fsync_dir(root)  # latest is gone before the step it names is
-        for path in steps:
-            gone = path.with_name(f"{path.name}.tmp-del-{uuid.uuid4().hex}")
-            os.rename(path, gone)
+        for path in steps + left:
+            m = TEMP_RE.match(path.name)
+            gone = root / temp_dirname(m.group(1) if m else path.name, deleting=True)
+            try:
+                os.rename(path, gone)  # a step: out of the listing; a leftover: ours now
+            except FileNotFoundError:
+                if path in steps:
+                    raise
+                continue  # a leftover another save or prune took first
             self.taken.append(gone)
         fsync_dir(root)
-        first, *rest = self.taken
-        for entry in sorted(first.iterdir()):
-            if entry.name in names and entry.is_file() and not entry.is_symlink():
-                self.files[entry.name] = entry
-            elif entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        for path in rest:
-            shutil.rmtree(path)
-            self.taken.remove(path)
+        for d in self.taken:
+            for entry in sorted(d.iterdir()):
+                regular = entry.is_file() and not entry.is_symlink()
+                if regular and entry.name in names and entry.name not in self.files:
+                    self.files[entry.name] = entry
+                elif entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
     @property
     def nbytes(self) -> int:

@@ -3,8 +3,10 @@
 ``Retention(keep_last=3, keep_every=1000)`` keeps the three newest steps and every step divisible
 by 1000; ``prune(root, retention)`` deletes the others, never the step ``latest`` names nor a
 protected one (``save`` protects the step it just committed). A step is taken out of the listing
-first, by renaming it to ``step_N.tmp-del-<uuid>`` (atomic: a reader sees the whole step or
-none), then deleted; a prune killed halfway leaves only such a directory, never a half step.
+first, by renaming it to ``step_N.tmp-del-<uuid>.<pid>@<host>`` (atomic: a reader sees the whole
+step or none), then deleted; a prune killed halfway leaves only such a directory, never a half
+step. A prune also deletes the temporary directories that killed saves and prunes of this host
+left behind (``format.abandoned``), so that their space does not stay lost.
 ``doomed(..., upcoming=name)`` answers the same question as if the step ``name`` were already
 committed and named by ``latest``: what a save with ``prune="before"`` takes out when it starts
 (recycle.py). Torch-free, so ``offload ckpt prune`` stays light.
@@ -14,12 +16,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from offload.checkpoint.format import STEP_RE, latest_marker, list_checkpoints
+from offload.checkpoint.format import STEP_RE, abandoned, latest_marker, list_checkpoints, temp_dirname
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -70,12 +71,16 @@ def doomed(
 def prune(
     root: str | os.PathLike[str], retention: Retention, *, protect: Iterable[Path] = (), dry_run: bool = False
 ) -> list[Path]:
-    """Deletes the committed steps retention does not keep (see doomed()); returns them."""
+    """Deletes the committed steps retention does not keep (see doomed()), then the abandoned
+    temporary directories; returns both, in that order."""
     victims = doomed(root, retention, protect)
+    left = abandoned(root)
     if dry_run:
-        return victims
+        return victims + left
     for path in victims:
-        gone = path.with_name(f"{path.name}.tmp-del-{uuid.uuid4().hex}")
+        gone = path.with_name(temp_dirname(path.name, deleting=True))
         os.rename(path, gone)  # out of the listing at once; the delete below may be slow
         shutil.rmtree(gone)
-    return victims
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)  # another prune may be removing it too
+    return victims + left

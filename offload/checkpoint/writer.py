@@ -4,10 +4,10 @@
 
 1. At the call: the small state (config, param-group options, scheduler, RNG, extra) is taken,
    the device records are snapshotted, and a capture fence is installed on the optimizer's worker.
-2. The writer streams each record's safetensors file into ``ROOT/step_N.tmp-<uuid>/`` through
-   the staging ring, host records in the order their next updates need them (with
-   ``optimizer.overlap_backward``: last block first, then the residents; without: residents,
-   block 0, 1, ...), releasing each record's fence as soon as its bytes are staged.
+2. The writer streams each record's safetensors file into ``ROOT/step_N.tmp-<uuid>.<pid>@<host>/``
+   through the staging ring, host records first, in the order the optimizer's worker needs them
+   (the one it waits for, else the first ready: capture.py), releasing each record's fence as soon
+   as its bytes are staged; then the device records' snapshots.
 3. Once every write has landed: each file fsynced, ``manifest.json`` written and fsynced, the
    directory fsynced and renamed to ``ROOT/step_N/`` (the commit), the root fsynced, ``latest``
    replaced the same way (temporary name, fsync, rename), then retention prunes. With
@@ -30,7 +30,6 @@ import os
 import shutil
 import threading
 import time
-import uuid
 import weakref
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from offload import io as oio
 from offload._version import __version__
 from offload.checkpoint import state
 from offload.checkpoint.capture import CaptureFence, snapshot, snapshot_bytes, step_reserve
-from offload.checkpoint.format import FORMAT_VERSION, CheckpointError, step_dirname
+from offload.checkpoint.format import FORMAT_VERSION, CheckpointError, step_dirname, temp_dirname
 from offload.checkpoint.handle import SaveHandle, SaveStats
 from offload.checkpoint.job import SaveJob, plan_record, write_order
 from offload.checkpoint.retention import Retention
@@ -223,7 +222,7 @@ def _start(
     # Multi-rank: rank 0 writes everything (the ranks hand it their shards); the others only
     # capture their shards, so their fence holds just those and they snapshot nothing.
     writes = rt.group is None or rt.group.rank == 0
-    tmp = root / f"{handle.path.name}.tmp-{uuid.uuid4().hex}"
+    tmp = root / temp_dirname(handle.path.name)
     if writes:
         root.mkdir(parents=True, exist_ok=True)
         if root not in saver.direct:

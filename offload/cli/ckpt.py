@@ -141,7 +141,9 @@ def _prune(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for path in victims:
         print(f"{verb} {path}")
-    print(f"{root}: {verb} {len(victims)} step(s)")
+    left = sum(".tmp-" in p.name for p in victims)
+    extra = f" and {left} director{'y' if left == 1 else 'ies'} left by killed saves" if left else ""
+    print(f"{root}: {verb} {len(victims) - left} step(s){extra}")
     return 0
 
 
