@@ -148,6 +148,7 @@ def test_writer_takes_the_record_the_worker_waits_for() -> None:
     held.join(10)
     assert not held.is_alive() and fence.hold_s > 0
 
+    assert fence.next_ready([recs[1]], wait=False) is None  # its update from before has not run
     got: list[Any] = []
     taker = threading.Thread(target=lambda: got.append(fence.next_ready([recs[1]])))
     taker.start()

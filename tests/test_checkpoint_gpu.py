@@ -128,6 +128,10 @@ def test_async_save_of_device_records_is_the_step_saved(
     try:
         model, opt = make(overlap)
         losses = train(model, opt, data[:3])
+        # Every host record ready at save(): the writer captures them all before it reaches the
+        # gated snapshots (it takes a snapshot first only while no host record is ready), so the
+        # steps below are never held waiting for a capture stuck behind the gate.
+        model.runtime.wait_updates()
         gate = DeviceGate(monkeypatch)
         handle = save(model, opt, tmp_path / "ckpt", step=3)
         at_save, on_device = optimizer_state(model)

@@ -94,9 +94,10 @@ class CaptureFence:
             ready.set()
             self._changed.notify_all()
 
-    def next_ready(self, records: list[BlockRecord]) -> BlockRecord:
+    def next_ready(self, records: list[BlockRecord], wait: bool = True) -> BlockRecord | None:
         """Writer thread: of records (not captured yet, in the writer's order), the one the worker
-        waits for, else the first whose state is the save's; waits until there is one."""
+        waits for, else the first whose state is the save's; waits until there is one (None at
+        once when there is none and not wait)."""
         start = time.perf_counter()
         with self._changed:
             try:
@@ -109,6 +110,8 @@ class CaptureFence:
                     for rec in records:
                         if self._ready[id(rec)].is_set():
                             return rec
+                    if not wait:
+                        return None
                     self._changed.wait()
             finally:
                 self.ready_wait_s += time.perf_counter() - start

@@ -160,15 +160,19 @@ class SaveJob:
     def _order(self) -> Iterator[RecordPlan]:
         """The plans in the order they are written. One process: each host record when the capture
         fence says it is the one to take (the worker waits for it, or it is the first ready, see
-        CaptureFence.next_ready), then the device snapshots. Multi-rank: as given, the same on
-        every rank (the shards travel in collectives)."""
+        CaptureFence.next_ready); while none is ready (the updates queued before save() still
+        run), a device snapshot, so the disk does not wait with them; then the other snapshots.
+        Multi-rank: as given, the same on every rank (the shards travel in collectives)."""
         if self.group is not None:
             yield from self.plans
             return
         host = [p for p in self.plans if id(p.rec) not in self.snaps]
         device = [p for p in self.plans if id(p.rec) in self.snaps]
         while host:
-            rec = self.fence.next_ready([p.rec for p in host])
+            rec = self.fence.next_ready([p.rec for p in host], wait=not device)
+            if rec is None:
+                yield device.pop(0)
+                continue
             plan = next(p for p in host if p.rec is rec)
             host.remove(plan)
             yield plan
