@@ -161,9 +161,12 @@ def measure(
             "spaced_stall_s": statistics.mean(s.stall_s for s in r["stats"]),
             "spaced_capture_s": statistics.mean(s.capture_s for s in r["stats"]),
         }
+    for name, r in (("lazy", lazy), ("sync", sync)):  # figures so far, in case a later phase fails
+        print(f"{name}: steps {r['steps']}, stall {[s.stall_s for s in r['stats']]}", flush=True)
     t = time.perf_counter()
     restored = snap.restore()
     restore_s = time.perf_counter() - t
+    print(f"restore {restore_s:.2f} s from {restored.source}; spaced {spaced}", flush=True)
     t = time.perf_counter()
     flushed = snap.flush(scratch / "flushed")
     flush_s = time.perf_counter() - t
