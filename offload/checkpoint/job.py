@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from offload.checkpoint.format import (
 from offload.checkpoint.handle import SaveHandle, SaveStats
 from offload.checkpoint.recycle import Recycler
 from offload.checkpoint.retention import Retention, doomed, prune
-from offload.checkpoint.staging import FileStream, Staging, safetensors_header
+from offload.checkpoint.staging import FileStream, Staging, Tally, safetensors_header
 from offload.engine.runtime import Runtime
 from offload.store.record import BlockRecord
 
@@ -84,7 +84,8 @@ class SaveJob:
     handle: SaveHandle
     tmp: Path
     retention: Retention | None
-    staging: Staging
+    staging_for: Callable[[], Staging]  # the runtime's ring, made (or remade) on first use
+    staging: Staging | None = None  # made by run(): mapping and pinning a new ring takes seconds
     direct: bool  # O_DIRECT works under the root
     plans: list[RecordPlan]  # in the order they are written
     fence: CaptureFence
@@ -110,12 +111,12 @@ class SaveJob:
 
     def run(self) -> None:
         start = time.perf_counter()
-        tally = replace(self.staging.tally)
+        tally = Tally()
         try:
             if self.group is None:
-                self._recycle()
-            elif self.group.rank == 0:
-                self._guarded(self._recycle)
+                tally = self._prepare()
+            elif self.group.rank == 0:  # the other ranks only hand over their shards: no ring
+                self._guarded(self._prepare)
             for plan in self._order():
                 with self.rt.tracer.span("checkpoint", "io", block=plan.rec.index):
                     if self.group is None:
@@ -137,7 +138,7 @@ class SaveJob:
             self.fence.release(self.rt)
             self.snaps.clear()
             end = time.perf_counter()
-            spent = self.staging.tally.since(tally)
+            spent = self.staging.tally.since(tally) if self.staging is not None else Tally()
             self.handle._stats = SaveStats(
                 step=self.handle.step,
                 bytes=self.bytes,
@@ -200,6 +201,20 @@ class SaveJob:
             fs.finish()
         self._index(plan, fs, step)
 
+    def _prepare(self) -> Tally:
+        """On the writer thread, not in save(): the staging ring (made on a runtime's first save,
+        or when its size changes) and, with prune="before", the steps to write over. Returns the
+        ring's tally so far."""
+        self.staging = self.staging_for()
+        tally = replace(self.staging.tally)
+        self._recycle()
+        return tally
+
+    @property
+    def ring(self) -> Staging:
+        assert self.staging is not None, "the staging ring is made in run() before any record is written"
+        return self.staging
+
     def _recycle(self) -> None:
         """prune="before": takes the steps this save makes surplus out of the listing and keeps
         their files to write over (recycle.py)."""
@@ -215,7 +230,7 @@ class SaveJob:
     def _open(self, plan: RecordPlan) -> FileStream:
         path = self.tmp / plan.file
         reused = self.recycler is not None and self.recycler.claim(plan.file, path)
-        f = oio.open(path, "r+" if reused else "x", direct=self.direct, engine=self.staging.engine)
+        f = oio.open(path, "r+" if reused else "x", direct=self.direct, engine=self.ring.engine)
         self.files.append(f)
         if reused:  # its blocks are allocated and written: overwriting them needs no new extents
             old = f.size()
@@ -223,7 +238,7 @@ class SaveJob:
             if old > plan.nbytes:
                 f.truncate(plan.nbytes)
         f.allocate(plan.nbytes)  # a full disk fails here, before any byte of the file moves
-        fs = self.current = FileStream(self.staging, f, self.stream)
+        fs = self.current = FileStream(self.ring, f, self.stream)
         fs.put(None, torch.frombuffer(bytearray(plan.header), dtype=torch.uint8))
         return fs
 
@@ -285,7 +300,7 @@ class SaveJob:
         t = time.perf_counter()
         try:
             with self.rt.tracer.span("commit", "io", step=self.handle.step):
-                self.staging.drain()  # every chunk's write has landed (or raises its error)
+                self.ring.drain()  # every chunk's write has landed (or raises its error)
                 for f in self.files:
                     f.sync()
                     f.close()
@@ -334,7 +349,8 @@ class SaveJob:
         self.fence.release(self.rt)
         if self.current is not None:
             self.current.abandon()
-        self.staging.drain(raise_errors=False)
+        if self.staging is not None:
+            self.staging.drain(raise_errors=False)
         for f in self.files:
             f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -218,7 +218,7 @@ def _start(
         "extra": extra,
     }
     plans = [plan_record(rec, refs) for rec, refs in state.params_of(rt)]
-    staging = saver.staging_for(rt, max(p.nbytes for p in plans), staging_bytes)
+    largest = max(p.nbytes for p in plans)
     # Multi-rank: rank 0 writes everything (the ranks hand it their shards); the others only
     # capture their shards, so their fence holds just those and they snapshot nothing.
     writes = rt.group is None or rt.group.rank == 0
@@ -247,7 +247,7 @@ def _start(
         tmp=tmp,
         retention=retention,
         recycle=prune == "before",
-        staging=staging,
+        staging_for=lambda: saver.staging_for(rt, largest, staging_bytes),
         direct=saver.direct.get(root, False),
         plans=host + [p for p in plans if p.rec.on_device],
         fence=fence,
