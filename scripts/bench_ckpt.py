@@ -312,7 +312,7 @@ def report_save(what: str, s: Any) -> None:
         f"  {what} {s.step}: {s.bytes / 1e9:.2f} GB ({s.reused_bytes / 1e9:.2f} GB in place), write "
         f"{s.write_s:.2f} s ({s.gbps:.2f} GB/s; of it copy {s.copy_s:.2f}, disk wait {s.write_wait_s:.2f}, "
         f"crc32 wait {s.crc_wait_s:.2f}, update wait {s.ready_wait_s:.2f}, commit {s.commit_s:.2f}, "
-        f"prune {s.prune_s:.2f}), call "
+        f"prune {s.prune_s:.2f}; ring made in {s.ring_s:.2f} s, not counted), call "
         f"{s.call_s:.3f} s (waiting for the one before {s.waited_s:.3f} s), hold {s.hold_s:.3f} s, "
         f"device copy {s.device_copy}",
         flush=True,
@@ -333,6 +333,7 @@ def stat_dict(s: Any) -> dict[str, Any]:
         "stall_s": s.stall_s,
         "prune_s": s.prune_s,
         "commit_s": s.commit_s,
+        "ring_s": s.ring_s,
         "copy_s": s.copy_s,
         "write_wait_s": s.write_wait_s,
         "crc_wait_s": s.crc_wait_s,

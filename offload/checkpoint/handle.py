@@ -20,7 +20,7 @@ class SaveStats:
     seconds: float
     """From the save() call to the commit (and retention) done."""
     write_s: float
-    """The writer thread's time, from its start to the commit."""
+    """The writer thread's time, from its start to the commit, less ring_s."""
     call_s: float
     """How long save() blocked its caller (waiting for the save before it included)."""
     waited_s: float
@@ -36,6 +36,8 @@ class SaveStats:
     commit_s: float = 0.0
     """Of write_s: from the last record staged to the end: the last writes, fsyncs, manifest,
     renames and the prune after the commit."""
+    ring_s: float = 0.0
+    """Making the staging ring (a runtime's first save, or a new size): mapping, pinning."""
     ready_wait_s: float = 0.0
     """Of write_s: waiting for optimizer updates queued before save() (the state to capture)."""
     copy_s: float = 0.0

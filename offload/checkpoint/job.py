@@ -97,6 +97,7 @@ class SaveJob:
     current: FileStream | None = None
     params: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, Any] = field(default_factory=dict)
+    staged: list[tuple[RecordPlan, FileStream]] = field(default_factory=list)  # crc32s pending
     bytes: int = 0
     t0: float = 0.0
     call_s: float = 0.0
@@ -108,6 +109,7 @@ class SaveJob:
     reused: int = 0  # bytes written over a surplus step's files
     prune_s: float = 0.0
     commit_s: float = 0.0
+    ring_s: float = 0.0
 
     def run(self) -> None:
         start = time.perf_counter()
@@ -143,7 +145,7 @@ class SaveJob:
                 step=self.handle.step,
                 bytes=self.bytes,
                 seconds=end - self.t0,
-                write_s=end - start,
+                write_s=end - start - self.ring_s,
                 call_s=self.call_s,
                 waited_s=self.waited_s,
                 hold_s=self.fence.hold_s,
@@ -151,6 +153,7 @@ class SaveJob:
                 reused_bytes=self.reused,
                 prune_s=self.prune_s,
                 commit_s=self.commit_s,
+                ring_s=self.ring_s,
                 ready_wait_s=self.fence.ready_wait_s,
                 copy_s=spent.copy_s,
                 write_wait_s=spent.write_wait_s,
@@ -205,7 +208,9 @@ class SaveJob:
         """On the writer thread, not in save(): the staging ring (made on a runtime's first save,
         or when its size changes) and, with prune="before", the steps to write over. Returns the
         ring's tally so far."""
+        t = time.perf_counter()
         self.staging = self.staging_for()
+        self.ring_s = time.perf_counter() - t
         tally = replace(self.staging.tally)
         self._recycle()
         return tally
@@ -243,15 +248,23 @@ class SaveJob:
         return fs
 
     def _index(self, plan: RecordPlan, fs: FileStream, step: int) -> None:
-        """The record's file is written: its parameters and tensors go into the manifest."""
+        """The record's file is staged: its parameters go into the manifest, its tensors once their
+        crc32 sums are done (at the commit: the writer does not wait for them between files)."""
         self.current = None
         self.bytes += fs.bytes
         for ref in plan.refs:
             name = ref.names[0]
             self.params[name] = {"aliases": list(ref.names[1:]), "shape": list(ref.slot.shape), "step": step}
-        crcs = fs.crcs()
-        for key, entry in plan.index.items():
-            self.tensors[key] = {"file": plan.file, **entry, "crc32": crcs[key]}
+        self.staged.append((plan, fs))
+
+    def _checksums(self) -> None:
+        """Every staged file's tensors, with their crc32s, into the manifest (after drain(): the
+        sums are done)."""
+        for plan, fs in self.staged:
+            crcs = fs.crcs()
+            for key, entry in plan.index.items():
+                self.tensors[key] = {"file": plan.file, **entry, "crc32": crcs[key]}
+        self.staged.clear()
 
     # ---- multi-rank: rank 0 writes the whole blocks the ranks' shards make ----------------------
 
@@ -300,7 +313,8 @@ class SaveJob:
         t = time.perf_counter()
         try:
             with self.rt.tracer.span("commit", "io", step=self.handle.step):
-                self.ring.drain()  # every chunk's write has landed (or raises its error)
+                self.ring.drain()  # every chunk's write and crc32 sum is done (or raises its error)
+                self._checksums()
                 for f in self.files:
                     f.sync()
                     f.close()
