@@ -160,7 +160,7 @@ def test_a_device_kept_graph_moves_nothing() -> None:
     ids = batches(1)[0]
     loss = model(input_ids=ids, labels=ids).loss
     acts = model.runtime.activations
-    assert acts.saved is not None and acts.saved._store is None and acts.stored_bytes() == 0
+    assert acts.saved is not None and acts.saved._host.made is None and acts.stored_bytes() == 0
     loss.backward()
     model.runtime.close()
 

@@ -443,6 +443,31 @@ class HostStore(OffloadingStore):
             self._copy_to_device(st, st.home.lease, out)
 
 
+class KeptStore:
+    """The pinned host store of blocks that keep what backward reads (engine/saved.py: whole
+    graphs; engine/attention.py: attention outputs), made at the first host-kept block: one copy
+    out in flight at a put and one group brought back ahead in backward, as the planner counts
+    (offload.plan.recompute.SAVED_WINDOW)."""
+
+    def __init__(self, device: Device, blocks: int, purpose: str, min_bytes: int = 0) -> None:
+        self.device, self.blocks, self.purpose, self.min_bytes = device, blocks, purpose, min_bytes
+        self.made: HostStore | None = None
+
+    @property
+    def store(self) -> HostStore:
+        if self.made is None:
+            self.made = HostStore(self.device, self.blocks, depth=1, min_bytes=self.min_bytes, outstanding=1)
+            self.made.purpose = self.purpose
+        return self.made
+
+    def stored_bytes(self) -> int:
+        return 0 if self.made is None else self.made.stored_bytes()
+
+    def close(self) -> None:
+        if self.made is not None:
+            self.made.close()
+
+
 def make_store(tier: Tier, device: Device, blocks: int, nvme_dirs: Sequence[str] = ()) -> ActivationStore:
     """The store for ``placement.activations``; auto keeps them on the device (the runtime does
     not follow the planner yet)."""

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from offload.engine.activations import HostStore, Stored
+from offload.engine.activations import HostStore, KeptStore, Stored
 from offload.engine.device import Device
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -270,7 +270,7 @@ class AttentionKeep:
     def __init__(self, device: Device, blocks: int) -> None:
         self.device = device
         self.blocks = blocks
-        self._store: HostStore | None = None
+        self._host = KeptStore(device, blocks, "kept-attention")
 
     def capture(self) -> Capture:
         return Capture()
@@ -300,14 +300,10 @@ class AttentionKeep:
 
     @property
     def store(self) -> HostStore:
-        if self._store is None:
-            self._store = HostStore(self.device, self.blocks, depth=1, outstanding=1)
-            self._store.purpose = "kept-attention"
-        return self._store
+        return self._host.store
 
     def stored_bytes(self) -> int:
-        return 0 if self._store is None else self._store.stored_bytes()
+        return self._host.stored_bytes()
 
     def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
+        self._host.close()

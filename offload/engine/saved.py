@@ -41,7 +41,7 @@ import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
 from torch.utils import _pytree as pytree
 
-from offload.engine.activations import HostStore, Stored
+from offload.engine.activations import HostStore, KeptStore, Stored
 from offload.engine.device import Device
 from offload.engine.executor import Executor
 from offload.engine.packing import storage_key
@@ -179,26 +179,19 @@ class SavedTensors:
         self.device = device
         self.blocks = blocks
         self.min_bytes = min_bytes
-        self._store: HostStore | None = None
+        self._host = KeptStore(device, blocks, "saved-tensors", min_bytes)
         self.token = torch.empty(0, device=device.torch, requires_grad=True)
 
     @property
     def store(self) -> HostStore:
-        """The host tier, made at the first host-kept block: one copy out in flight at a put,
-        one group brought back ahead in backward."""
-        if self._store is None:
-            self._store = HostStore(
-                self.device, self.blocks, depth=1, min_bytes=self.min_bytes, outstanding=1
-            )
-            self._store.purpose = "saved-tensors"
-        return self._store
+        """The host tier, made at the first host-kept block (activations.KeptStore)."""
+        return self._host.store
 
     def stored_bytes(self) -> int:
-        return 0 if self._store is None else self._store.stored_bytes()
+        return self._host.stored_bytes()
 
     def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
+        self._host.close()
 
     def forward(
         self,
