@@ -313,7 +313,8 @@ def report_save(what: str, s: Any) -> None:
         f"{s.write_s:.2f} s ({s.gbps:.2f} GB/s; of it copy {s.copy_s:.2f}, disk wait {s.write_wait_s:.2f}, "
         f"crc32 wait {s.crc_wait_s:.2f}, update wait {s.ready_wait_s:.2f}, commit {s.commit_s:.2f}, "
         f"prune {s.prune_s:.2f}; ring made in {s.ring_s:.2f} s, not counted), call "
-        f"{s.call_s:.3f} s (waiting for the one before {s.waited_s:.3f} s), hold {s.hold_s:.3f} s, "
+        f"{s.call_s:.3f} s (waiting for the one before {s.waited_s:.3f} s), host records captured after "
+        f"{s.capture_s:.2f} s, hold {s.hold_s:.3f} s, "
         f"device copy {s.device_copy}",
         flush=True,
     )
@@ -334,6 +335,7 @@ def stat_dict(s: Any) -> dict[str, Any]:
         "prune_s": s.prune_s,
         "commit_s": s.commit_s,
         "ring_s": s.ring_s,
+        "capture_s": s.capture_s,
         "copy_s": s.copy_s,
         "write_wait_s": s.write_wait_s,
         "crc_wait_s": s.crc_wait_s,

@@ -107,6 +107,7 @@ def test_save_in_flight_captures_its_step(
     assert_same(offload.state_dict(model), expect)
     model.runtime.close()
     assert stats.hold_s > 0 and stats.bytes == sum(f.stat().st_size for f in handle.path.iterdir())
+    assert 0 < stats.capture_s <= stats.seconds and stats.write_s <= stats.seconds
     assert ("wait_capture", 4) in lanes and ("checkpoint", 6) in lanes  # optimizer and io lanes
 
 

@@ -60,6 +60,7 @@ class CaptureFence:
         self._waiting: int | None = None  # id of the record the worker waits for in hold()
         self.hold_s = 0.0  # seconds the worker waited in hold()
         self.ready_wait_s = 0.0  # seconds the writer waited for updates from before the save
+        self.captured_at: float | None = None  # perf_counter() when the last record was captured
 
     def install(self, rt: Runtime, records: list[BlockRecord]) -> None:
         """Called by save() on the training thread, before any later update can be queued."""
@@ -127,6 +128,7 @@ class CaptureFence:
     def captured(self, rec: BlockRecord) -> None:
         """Writer thread: rec is copied out; its next update may run."""
         self._captured[id(rec)].set()
+        self.captured_at = time.perf_counter()
 
     def release(self, rt: Runtime) -> None:
         """Every record captured, or the save failed: nothing waits on this save any more."""

@@ -36,6 +36,9 @@ class SaveStats:
     commit_s: float = 0.0
     """Of write_s: from the last record staged to the end: the last writes, fsyncs, manifest,
     renames and the prune after the commit."""
+    capture_s: float = 0.0
+    """From the save() call to the last host record captured: the longest the optimizer's worker
+    could be held (0 without host records)."""
     ring_s: float = 0.0
     """Making the staging ring (a runtime's first save, or a new size): mapping, pinning."""
     ready_wait_s: float = 0.0

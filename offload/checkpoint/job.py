@@ -154,6 +154,7 @@ class SaveJob:
                 prune_s=self.prune_s,
                 commit_s=self.commit_s,
                 ring_s=self.ring_s,
+                capture_s=0.0 if self.fence.captured_at is None else self.fence.captured_at - self.t0,
                 ready_wait_s=self.fence.ready_wait_s,
                 copy_s=spent.copy_s,
                 write_wait_s=spent.write_wait_s,
