@@ -139,28 +139,31 @@ class SaveJob:
         finally:
             self.fence.release(self.rt)
             self.snaps.clear()
-            end = time.perf_counter()
-            spent = self.staging.tally.since(tally) if self.staging is not None else Tally()
-            self.handle._stats = SaveStats(
-                step=self.handle.step,
-                bytes=self.bytes,
-                seconds=end - self.t0,
-                write_s=end - start - self.ring_s,
-                call_s=self.call_s,
-                waited_s=self.waited_s,
-                hold_s=self.fence.hold_s,
-                device_copy=self.device_copy,
-                reused_bytes=self.reused,
-                prune_s=self.prune_s,
-                commit_s=self.commit_s,
-                ring_s=self.ring_s,
-                capture_s=0.0 if self.fence.captured_at is None else self.fence.captured_at - self.t0,
-                ready_wait_s=self.fence.ready_wait_s,
-                copy_s=spent.copy_s,
-                write_wait_s=spent.write_wait_s,
-                crc_wait_s=spent.crc_wait_s,
-            )
+            self.handle._stats = self._stats(start, tally)
             self.handle._done.set()
+
+    def _stats(self, start: float, tally: Tally) -> SaveStats:
+        end = time.perf_counter()
+        spent = self.staging.tally.since(tally) if self.staging is not None else Tally()
+        return SaveStats(
+            step=self.handle.step,
+            bytes=self.bytes,
+            seconds=end - self.t0,
+            write_s=end - start - self.ring_s,
+            call_s=self.call_s,
+            waited_s=self.waited_s,
+            hold_s=self.fence.hold_s,
+            device_copy=self.device_copy,
+            reused_bytes=self.reused,
+            prune_s=self.prune_s,
+            commit_s=self.commit_s,
+            ring_s=self.ring_s,
+            capture_s=0.0 if self.fence.captured_at is None else self.fence.captured_at - self.t0,
+            ready_wait_s=self.fence.ready_wait_s,
+            copy_s=spent.copy_s,
+            write_wait_s=spent.write_wait_s,
+            crc_wait_s=spent.crc_wait_s,
+        )
 
     def _order(self) -> Iterator[RecordPlan]:
         """The plans in the order they are written. One process: each host record when the capture
