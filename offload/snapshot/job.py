@@ -23,12 +23,13 @@ import torch
 
 from offload.checkpoint.capture import CaptureFence
 from offload.engine.runtime import Runtime
-from offload.snapshot import crc, parity, payload
+from offload.snapshot import parity, payload
 from offload.snapshot.client import Segment
 from offload.snapshot.config import SnapshotHandle, SnapshotStats
 from offload.snapshot.segment import Cell, Header
 from offload.snapshot.topology import Topology
 from offload.store.record import BlockRecord
+from offload.utils import crc
 
 
 @dataclass(slots=True, kw_only=True)

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from offload.snapshot import codec, crc, flush, parity, payload, segment
+from offload.snapshot import codec, flush, parity, payload, segment
 from offload.snapshot.survey import Plan, Rebuild, choose, choose_disk, lost, unseen_note
+from offload.utils import crc
 
 if TYPE_CHECKING:
     from offload.snapshot.snapshotter import Snapshotter

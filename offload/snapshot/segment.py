@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from offload.snapshot import crc
+from offload.utils import crc
 
 MAGIC = b"OFFSNAP\x01"
 HEADER_BYTES = 64 << 10
@@ -143,11 +143,11 @@ def read_header(buf: Any) -> Header | None:
     view = memoryview(buf)
     if len(view) < _PREFIX.size:
         return None
-    magic, n, crc = _PREFIX.unpack(view[: _PREFIX.size])
+    magic, n, want = _PREFIX.unpack(view[: _PREFIX.size])
     if magic != MAGIC or n > HEADER_BYTES - _PREFIX.size:
         return None
     raw = bytes(view[_PREFIX.size : _PREFIX.size + n])
-    if zlib.crc32(raw) != crc:
+    if zlib.crc32(raw) != want:
         return None
     try:
         return Header.from_json(json.loads(raw))

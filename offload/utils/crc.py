@@ -1,64 +1,59 @@
-"""crc32 of a concatenation from the crc32s of its parts (zlib's ``crc32_combine``, which Python's
-zlib module does not expose).
+"""crc32 (zlib's) of a concatenation from its parts' crc32s, and of large buffers on threads.
 
-A checkpoint's staging ring sums each slice of a tensor on its own thread and combines the
-slices' crc32s in order when the file is done, so a large tensor is summed in parallel instead of
-slice after slice. The arithmetic is zlib's (1.2.12+, crc32.c): the crc32 of A || B is crc32(A)
-times x^(8 len(B)) modulo the CRC-32 polynomial, plus crc32(B), in the bit-reflected
-representation zlib uses. Plain integers, no torch; x^(8 len(B)) is cached per length (most
-slices have one of a few lengths), so a combination costs about 5 us (40 us uncached).
-``offload.snapshot.crc.combine`` computes the same without the cache.
+``zlib.crc32`` runs at a few GB/s on one core, slower than the copies it checks: a checkpoint's
+staging ring sums each slice of a tensor on its own thread, a snapshot sums its chunks (with
+k = 1, the rank's whole state) in pieces on a thread pool, and the pieces' crc32s are joined in
+order. Python's zlib has no ``crc32_combine``; ``combine`` computes it from the algebra of the
+CRC: the crc32 of ``a + b`` is crc32(a) times x^(8 len(b)) modulo the CRC-32 polynomial in GF(2),
+plus crc32(b), with the bits reflected as zlib keeps them (bit 31 is x^0). x^(8 n) is cached per
+length (most slices have one of a few). Bit for bit ``zlib.crc32`` of the whole; no torch here
+(the snapshot keeper reads checksums too).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import Any
 
-POLY = 0xEDB88320  # CRC-32 (IEEE 802.3, zlib's), bit-reflected
-_ONE = 1 << 31  # the polynomial 1 (x^0) in the reflected representation
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a(x) * b(x) modulo the CRC polynomial (both reflected)."""
-    m, p = _ONE, 0
-    while True:
-        if a & m:
-            p ^= b
-            if a & (m - 1) == 0:
-                return p
-        m >>= 1
-        b = (b >> 1) ^ POLY if b & 1 else b >> 1
+PIECE = 64 << 20
+"""Bytes each thread of ``crc32`` sums at a time."""
+POLY = 0xEDB88320  # CRC-32 (IEEE 802.3, zlib's), bits reflected
+_ONE = 1 << 31  # x^0, reflected
+_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
 
 
-def _x2n_table() -> list[int]:
-    """x^(2^k) modulo the polynomial, k = 0..31."""
-    table, p = [], 1 << 30  # x^1
-    for _ in range(32):
-        table.append(p)
-        p = _multmodp(p, p)
-    return table
-
-
-_X2N = _x2n_table()
+def _mul(a: int, b: int) -> int:
+    """a * b modulo the polynomial (both reflected)."""
+    product = 0
+    for bit in range(31, -1, -1):
+        if a & (1 << bit):
+            product ^= b
+        b = (b >> 1) ^ POLY if b & 1 else b >> 1  # b * x
+    return product
 
 
 @lru_cache(maxsize=256)
 def _x8n(nbytes: int) -> int:
-    """x^(8 nbytes) modulo the polynomial."""
-    p, k, n = _ONE, 3, nbytes
-    while n:
-        if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
-        n >>= 1
-        k += 1
-    return p
+    """x^(8 nbytes) modulo the polynomial, by squaring."""
+    result, square, e = _ONE, _ONE >> 1, 8 * nbytes  # x^0, x^1
+    while e:
+        if e & 1:
+            result = _mul(result, square)
+        square = _mul(square, square)
+        e >>= 1
+    return result
 
 
 def combine(crc1: int, crc2: int, len2: int) -> int:
     """zlib.crc32(a + b) from crc1 = zlib.crc32(a), crc2 = zlib.crc32(b) and len2 = len(b)."""
     if len2 < 0:
         raise ValueError(f"len2 = {len2}: must be >= 0")
-    return _multmodp(_x8n(len2), crc1) ^ crc2
+    return _mul(_x8n(len2), crc1) ^ crc2
 
 
 def join(parts: list[tuple[int, int]]) -> int:
@@ -67,3 +62,23 @@ def join(parts: list[tuple[int, int]]) -> int:
     for c, n in parts:
         crc = combine(crc, c, n)
     return crc
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="offload-crc32")
+        return _executor
+
+
+def crc32(data: Any, value: int = 0) -> int:
+    """zlib.crc32(data, value), summed in ``PIECE``s on a few threads when data is large (zlib
+    lets go of the GIL)."""
+    view = memoryview(data).cast("B")
+    n = len(view)
+    if n <= 2 * PIECE:
+        return zlib.crc32(view, value)
+    bounds = list(range(0, n, PIECE))
+    sums = list(_pool().map(lambda lo: zlib.crc32(view[lo : lo + PIECE]), bounds))
+    return combine(value, join([(s, min(PIECE, n - lo)) for lo, s in zip(bounds, sums)]), n)

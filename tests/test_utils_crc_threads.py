@@ -1,4 +1,4 @@
-"""offload.snapshot.crc: crc32 in pieces on threads equals zlib.crc32 of the whole, bit for bit."""
+"""offload.utils.crc.crc32: crc32 in pieces on threads equals zlib.crc32 of the whole, bit for bit."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
-from offload.snapshot import crc
+from offload.utils import crc
 
 
 @pytest.mark.parametrize("len_a,len_b", [(0, 0), (0, 9), (9, 0), (1, 1), (13, 4096), (4097, 65537)])
