@@ -150,6 +150,8 @@ def test_model_errors(tmp_path: Path, model: dict[str, Any], message: str) -> No
         (_merged(train={"checkpoint_dir": ""}), "train.checkpoint_dir = '': must be a directory path"),
         (_merged(train={"keep_last": 0}), "train.keep_last = 0: must be >= 1, or null"),
         (_merged(train={"keep_every": 5}), "train.keep_every = 5: needs keep_last"),
+        (_merged(train={"prune": "before"}), "train.prune = 'before': needs keep_last"),
+        (_merged(train={"keep_last": 1, "prune": "never"}), "train.prune = 'never'"),
         (_merged(train={"keep_last": 2, "keep_every": 0}), "train.keep_every = 0: must be >= 1"),
         (
             _merged(train={"schedule": {"warmup_steps": 11}}),

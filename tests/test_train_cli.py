@@ -148,6 +148,21 @@ def test_resume_is_exact(runs: dict[str, Path], capsys: pytest.CaptureFixture) -
     assert [s for s, _ in list_checkpoints(cut / "ckpt")] == [3, 6]
 
 
+def test_prune_before_writes_each_checkpoint_over_the_last(runs: dict[str, Path], tmp_path: Path) -> None:
+    """train.prune before with keep_last 1: each save writes over the files of the checkpoint it
+    replaces; one committed checkpoint at the end, no leftovers, and training unchanged."""
+    from offload.checkpoint import list_checkpoints, verify
+
+    out = tmp_path / "recycled"
+    more = ["--set", "train.save_every=2", "--set", "train.keep_last=1", "--set", "train.prune=before"]
+    assert main(["train", TINY, *short(out, *more)]) == 0
+    found = list_checkpoints(out / "ckpt")
+    assert [s for s, _ in found] == [6] and verify(found[0][1]) == []
+    assert [p.name for p in (out / "ckpt").iterdir() if ".tmp-" in p.name] == []
+    straight = json.loads((runs["straight"] / "summary.json").read_text())
+    assert json.loads((out / "summary.json").read_text())["losses"] == straight["losses"]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

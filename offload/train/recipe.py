@@ -126,6 +126,13 @@ class TrainSpec:
     """Keep the newest this many checkpoints, pruning older ones after each save; None: keep all."""
     keep_every: int | None = None
     """With keep_last: also keep every checkpoint whose step is divisible by this."""
+    prune: Literal["after", "before"] = "after"
+    """When keep_last drops old checkpoints. after: once the new one is committed (keep_last of them
+    always committed; the disk holds keep_last + 1 while a save runs). before: the new save writes
+    its files over the ones of the step it will make surplus (no unlink, discard or allocation
+    while its bytes move, so it writes at the disk's overwrite speed; the disk holds keep_last,
+    but only keep_last - 1 are committed while a save runs: with keep_last 1 a crash mid-save
+    leaves nothing to resume). docs/checkpoint.md."""
     loss_chunk: int | None = None
     """Tokens per chunk of a chunked cross-entropy (offload/train/loss.py): the head's logits
     exist for one chunk at a time instead of the whole batch (at 128K tokens and a 32K vocabulary
@@ -162,6 +169,13 @@ class TrainSpec:
                 raise ConfigError(
                     "keep_every", self.keep_every, "needs keep_last (it spares steps from pruning)"
                 )
+
+        if self.prune not in ("after", "before"):
+            raise ConfigError("prune", self.prune, "must be after or before")
+        if self.prune == "before" and self.keep_last is None:
+            raise ConfigError(
+                "prune", self.prune, "needs keep_last (it says which step the save writes over)"
+            )
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

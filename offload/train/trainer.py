@@ -384,6 +384,7 @@ class _Saves:
         self.dir = Path(str(recipe.train.checkpoint_dir))
         self.keep_last = recipe.train.keep_last
         self.keep_every = recipe.train.keep_every
+        self.prune = recipe.train.prune
         self.log = log
         self.pending: Any = None
         self.done: list[Any] = []  # SaveStats of the committed saves
@@ -402,6 +403,7 @@ class _Saves:
                 extra=extra,
                 keep_last=self.keep_last,
                 keep_every=self.keep_every,
+                prune=self.prune,
             )
         except OSError as e:
             raise CheckpointError(f"cannot save the checkpoint of step {step} in {self.dir}: {e}") from e
