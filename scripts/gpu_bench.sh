@@ -21,9 +21,11 @@ case "${1:?phase}" in
   gpu-tests)
     python3 -m pytest -q $(ls tests/test_{wrap_gpu,pool,activations_gpu,attention_keep,checkpoint_gpu}.py 2>/dev/null) \
       2>&1 | tail -8 ;;
-  ckpt3b)
-    python3 scripts/bench_ckpt.py --size 3b --steps "${STEPS:-4}" --save-every "${EVERY:-1}" --dir /tmp/ckpt-bench \
-      --out "$OUT/ckpt_3b_every${EVERY:-1}.json" 2>&1 | grep -vi warn | tail -16 ;;
+  ckpt3b)  # issue 6: a save every step of a 40-micro-batch step (~25 s), each written over the last (ACC=1 EVERY=32: spaced)
+    rm -rf /tmp/ckpt-bench
+    python3 scripts/bench_ckpt.py --size 3b --steps "${STEPS:-4}" --warmup 1 --accumulate "${ACC:-40}" \
+      --save-every "${EVERY:-1}" --staging-gib host --prune "${PRUNE:-before}" --dir /tmp/ckpt-bench \
+      --out "$OUT/ckpt_3b_acc${ACC:-40}_every${EVERY:-1}.json" 2>&1 | grep -vi warn | tail -30 ;;
   act7b)  # issue 5: recompute against auto's per-block keeps, and the boundary states on the host
     python3 scripts/bench_activations.py --size 7b --device-blocks 10 --seqs "${SEQS:-2048,8192,16384,32768}" \
       --placements "${PLACEMENTS:-recompute,auto,host,auto-host}" --steps 3 --out "$OUT/activations_7b.json" 2>&1 | grep -vi warn | tail -24 ;;
