@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -33,18 +34,24 @@ def train(model: torch.nn.Module, placement: dict, nvme: Path, steps: int = 4) -
         placement=placement,
         nvme_dirs=[str(nvme)],
     )
+    losses = run_steps(wrapped, opt, steps, vocab=64, shape=(2, 128))
+    state = offload.state_dict(wrapped)
+    wrapped.runtime.close()
+    return losses, state
+
+
+def run_steps(wrapped: Any, opt: Any, steps: int, vocab: int, shape: tuple[int, int]) -> list[float]:
+    """steps optimizer steps on seeded random tokens; the losses."""
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(steps):
-        ids = torch.randint(0, 64, (2, 128), generator=g).cuda()
+        ids = torch.randint(0, vocab, shape, generator=g).cuda()
         loss = wrapped(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    state = offload.state_dict(wrapped)
-    wrapped.runtime.close()
-    return losses, state
+    return losses
 
 
 def test_host_and_nvme_boundaries_train_exactly_like_the_device(disk_dir: Path) -> None:
@@ -157,15 +164,7 @@ def train_bf16(placement: dict, steps: int = 3) -> tuple[list[float], dict, obje
         optimizer={"lr": 1e-3},
         placement=placement,
     )
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        ids = torch.randint(0, 512, (2, 256), generator=g).cuda()
-        loss = wrapped(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = run_steps(wrapped, opt, steps, vocab=512, shape=(2, 256))
     state = offload.state_dict(wrapped)
     acts = wrapped.runtime.activations
     wrapped.runtime.close()

@@ -468,6 +468,23 @@ class KeptStore:
             self.made.close()
 
 
+class HostKept:
+    """For the owners of a ``KeptStore`` in ``_host``: its store, bytes and close."""
+
+    _host: KeptStore
+
+    @property
+    def store(self) -> HostStore:
+        """The host tier, made at the first host-kept block."""
+        return self._host.store
+
+    def stored_bytes(self) -> int:
+        return self._host.stored_bytes()
+
+    def close(self) -> None:
+        self._host.close()
+
+
 def make_store(tier: Tier, device: Device, blocks: int, nvme_dirs: Sequence[str] = ()) -> ActivationStore:
     """The store for ``placement.activations``; auto keeps them on the device (the runtime does
     not follow the planner yet)."""

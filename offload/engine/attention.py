@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from offload.engine.activations import HostStore, KeptStore, Stored
+from offload.engine.activations import HostKept, KeptStore, Stored
 from offload.engine.device import Device
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -262,7 +262,7 @@ class KeptGroup:
     """Stored: per call, None (not kept) or (tensors it put, its kernel's other values)."""
 
 
-class AttentionKeep:
+class AttentionKeep(HostKept):
     """Where the kept attention of each block waits: on the device, or for ``Keep.ATTENTION_HOST``
     in pinned host memory (a :class:`HostStore` with one copy out in flight and one group
     coming back ahead, as the planner counts: offload.plan.recompute.SAVED_WINDOW)."""
@@ -297,13 +297,3 @@ class AttentionKeep:
             mine = [next(tensors) for _ in range(v[0])]
             out.append(Kept(mine[0], mine[1:], v[1]))
         return out
-
-    @property
-    def store(self) -> HostStore:
-        return self._host.store
-
-    def stored_bytes(self) -> int:
-        return self._host.stored_bytes()
-
-    def close(self) -> None:
-        self._host.close()

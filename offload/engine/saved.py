@@ -41,7 +41,7 @@ import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
 from torch.utils import _pytree as pytree
 
-from offload.engine.activations import HostStore, KeptStore, Stored
+from offload.engine.activations import HostKept, HostStore, KeptStore, Stored
 from offload.engine.device import Device
 from offload.engine.executor import Executor
 from offload.engine.packing import storage_key
@@ -171,7 +171,7 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class SavedTensors:
+class SavedTensors(HostKept):
     """Runs the blocks that keep their graph with autograd; their saved tensors stay on the
     device or go to host memory."""
 
@@ -181,17 +181,6 @@ class SavedTensors:
         self.min_bytes = min_bytes
         self._host = KeptStore(device, blocks, "saved-tensors", min_bytes)
         self.token = torch.empty(0, device=device.torch, requires_grad=True)
-
-    @property
-    def store(self) -> HostStore:
-        """The host tier, made at the first host-kept block (activations.KeptStore)."""
-        return self._host.store
-
-    def stored_bytes(self) -> int:
-        return self._host.stored_bytes()
-
-    def close(self) -> None:
-        self._host.close()
 
     def forward(
         self,
