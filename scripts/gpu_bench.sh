@@ -27,7 +27,7 @@ case "${1:?phase}" in
       --save-every "${EVERY:-1}" --staging-gib host --prune "${PRUNE:-before}" --dir /tmp/ckpt-bench \
       --out "$OUT/ckpt_3b_acc${ACC:-40}_every${EVERY:-1}.json" 2>&1 | grep -vi warn | tail -30 ;;
   act7b)  # issue 5: recompute against auto's per-block keeps, and the boundary states on the host
-    python3 scripts/bench_activations.py --size 7b --device-blocks 10 --seqs "${SEQS:-2048,8192,16384,32768}" \
+    python3 scripts/bench_activations.py --size 7b --device-blocks "${DEVICE_BLOCKS:-10}" --seqs "${SEQS:-2048,8192,16384,32768}" \
       --placements "${PLACEMENTS:-recompute,auto,host,auto-host}" --steps 3 --out "$OUT/activations_7b.json" 2>&1 | grep -vi warn | tail -24 ;;
   act128k)  # issue 5: 128K tokens on the 6.7B shape, recompute or auto (P=host or auto-host)
     python3 scripts/bench_activations.py --size 7b --device-blocks "${DEVICE_BLOCKS:-10}" --seqs 131072 \

@@ -110,6 +110,21 @@ def test_auto_recomputes_on_a_slow_link_with_no_device_room() -> None:
     assert "offload_saved: recompute every block" in p.table()
 
 
+def test_auto_device_blocks_give_way_to_keeps_that_pay() -> None:
+    """A gpu budget that every block's state fills to its margin: kept graphs pay more than
+    device blocks (the link and the CPU are free here), so device_blocks auto takes fewer."""
+    whole = plan({"device_blocks": 4}).needed[Tier.GPU]
+    budgets = {"gpu_bytes": whole + DEVICE_MARGIN_BYTES}
+    alone = plan({"device_blocks": "auto"}, budgets=budgets)
+    assert alone.device_blocks == 4  # without offload_saved nothing competes for the memory
+    fixed = plan({"device_blocks": 4, "offload_saved": "auto"}, budgets=budgets)
+    assert fixed.recompute is not None and not any(fixed.recompute.offload)
+    p = plan({"device_blocks": "auto", "offload_saved": "auto"}, budgets=budgets)
+    assert p.recompute is not None and p.device_blocks < 4 and any(p.recompute.offload)
+    assert p.recompute.step_s < fixed.recompute.step_s and p.fits
+    assert any(f"device_blocks auto: {p.device_blocks} rather than 4" in n for n in p.notes)
+
+
 def test_a_cpu_bound_plan_keeps_nothing_and_says_why() -> None:
     """With the CPU optimizer at 1 parameter a second, the step is its updates: nothing pays."""
     slow_cpu = dataclasses.replace(FAST, adam_params_s=1.0)

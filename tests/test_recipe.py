@@ -264,7 +264,8 @@ def test_128k_recipe_fills_its_sequence_and_fits_an_h100() -> None:
     assert plan.fits, plan.problems
     choice = plan.recompute
     assert choice is not None and set(choice.keep) <= {Keep.ATTENTION, Keep.ATTENTION_HOST, Keep.RECOMPUTE}
-    assert len(choice.blocks) >= 20 and choice.gain >= 0.10  # the attention keeps that fit, and pay
+    assert len(choice.blocks) >= 16 and choice.gain >= 0.10  # the attention keeps that fit, and pay
+    assert 0 < plan.device_blocks < 10  # fewer device blocks: their memory pays more as keeps
 
 
 def _parameters(config: transformers.PretrainedConfig) -> int:

@@ -12,7 +12,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 import offload
-from offload.config import ConfigError, PlacementConfig
+from offload.config import ConfigError, PlacementConfig, Tier
 from offload.engine.activations import HostStore
 from offload.engine.choice import MeasuredChoice, Traffic, device_room, make_choice
 from offload.engine.device import Device
@@ -129,9 +129,14 @@ def test_auto_measures_one_step_then_decides() -> None:
 
 
 def test_auto_keeps_nothing_on_the_device_without_room() -> None:
-    """On the CPU the device is host memory, bounded by budgets.gpu_bytes: with none left,
-    nothing is kept there (host-kept graphs need a window on the device too)."""
-    model, measure = train_auto({"offload_saved": "auto"}, budgets={"gpu_bytes": 0})
+    """On the CPU the device is host memory, bounded by budgets.gpu_bytes: with none left
+    beside what the plan puts there, nothing is kept (host-kept graphs need a window on the
+    device too). A budget under the plan's own need is refused by wrap."""
+    cfg = offload.config.load_config(None, device="cpu", dtype="float32")
+    bare = offload.plan.make_plan(tiny("llama", layers=3), cfg, batch_size=1, seq_len=1).needed[Tier.GPU]
+    with pytest.raises(offload.plan.PlanError, match=r"gpu: needs .* budget .* raise budgets.gpu_bytes"):
+        train_auto({"offload_saved": "auto"}, budgets={"gpu_bytes": bare - 1})
+    model, measure = train_auto({"offload_saved": "auto"}, budgets={"gpu_bytes": bare})
     assert measure.room()[0] == 0
     assert measure.decision is not None and set(measure.decision.keep) == {Keep.RECOMPUTE}
     model.runtime.close()

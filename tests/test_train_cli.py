@@ -73,6 +73,21 @@ def test_bad_value_names_the_field(capsys: pytest.CaptureFixture) -> None:
     assert "offload.dtype" in capsys.readouterr().err
 
 
+def test_a_recipe_over_its_budgets_names_the_tier(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = [
+        "train",
+        TINY,
+        "--set",
+        "offload.budgets.host_bytes=1MiB",
+        "--set",
+        f"train.output_dir={tmp_path}",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the budgets" in err and "host: needs" in err and "Traceback" not in err
+    assert not (tmp_path / "summary.json").exists()
+
+
 # ---- checkpoints and --resume -------------------------------------------------------------------
 
 SHORT = [

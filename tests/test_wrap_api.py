@@ -167,6 +167,28 @@ def test_bad_param_group_and_config_errors() -> None:
         offload.wrap(Stack(), device="cpu", optimizer={"bogus": 1})
 
 
+def test_a_model_over_its_budgets_is_refused_before_anything_moves() -> None:
+    """The budgets given are checked by wrap (on a plan made for one token, or the one given),
+    naming the tier, the need and what would fit; the model is left as it was."""
+    model = tiny("llama", layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(offload.plan.PlanError) as info:
+        offload.wrap(model, device="cpu", dtype="float32", budgets={"host_bytes": 1 << 20})
+    msg = str(info.value)
+    assert "host: needs" in msg and "budget 1 MiB" in msg and "offload.budgets" in msg
+    assert info.value.plan.problems and not info.value.plan.fits
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    cfg = offload.config.load_config(None, device="cpu", dtype="float32", budgets={"gpu_bytes": 1 << 20})
+    plan = offload.plan.make_plan(model, cfg, batch_size=8, seq_len=4096)  # its activations do not fit
+    assert not plan.fits
+    with pytest.raises(offload.plan.PlanError, match=r"batch 8 x seq 4096\):\n  gpu: needs"):
+        offload.wrap(model, cfg, plan=plan)
+    fits = offload.plan.make_plan(model, cfg, batch_size=1, seq_len=16)
+    ours, _ = offload.wrap(model, cfg, plan=fits)
+    ours.runtime.close()
+
+
 def test_optimizer_state_dict_points_to_offload_save() -> None:
     _, opt = offload.wrap(Stack(), device="cpu")
     with pytest.raises(NotImplementedError, match=r"offload.save"):

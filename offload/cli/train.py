@@ -58,6 +58,7 @@ def launch(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from offload.checkpoint.format import CheckpointError
     from offload.config import ConfigError
+    from offload.plan import PlanError
     from offload.train.data import DataError
     from offload.train.trainer import train
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"offload train: {recipe.name} ({path}), {recipe.train.steps} steps on {device}")
     try:
         summary = train(recipe, trace=args.trace, resume=args.resume)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, PlanError) as e:
         raise CliError(str(e)) from None
     if main:
         print(summary.render())

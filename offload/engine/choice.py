@@ -92,8 +92,10 @@ class MeasuredChoice:
         weights: Callable[[], set[int]],
         budgets: BudgetsConfig | None = None,
         optimizer_busy: Callable[[], float] | None = None,
+        device_need: int = 0,
     ) -> None:
         self.device = device
+        self.device_need = device_need  # the plan's gpu bytes besides the kept tensors (CPU room)
         self.blocks = blocks
         self.traffic = traffic
         self.weights = weights
@@ -230,8 +232,8 @@ class MeasuredChoice:
     def room(self) -> tuple[int | None, int]:
         """(device bytes, host bytes) the kept tensors may take. Device, on CUDA:
         :func:`device_room` of what the driver and the caching allocator report now; on the
-        CPU, where the device is host memory, budgets.gpu_bytes, else the host's free memory
-        less HOST_MARGIN_BYTES. Host: its free memory less HOST_MARGIN_BYTES (pinned memory
+        CPU, where the device is host memory, budgets.gpu_bytes less the plan's other gpu bytes
+        (device_need), else the host's free memory less HOST_MARGIN_BYTES. Host: its free memory less HOST_MARGIN_BYTES (pinned memory
         cannot be swapped out), and no more than budgets.host_bytes less what the process holds
         now."""
         free = max(psutil.virtual_memory().available - HOST_MARGIN_BYTES, 0)
@@ -239,7 +241,8 @@ class MeasuredChoice:
         if self.budgets.host_bytes is not None:
             host = max(min(free, self.budgets.host_bytes - psutil.Process().memory_info().rss), 0)
         if not self.device.cuda:
-            return (free if self.budgets.gpu_bytes is None else self.budgets.gpu_bytes), host
+            gpu = self.budgets.gpu_bytes
+            return (free if gpu is None else max(gpu - self.device_need, 0)), host
         dev = self.device.torch
         device_free, total = torch.cuda.mem_get_info(dev)
         reserved, peak = torch.cuda.memory_reserved(dev), torch.cuda.max_memory_reserved(dev)
@@ -281,12 +284,13 @@ def make_choice(
     weights: Callable[[], set[int]],
     budgets: BudgetsConfig | None = None,
     optimizer_busy: Callable[[], float] | None = None,
+    device_need: int = 0,
 ) -> Chooser | None:
     """The choice of ``placement.offload_saved``; None for "never"."""
     if spec == "never":
         return None
     if spec == "auto":
-        return MeasuredChoice(device, blocks, traffic, weights, budgets, optimizer_busy)
+        return MeasuredChoice(device, blocks, traffic, weights, budgets, optimizer_busy, device_need)
     if spec == "always":
         return lambda index: Keep.HOST
     kinds = {"host": spec} if isinstance(spec, list) else dict(spec)

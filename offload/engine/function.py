@@ -84,16 +84,20 @@ class Activations:
             self.attention.close()
 
 
-def make_activations(cfg: Config, executor: Executor, updater: Updater | None = None) -> Activations:
+def make_activations(
+    cfg: Config, executor: Executor, updater: Updater | None = None, device_need: int = 0
+) -> Activations:
     """The Activations of cfg.placement for executor's blocks; updater's busy time is the CPU
-    bound of offload_saved auto (None: not counted). Sets (or clears) the executor's timer."""
+    bound of offload_saved auto (None: not counted); device_need the plan's gpu bytes besides
+    the kept tensors (their room on the CPU is budgets.gpu_bytes less it). Sets (or clears) the
+    executor's timer."""
     p, device, blocks = cfg.placement, executor.device, len(executor.blocks)
     boundary = make_store(p.activations, device, blocks, cfg.nvme_dirs)
     streamed = len(executor.streamed) * executor.slots.buffers[0].nbytes
     traffic = Traffic(weight_bytes=streamed, grad_bytes=streamed)
     keys = lambda: weight_keys(executor)  # noqa: E731
     busy = None if updater is None else (lambda: updater.busy_s)
-    choose = make_choice(p.offload_saved, device, blocks, traffic, keys, cfg.budgets, busy)
+    choose = make_choice(p.offload_saved, device, blocks, traffic, keys, cfg.budgets, busy, device_need)
     measure = choose if isinstance(choose, MeasuredChoice) else None
     executor.timer = None if measure is None else measure.timer
     if choose is None:

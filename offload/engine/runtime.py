@@ -279,7 +279,8 @@ class Runtime:
             self.check_update,
             self.group,
         )
-        self.activations = make_activations(self.cfg, self.executor, self.updater)
+        need = self.plan.needed[Tier.GPU]
+        self.activations = make_activations(self.cfg, self.executor, self.updater, need)
         proxies = [
             BlockProxy(self.executor, i, build.proxy_attrs(b), self.activations)
             for i, b in enumerate(stack.blocks)
@@ -389,13 +390,15 @@ def plan_for(
 ) -> Plan:
     """The plan a runtime follows: the one given (made for this model, config and world size),
     or one made now. A plan made here does not know the batch shape (it counts the activations
-    of one token), so ``device_blocks: auto``, which must leave room for them, needs a plan."""
+    of one token), so ``device_blocks: auto``, which must leave room for them, needs a plan.
+    Raises offload.plan.PlanError when the plan does not fit its budgets."""
     from offload.plan import make_plan, model_shape
     from offload.plan.activations import ASSUMED
 
     world = 1 if group is None else group.world
     if plan is not None:
         _check_plan(plan, model_shape(model, stack.path), cfg, world)
+        plan.check()  # refused before anything is allocated
         return plan
     p = cfg.placement
     if p.device_blocks == "auto":
@@ -405,7 +408,7 @@ def plan_for(
             "needs the batch shape to leave room for the activations: pass offload.wrap(..., "
             "plan=offload.plan.make_plan(model, config, batch_size=B, seq_len=T))",
         )
-    return make_plan(
+    made = make_plan(
         model,
         cfg,
         batch_size=1,
@@ -416,6 +419,8 @@ def plan_for(
         detect=Tier.AUTO in (p.optimizer_state, p.master),  # budgets matter only to a choice
         rates=ASSUMED,  # measuring the link is for offload_saved's estimate, not needed here
     )
+    made.check()  # the budgets given (or, for a choice, this machine's), for one token
+    return made
 
 
 def _check_plan(plan: Plan, shape: Any, cfg: Config, world: int) -> None:

@@ -5,7 +5,7 @@ allocating anything; ``offload plan RECIPE.yaml`` prints one (docs/plan.md).
 """
 
 from offload.plan.account import Accounting, Figure, account
-from offload.plan.plan import Plan
+from offload.plan.plan import Plan, PlanError
 from offload.plan.planner import make_plan
 from offload.plan.shape import ModelShape, model_shape
 from offload.plan.tally import HOST_OVERHEAD_BYTES, KINDS, STORE_KINDS, TIERS
@@ -19,6 +19,7 @@ __all__ = [
     "Figure",
     "ModelShape",
     "Plan",
+    "PlanError",
     "account",
     "make_plan",
     "model_shape",

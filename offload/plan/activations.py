@@ -261,10 +261,13 @@ def recompute_choice(
     room: Room,
     rates: Rates,
     blocks: str | None = None,
+    counted: Counted | None = None,
 ) -> tuple[Choice, Counted]:
     """The choice ``placement.offload_saved`` makes on this model (auto: the cost model's; a
-    list, a mapping or always: that one, with its estimate), and what one block keeps."""
-    counted = count_block(model, cfg.dtype, batch_size, seq_len, blocks)
+    list, a mapping or always: that one, with its estimate), and what one block keeps (counted
+    here unless given)."""
+    if counted is None:
+        counted = count_block(model, cfg.dtype, batch_size, seq_len, blocks)
     costs = [block_cost(shape, counted, rates, batch_size, seq_len)] * shape.blocks
     head = 6.0 * batch_size * seq_len * (shape.hidden_size or 0) * (shape.vocab_size or 0) / rates.flops
     cpu = room.cpu_params / rates.adam_params_s if rates.adam_params_s else 0.0

@@ -18,6 +18,19 @@ from offload.utils.sizes import format_bytes
 GiB = float(1 << 30)
 
 
+class PlanError(ValueError):
+    """A plan over its budgets, refused before anything is allocated; ``plan`` is the plan."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        lines = "\n".join(f"  {p}" for p in plan.problems)
+        super().__init__(
+            f"the model does not fit the budgets (batch {plan.batch_size} x seq {plan.seq_len}):\n"
+            f"{lines}\n(`offload plan RECIPE` prints the whole plan; the budgets are offload.budgets.*, "
+            "null for what this machine has)"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Per-rank bytes of each (kind, tier), the predicted peaks and what does not fit."""
@@ -90,6 +103,11 @@ class Plan:
     @property
     def fits(self) -> bool:
         return not self.problems
+
+    def check(self) -> None:
+        """Raises PlanError naming each tier over its budget and what would fit."""
+        if self.problems:
+            raise PlanError(self)
 
     def get(self, kind: str, tier: Tier) -> int:
         return self.bytes.get((kind, tier), 0)

@@ -18,10 +18,10 @@ import shutil
 from torch import nn
 
 from offload.config import Config, Tier
-from offload.plan.activations import choice_room, plan_rates, recompute_choice
+from offload.plan.activations import choice_room, count_block, plan_rates, recompute_choice
 from offload.plan.measure import Rates
 from offload.plan.plan import Plan
-from offload.plan.recompute import Choice
+from offload.plan.recompute import Choice, keep_margin
 from offload.plan.shape import ModelShape, model_shape
 from offload.plan.spill import Needs, choose_spill, fits_all, spill_fixes
 from offload.plan.tally import Settings, Tally, tally
@@ -94,11 +94,9 @@ def make_plan(
     settings = _device_blocks(shape, cfg, base, need, budgets[Tier.GPU], notes)
     recompute = None
     if cfg.placement.offload_saved != "never":
-        recompute = _recompute(model, shape, cfg, settings, need, budgets, rates, detect, blocks, notes)
-        if recompute is not None:
-            settings = settings.but(
-                saved_bytes=recompute.offloaded_bytes, saved_device_bytes=recompute.device_bytes
-            )
+        settings, recompute = _recompute(
+            model, shape, cfg, settings, need, budgets, rates, detect, blocks, notes
+        )
     settings = choose_spill(shape, cfg, settings, need, budgets[Tier.HOST], notes)
     placement = _placement(cfg, shape, settings, notes)
     if on_cpu:
@@ -219,32 +217,57 @@ def _recompute(
     detect: bool,
     blocks: str | None,
     notes: list[str],
-) -> Choice | None:
+) -> tuple[Settings, Choice | None]:
     """placement.offload_saved's choice on this model, from what one block keeps (counted on the
     meta device), the rates, the room the plan leaves on the gpu and the host, and the step's
     other link traffic and CPU work (docs/activations.md); None, with a note, when the block
-    cannot be counted."""
+    cannot be counted. Returns the settings with the choice's bytes.
+
+    With device_blocks and offload_saved both auto, fewer device blocks are weighed too: they
+    free the device for attention and graphs kept instead of recomputed, and cost link and CPU
+    time, so the plan takes the count with the fastest estimated step (that fits the budgets)."""
     if rates is None:
         rates = plan_rates(cfg, detect, notes)
     try:
-        choice, counted = recompute_choice(
+        counted = count_block(model, cfg.dtype, s.batch_size, s.seq_len, blocks)
+    except ValueError as e:
+        notes.append(f"offload_saved: the saved tensors could not be counted ({e}); every block recomputes")
+        return s, None
+    # The runtime's margin (8% of the device, at least 2 GiB), so the plan predicts what
+    # offload_saved: auto chooses there; placing device blocks needs only DEVICE_MARGIN_BYTES.
+    margin = keep_margin(budgets[Tier.GPU] or 0)
+
+    def choose_for(t: Settings) -> tuple[Settings, Choice]:
+        room = choice_room(shape, t, need(t), budgets, rates, margin)
+        choice, _ = recompute_choice(
             model,
             shape,
             cfg,
-            batch_size=s.batch_size,
-            seq_len=s.seq_len,
-            room=choice_room(shape, s, need(s), budgets, rates, DEVICE_MARGIN_BYTES),
+            batch_size=t.batch_size,
+            seq_len=t.seq_len,
+            room=room,
             rates=rates,
-            blocks=blocks,
+            counted=counted,
         )
-    except ValueError as e:
-        notes.append(f"offload_saved: the saved tensors could not be counted ({e}); every block recomputes")
-        return None
+        return t.but(saved_bytes=choice.offloaded_bytes, saved_device_bytes=choice.device_bytes), choice
+
+    best, choice = choose_for(s)
+    p = cfg.placement
+    if p.device_blocks == "auto" and p.offload_saved == "auto" and budgets[Tier.GPU] is not None:
+        for k in range(s.device_blocks - 1, -1, -1):
+            alt, c = choose_for(s.but(device_blocks=k))
+            if c.step_s < choice.step_s and fits_all(need(alt), budgets):
+                best, choice = alt, c
+        if best.device_blocks != s.device_blocks:
+            notes.append(
+                f"device_blocks auto: {best.device_blocks} rather than {s.device_blocks}: the device "
+                f"memory they free keeps more than it recomputes (est. step {choice.step_s:.3f} s)"
+            )
     notes.append(
         f"offload_saved: one block saves {format_bytes(counted.saved)} for this batch"
         + (f", its attention output {format_bytes(counted.attention)}" if counted.attention else "")
     )
-    return choice
+    return best, choice
 
 
 def _budgets(cfg: Config, detect: bool) -> dict[Tier, int | None]:
