@@ -4,8 +4,9 @@ The checkpoint is verified first (every crc32; CheckpointCorrupt names the file 
 read by parameter name with safetensors (never pickle): masters into each record (its wire copy
 refreshed, on the device for a record kept there), Adam m and v through the record's StateTier
 (into its NVMe file when that is where they live), step counts, param-group options, the
-scheduler's state and the RNG states. Loading bumps every record's version, so no slot or
-resident buffer on the device keeps weights from before the load.
+scheduler's state and the RNG states (each rank its own when the checkpoint was saved by as
+many ranks, else rank 0's). Loading bumps every record's version, so no slot or resident buffer
+on the device keeps weights from before the load.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def load(
     state.load_param_groups(optimizer, manifest["optimizer"]["param_groups"])
     if scheduler is not None:
         scheduler.load_state_dict(manifest["scheduler"])
-    state.set_rng_state(manifest["rng"])
+    state.set_rng_state(state.rng_state_for(manifest, rt.group))
     return dict(manifest.get("extra") or {})
 
 

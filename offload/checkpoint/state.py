@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from offload.engine.dist import Collective
 from offload.engine.runtime import Runtime
 from offload.model.layout import ParamSlot
 from offload.store.record import BlockRecord
@@ -127,6 +129,44 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # never initialise CUDA to save it
         out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return out
+
+
+def rng_entries(group: Collective | None) -> dict[str, Any]:
+    """The manifest's RNG entries as of now: ``rng``, this process's states (rank 0's when
+    several ranks save), and with a group ``rng_per_rank``, every rank's in rank order (on
+    rank 0, the one that writes the manifest). With a group it is a collective on the writer's
+    side channel: every rank calls it at the same point of save()."""
+    own = rng_state()
+    per_rank = None if group is None else _gather_json(group, own)
+    if per_rank is None:  # one process, or a rank other than 0 (whose manifest is not written)
+        return {"rng": own}
+    return {"rng": per_rank[0], "rng_per_rank": per_rank}
+
+
+def rng_state_for(manifest: dict[str, Any], group: Collective | None) -> dict[str, Any]:
+    """The RNG states this process restores from manifest: rank r's own when the checkpoint was
+    saved by as many ranks as run now, else rank 0's (``rng``). Per-rank random streams have no
+    exact continuation at another world size, and checkpoints saved before ``rng_per_rank``
+    existed, or by one process, hold only ``rng``."""
+    per_rank = manifest.get("rng_per_rank")
+    rank, world = (0, 1) if group is None else (group.rank, group.world)
+    if isinstance(per_rank, list) and len(per_rank) == world:
+        return dict(per_rank[rank])
+    return dict(manifest["rng"])
+
+
+def _gather_json(group: Collective, value: Any) -> list[Any] | None:
+    """Every rank's value (plain JSON data) on rank 0, in rank order; None on the others. The
+    values travel as JSON bytes, never pickled, each padded with spaces (JSON whitespace) to the
+    longest so that the gather moves parts of one size."""
+    raw = json.dumps(value).encode()
+    longest = torch.tensor([len(raw)], dtype=torch.int64)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group.side())
+    part = torch.frombuffer(bytearray(raw.ljust(int(longest.item()))), dtype=torch.uint8)
+    whole = group.gather_to_root(part)
+    if whole is None:
+        return None
+    return [json.loads(row.numpy().tobytes()) for row in whole.view(group.world, -1)]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

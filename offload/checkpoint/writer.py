@@ -2,7 +2,8 @@
 
 ``save()`` returns a SaveHandle at once; a writer thread does the rest (capture.py, staging.py):
 
-1. At the call: the small state (config, param-group options, scheduler, RNG, extra) is taken,
+1. At the call: the small state (config, param-group options, scheduler, RNG, extra) is taken
+   (multi-rank, every rank's RNG states, gathered to rank 0),
    the device records are snapshotted, and a capture fence is installed on the optimizer's worker.
 2. The writer streams each record's safetensors file into ``ROOT/step_N.tmp-<uuid>.<pid>@<host>/``
    through the staging ring, host records first, in the order the optimizer's worker needs them
@@ -160,14 +161,19 @@ def save(
     saver = _saver(rt)
     saver.wait_idle()  # one save at a time: the staging ring and the fence are the runtime's
     waited_s = time.perf_counter() - t0
-    if final.exists():
-        raise FileExistsError(f"checkpoint {final} already exists")
-    rt.check_update()  # an update that already failed: the records do not hold a step
+    # Multi-rank: every rank's RNG states go to rank 0 here, on the side channel, which every rank
+    # reaches, and only now that the save before this one no longer uses that channel.
+    rng = state.rng_entries(rt.group)
     with rt.tracer.span("save", "host", step=step):
         handle = SaveHandle(final, step)
         try:
+            # Inside the agreement below: a rank that refuses the save must not leave the others
+            # waiting for it.
+            if final.exists():
+                raise FileExistsError(f"checkpoint {final} already exists")
+            rt.check_update()  # an update that already failed: the records do not hold a step
             job: SaveJob | None = _start(
-                rt, model, optimizer, saver, root, handle, sched, extra, retention, prune, staging_bytes
+                rt, model, optimizer, saver, root, handle, sched, rng, extra, retention, prune, staging_bytes
             )
             error: BaseException | None = None
         except BaseException as e:
@@ -197,6 +203,7 @@ def _start(
     root: Path,
     handle: SaveHandle,
     sched: Any,
+    rng: dict[str, Any],
     extra: Any,
     retention: Retention | None,
     prune: str,
@@ -214,7 +221,7 @@ def _start(
         "model_config": state.model_config(model),
         "optimizer": {"param_groups": state.param_groups_state(optimizer)},
         "scheduler": sched,
-        "rng": state.rng_state(),
+        **rng,
         "extra": extra,
     }
     plans = [plan_record(rec, refs) for rec, refs in state.params_of(rt)]
