@@ -411,7 +411,8 @@ class PlacementConfig:
     """Block-boundary hidden states kept for the backward pass: gpu keeps them on the device;
     host copies them to pinned host memory during forward and back during backward, a few
     blocks ahead, so the device holds only a window of them; nvme writes them to files under
-    nvme_dirs. auto: gpu for now (the planner says where they would fit)."""
+    nvme_dirs. auto: the plan's choice, gpu when they fit the gpu budget beside the rest, else
+    host, else nvme (with nvme_dirs)."""
     offload_saved: Literal["never", "auto", "always"] | list[int] | dict[str, list[int]] = "never"
     """What blocks keep for their backward instead of being recomputed (docs/activations.md):
     "never" recomputes every block; "always" keeps every block's graph with its saved tensors in

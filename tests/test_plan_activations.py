@@ -19,7 +19,7 @@ from offload.plan.measure import Rates
 from offload.plan.planner import DEVICE_MARGIN_BYTES
 from offload.plan.recompute import SAVED_HELD, Keep
 from offload.plan.tally import ACTIVATION_STAGING, ACTIVATION_WINDOW
-from tests.models import Stack, batches, tiny
+from tests.models import Stack, batches, run_steps, tiny
 
 FAST = Rates(h2d_bytes_s=1e15, d2h_bytes_s=1e15, flops=1e9)  # the link is never the bottleneck
 SLOW = Rates(h2d_bytes_s=1.0, d2h_bytes_s=1.0, flops=1e15)  # the link always is
@@ -51,11 +51,48 @@ def test_boundary_states_follow_the_placement() -> None:
     assert (host.placement["activations"], nvme.placement["activations"]) == (Tier.HOST, Tier.NVME)
 
 
-def test_activations_auto_and_cxl_stay_on_the_device_with_a_note() -> None:
+def eight(placement: dict, budgets: dict | None = None):  # type: ignore[no-untyped-def]
+    """A plan of an 8-block model: more blocks than the window host placement keeps on the device."""
+    cfg = load_config(
+        device="cpu", dtype="float32", placement=placement, nvme_dirs=["/tmp/x"], budgets=budgets or {}
+    )
+    return make_plan(tiny("llama", layers=8), cfg, batch_size=2, seq_len=16, rates=FAST)
+
+
+def test_activations_auto_takes_the_fastest_tier_that_fits() -> None:
+    """auto: on the device when the boundary states fit its budget beside the rest, else in host
+    memory (the device keeps a window), else on nvme; cxl is not built and stays on the device."""
     auto, cxl = plan({"activations": "auto"}), plan({"activations": "cxl"})
     assert auto.placement["activations"] is Tier.GPU and cxl.placement["activations"] is Tier.GPU
-    assert any("activations auto: gpu" in n for n in auto.notes)
+    assert any("activations auto: gpu (they fit the gpu budget)" in n for n in auto.notes)
     assert any("activations cxl is not built" in n for n in cxl.notes)
+    on_gpu, on_host = eight({"activations": "gpu"}).needed, eight({"activations": "host"}).needed
+    assert on_host[Tier.GPU] < on_gpu[Tier.GPU]
+    tight = {"gpu_bytes": on_gpu[Tier.GPU] - 1}  # the window fits, all of them do not
+    host = eight({"activations": "auto"}, tight)
+    assert host.placement["activations"] is Tier.HOST and host.fits and host.needed == on_host
+    assert any("activations auto: host (they do not fit the gpu budget" in n for n in host.notes)
+    nvme = eight({"activations": "auto"}, {**tight, "host_bytes": on_host[Tier.HOST] - 1})
+    assert nvme.placement["activations"] is Tier.NVME and nvme.fits
+    assert any("activations auto: nvme (they fit neither" in n for n in nvme.notes)
+    neither = eight({"activations": "auto"}, {"gpu_bytes": on_host[Tier.GPU] - 1})
+    assert neither.placement["activations"] is Tier.GPU and not neither.fits
+
+
+def test_the_runtime_follows_the_plans_boundary_tier() -> None:
+    """activations auto at run time: the store the plan chose, and the same training."""
+    from offload.engine.activations import DeviceStore, HostStore
+
+    cfg = load_config(device="cpu", dtype="float32", placement={"activations": "auto"})
+    on_gpu = make_plan(tiny("llama", layers=8), cfg, batch_size=2, seq_len=16).needed[Tier.GPU]
+    losses = {}
+    for kind, c in ((DeviceStore, cfg), (HostStore, load_config(cfg, budgets={"gpu_bytes": on_gpu - 1}))):
+        model = tiny("llama", layers=8)
+        wrapped, opt = offload.wrap(model, c, plan=make_plan(model, c, batch_size=2, seq_len=16))
+        assert type(wrapped.runtime.activations.boundary) is kind
+        losses[kind] = run_steps(wrapped, opt, 2, 1, lambda step, _: batches(2)[step])
+        wrapped.runtime.close()
+    assert losses[DeviceStore] == losses[HostStore]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -486,8 +486,8 @@ class HostKept:
 
 
 def make_store(tier: Tier, device: Device, blocks: int, nvme_dirs: Sequence[str] = ()) -> ActivationStore:
-    """The store for ``placement.activations``; auto keeps them on the device (the runtime does
-    not follow the planner yet)."""
+    """The store for a boundary-state tier (``placement.activations`` as the plan resolved it;
+    auto given here keeps them on the device)."""
     if tier in (Tier.GPU, Tier.AUTO):
         return DeviceStore()
     if tier is Tier.HOST:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from offload.config import Config
+from offload.config import Config, Tier
 from offload.engine.activations import ActivationStore, DeviceStore, make_store
 from offload.engine.attention import AttentionKeep, Capture, Replay
 from offload.engine.choice import Chooser, MeasuredChoice, Traffic, make_choice
@@ -85,14 +85,19 @@ class Activations:
 
 
 def make_activations(
-    cfg: Config, executor: Executor, updater: Updater | None = None, device_need: int = 0
+    cfg: Config,
+    executor: Executor,
+    updater: Updater | None = None,
+    device_need: int = 0,
+    activations: Tier | None = None,
 ) -> Activations:
     """The Activations of cfg.placement for executor's blocks; updater's busy time is the CPU
     bound of offload_saved auto (None: not counted); device_need the plan's gpu bytes besides
-    the kept tensors (their room on the CPU is budgets.gpu_bytes less it). Sets (or clears) the
+    the kept tensors (their room on the CPU is budgets.gpu_bytes less it); activations the
+    boundary states' tier, the plan's (None: placement.activations). Sets (or clears) the
     executor's timer."""
     p, device, blocks = cfg.placement, executor.device, len(executor.blocks)
-    boundary = make_store(p.activations, device, blocks, cfg.nvme_dirs)
+    boundary = make_store(activations or p.activations, device, blocks, cfg.nvme_dirs)
     streamed = len(executor.streamed) * executor.slots.buffers[0].nbytes
     traffic = Traffic(weight_bytes=streamed, grad_bytes=streamed)
     keys = lambda: weight_keys(executor)  # noqa: E731

@@ -279,8 +279,8 @@ class Runtime:
             self.check_update,
             self.group,
         )
-        need = self.plan.needed[Tier.GPU]
-        self.activations = make_activations(self.cfg, self.executor, self.updater, need)
+        need, tier = self.plan.needed[Tier.GPU], self.plan.placement["activations"]
+        self.activations = make_activations(self.cfg, self.executor, self.updater, need, tier)
         proxies = [
             BlockProxy(self.executor, i, build.proxy_attrs(b), self.activations)
             for i, b in enumerate(stack.blocks)

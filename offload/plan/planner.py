@@ -86,11 +86,12 @@ def make_plan(
         batch_size=batch_size,
         seq_len=seq_len,
         grad_accum=grad_accum,
-        activations=_activations_tier(cfg, notes),
+        activations=Tier.GPU,
         snapshot=snapshot,
         loss_chunk=loss_chunk,
     )
     need = _needs(shape, local, on_cpu)
+    base = base.but(activations=_activations_tier(cfg, base, need, budgets, notes))
     settings = _device_blocks(shape, cfg, base, need, budgets[Tier.GPU], notes)
     recompute = None
     if cfg.placement.offload_saved != "never":
@@ -195,14 +196,32 @@ def _placement(cfg: Config, shape: ModelShape, s: Settings, notes: list[str]) ->
     }
 
 
-def _activations_tier(cfg: Config, notes: list[str]) -> Tier:
+def _activations_tier(
+    cfg: Config, s: Settings, need: Needs, budgets: dict[Tier, int | None], notes: list[str]
+) -> Tier:
+    """placement.activations resolved. auto: gpu when the boundary states fit the gpu budget
+    beside everything else (device blocks as asked, none for auto: those fill what is left),
+    else host when the host budget holds them, else nvme when nvme_dirs are named; gpu, with the
+    problem reported, when none fits."""
     asked = cfg.placement.activations
     if asked in (Tier.GPU, Tier.HOST, Tier.NVME):
         return asked
-    if asked is Tier.AUTO:
-        notes.append("activations auto: gpu (the runtime keeps them on the device for auto)")
-    else:
+    if asked is not Tier.AUTO:
         notes.append(f"activations {asked} is not built: use gpu, host or nvme")
+        return Tier.GPU
+    blocks = cfg.placement.device_blocks
+    t = s.but(device_blocks=0 if blocks == "auto" else blocks)
+    tiers = [Tier.GPU, Tier.HOST] + ([Tier.NVME] if cfg.nvme_dirs else [])
+    for tier in tiers:
+        if fits_all(need(t.but(activations=tier)), budgets):
+            why = {
+                Tier.GPU: "they fit the gpu budget",
+                Tier.HOST: "they do not fit the gpu budget; the device holds a window of them",
+                Tier.NVME: "they fit neither the gpu nor the host budget",
+            }[tier]
+            notes.append(f"activations auto: {tier} ({why})")
+            return tier
+    notes.append(f"activations auto: gpu (no tier of {', '.join(map(str, tiers))} fits with them)")
     return Tier.GPU
 
 
