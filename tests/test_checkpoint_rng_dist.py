@@ -10,10 +10,8 @@ on every rank. This file is also the ranks' worker: the fixture starts it under 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ import offload
 from offload.checkpoint import state
 from offload.checkpoint.format import MANIFEST
 from offload.engine.dist import Collective
-from offload.train import ranks
+from tests.launch import run_ranks
 from tests.models import batches, run_steps, tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,16 +112,7 @@ def worker(out: Path) -> None:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The worker's output on 2 ranks (one torchrun for every test of this file)."""
     out = tmp_path_factory.mktemp("rng_dist")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [*ranks.torchrun(WORLD), __file__, str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ranks(WORLD, __file__, str(out))
     return out
 
 

@@ -6,8 +6,6 @@ gradients are summed in another order than one backward over the whole batch sum
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import offload
-from offload.train import ranks
+from tests.launch import run_ranks
 from tests.models import batches, run_steps, tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,18 +40,7 @@ def global_batch(spec: dict, step: int, micro: int) -> torch.Tensor:
 
 def torchrun(world: int, spec: dict, out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
     out.mkdir(parents=True, exist_ok=True)
-    spec = {**spec, "out": str(out)}
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = ranks.torchrun(world)
-    proc = subprocess.run(
-        [*cmd, str(REPO / "tests" / "dist_worker.py"), json.dumps(spec)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ranks(world, str(REPO / "tests" / "dist_worker.py"), json.dumps({**spec, "out": str(out)}))
     return json.loads((out / "losses.json").read_text()), load_file(str(out / "state.safetensors"))
 
 

@@ -15,7 +15,6 @@ One story, three launches, each compared bit for bit with a run that never stopp
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -25,8 +24,8 @@ from safetensors.torch import load_file
 
 from offload.cli.main import main as cli
 from offload.snapshot import segment
-from offload.train.ranks import torchrun
 from tests.keepers import kill_keeper
+from tests.launch import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 3
@@ -34,19 +33,8 @@ WORLD = 3
 
 def launch(spec: dict, out: Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = torchrun(WORLD)
-    proc = subprocess.run(
-        [*cmd, str(REPO / "tests" / "snapshot_worker.py"), json.dumps({**spec, "out": str(out)})],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if ok:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    worker = str(REPO / "tests" / "snapshot_worker.py")
+    return run_ranks(WORLD, worker, json.dumps({**spec, "out": str(out)}), ok=ok)
 
 
 def continues_bitwise(out: Path, ref: Path, first: int) -> None:
