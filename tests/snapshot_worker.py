@@ -7,7 +7,12 @@ Each rank is its own "node": its keeper lives in ``<keepers>/node<rank>``. Two p
   every step and (rank 0) the final weights; then rank ``victim`` kills itself with SIGKILL, as a
   crashed trainer, once every rank is done.
 - ``resume``: restores (keepers, parity or disk, whatever is left), trains to ``steps``, writes
-  the losses of the steps it ran, the final weights and each rank's Restored.
+  the losses of the steps it ran, the final weights and each rank's Restored. With ``fail``
+  ({"rank": r, "at": where}), rank r's restore is made to fail at where (``inject``); every rank
+  whose restore raises writes its error and waits until every rank has written its outcome
+  before it raises (torchrun ends the others as soon as one exits with an error).
+
+``snapshot`` (optional) holds SnapshotConfig fields to override (a short ``timeout_s``).
 
 A tiny model without transformers (importing it would triple the start-up time of each rank), with
 dropout, so that the RNG states must come back too. float32 on the CPU, one thread: bitwise.
@@ -19,7 +24,10 @@ import json
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -63,6 +71,53 @@ def batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]
     return x[2 * rank : 2 * rank + 2], y[2 * rank : 2 * rank + 2]
 
 
+def inject(at: str) -> None:
+    """Makes this rank's restore fail at ``at``: reading its keeper ("status"), loading its payload
+    ("load"), decoding a lost chunk ("rebuild": one wrong byte, so its crc32 fails), loading its
+    flushed snapshot ("disk")."""
+    from offload.snapshot import codec, recovery
+    from offload.snapshot.flush import FlushError
+    from offload.snapshot.keeper import KeeperError
+    from offload.snapshot.payload import SnapshotMismatch
+
+    def fail(error: Exception) -> Callable[..., Any]:
+        def raise_it(*args: Any, **kwargs: Any) -> Any:
+            raise error
+
+        return raise_it
+
+    decode = codec.decode
+
+    def wrong(*args: Any, **kwargs: Any) -> Any:
+        got = decode(*args, **kwargs)
+        for chunk in kwargs["out"]:
+            if chunk is not None:
+                chunk[:1].bitwise_xor_(1)
+        return got
+
+    if at == "status":
+        recovery._status = fail(KeeperError("injected: the keeper did not answer"))
+    elif at == "load":
+        recovery.payload.load = fail(SnapshotMismatch("injected: taken by another model"))
+    elif at == "rebuild":
+        recovery.codec.decode = wrong
+    elif at == "disk":
+        recovery._load_flushed = fail(FlushError("injected: the flushed file cannot be read"))
+    else:
+        raise ValueError(f"no such failure to inject: {at!r}")
+
+
+def failed(out: Path, rank: int, world: int, error: Exception) -> None:
+    """Writes this rank's restore error, then waits (at most 120 s) until every rank has written
+    its outcome (its error or its Restored)."""
+    (out / f"error_{rank}.json").write_text(json.dumps({"type": type(error).__name__, "message": str(error)}))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(
+        (out / f"error_{r}.json").exists() or (out / f"restored_{r}.json").exists() for r in range(world)
+    ):
+        time.sleep(0.05)
+
+
 def main(spec: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -73,10 +128,18 @@ def main(spec: dict) -> None:
     cfg = SnapshotConfig(
         dir=str(Path(spec["keepers"]) / "node{rank}"), flush_dir=spec["flush"], idle_timeout_s=120.0
     )
-    snap = Snapshotter(model, opt, cfg)
+    snap = Snapshotter(model, opt, cfg, **spec.get("snapshot", {}))
     start = 0
     if spec["phase"] == "resume":
-        restored = snap.restore(scheduler=sched)
+        fail = spec.get("fail")
+        if fail is not None and fail["rank"] == rank:
+            inject(fail["at"])
+        try:
+            restored = snap.restore(scheduler=sched)
+        except Exception as e:
+            if fail is not None:
+                failed(out, rank, world, e)
+            raise
         start = restored.step or 0
         record = {"source": restored.source, "step": restored.step, "message": restored.message}
         record |= {"extra": restored.extra, "seconds": restored.seconds}

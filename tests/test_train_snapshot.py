@@ -201,3 +201,29 @@ def test_a_lost_snapshot_with_nothing_on_disk_is_refused_unless_resume_names_a_c
     a, b = json.loads((straight / "summary.json").read_text()), json.loads((cut / "summary.json").read_text())
     assert (b["start_step"], b["resumed_from"]) == (3, "checkpoint")
     assert b["losses"] == a["losses"][3:]
+
+
+@pytest.mark.parametrize(
+    ("kind", "expect"),
+    [
+        ("SnapshotLost", "SnapshotGone"),
+        ("RestoreFailed", "CheckpointError"),
+        ("KeeperError", "CheckpointError"),
+    ],
+)
+def test_a_failed_restore_becomes_the_trainers_error(kind: str, expect: str) -> None:
+    """Every rank of a failed restore gets an error offload train reports (another rank's failure
+    included: RestoreFailed), never a raw traceback; a lost snapshot may still fall back to --resume."""
+    import offload.snapshot as snapshot
+    from offload.train.snapshots import Snapshots
+
+    class Failing:
+        def restore(self, scheduler: object) -> None:
+            raise getattr(snapshot, kind)("rank 1 could not restore job 'x' (reading its keeper): boom")
+
+    snaps = Snapshots.__new__(Snapshots)
+    snaps.cfg, snaps.snap = snapshot.SnapshotConfig(job="x"), Failing()  # type: ignore[assignment]
+    with pytest.raises(Exception) as info:
+        snaps.restore(None, {}, 10)
+    assert type(info.value).__name__ == expect
+    assert "cannot restore the snapshot of job 'x'" in str(info.value) and "rank 1" in str(info.value)

@@ -19,6 +19,7 @@ _API = {
     "SnapshotStats": "offload.snapshot.config",
     "Restored": "offload.snapshot.recovery",
     "SnapshotLost": "offload.snapshot.recovery",
+    "RestoreFailed": "offload.snapshot.recovery",
     "SnapshotMismatch": "offload.snapshot.payload",
     "KeeperError": "offload.snapshot.keeper",
 }

@@ -238,7 +238,8 @@ class Snapshotter:
         return h if h is not None and h.job == self.cfg.job else None
 
     def restore(self, *, scheduler: Any = None) -> Any:
-        """Restores the newest snapshot the group can put together (recovery.py); a collective."""
+        """Restores the newest snapshot the group can put together (recovery.py); a collective.
+        When it fails on one rank, every rank raises at once, the others naming it."""
         from offload.snapshot.recovery import restore
 
         self.wait_idle()

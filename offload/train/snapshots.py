@@ -65,14 +65,14 @@ class Snapshots:
         extra), or None when there is none. Raises SnapshotGone when it is lost with nothing on
         disk to fall back to, CheckpointError when it cannot be restored or was taken by another
         recipe (naming the fields that differ) or is already at steps."""
-        from offload.snapshot import KeeperError, SnapshotLost, SnapshotMismatch
+        from offload.snapshot import KeeperError, RestoreFailed, SnapshotLost, SnapshotMismatch
 
         job = self.cfg.job
         try:
             restored = self.snap.restore(scheduler=sched)
         except SnapshotLost as e:
             raise SnapshotGone(f"cannot restore the snapshot of job '{job}': {e}") from e
-        except (KeeperError, SnapshotMismatch) as e:
+        except (KeeperError, SnapshotMismatch, RestoreFailed) as e:  # the last: another rank's failure
             raise CheckpointError(f"cannot restore the snapshot of job '{job}': {e}") from e
         if restored.step is None:
             return None

@@ -1,0 +1,101 @@
+"""A restore that fails on one rank fails on every rank at once, naming it, and loses nothing
+(recovery.py's agreements). 3 ranks under torchrun (gloo, CPU), each its own node and keeper,
+parity m = 1 (tests/snapshot_worker.py; tests/test_snapshot_dist.py tells the same story without
+failures).
+
+Rank 1's restore is made to fail (tests/snapshot_worker.py's ``inject``) while reading its keeper,
+loading its payload, decoding a chunk rebuilt from parity (its crc32 fails) and loading a flushed
+snapshot. Every rank must raise, the failed one its own error and the others an error of the same
+kind naming rank 1 and its reason, with the snapshot group's timeout at 60 s: an error naming rank
+1 on ranks 0 and 2 is proof that they did not wait for the timeout (which would raise gloo's own
+error). Then the same restore without the failure succeeds and continues bitwise: nothing the
+keepers or the disk held was lost.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from offload.cli.main import main as cli
+from tests.keepers import kill_keeper
+from tests.test_snapshot_dist import WORLD, continues_bitwise, launch, restored
+
+FAILED = 1
+TIMEOUT_S = 60.0
+
+
+def fails_on_every_rank(spec: dict, out: Path, at: str, kind: str, others: str, during: str) -> None:
+    """Rank FAILED's restore fails at ``at`` with an error of ``kind``: it raises that, and every
+    other rank raises ``others`` naming it, the step that failed (``during``) and its reason."""
+    fail = {"phase": "resume", "fail": {"rank": FAILED, "at": at}, "snapshot": {"timeout_s": TIMEOUT_S}}
+    proc = launch({**spec, **fail}, out, ok=False)
+    assert proc.returncode != 0
+    missing = [r for r in range(WORLD) if not (out / f"error_{r}.json").exists()]
+    assert not missing, f"ranks {missing} did not raise:\n{proc.stderr[-4000:]}"
+    errors = [json.loads((out / f"error_{r}.json").read_text()) for r in range(WORLD)]
+    mine = errors[FAILED]
+    assert mine["type"] == kind, mine
+    for rank in set(range(WORLD)) - {FAILED}:
+        got = errors[rank]
+        assert got["type"] == others, got
+        assert got["message"].startswith(
+            f"offload snapshot: rank {FAILED} could not restore job 'default' ({during}): "
+            f"{kind}: {mine['message']}"
+        ), got
+
+
+def test_a_failure_reading_or_loading_fails_every_rank_and_keeps_the_keepers(
+    keepers: Path, tmp_path: Path
+) -> None:
+    spec = {"keepers": str(keepers), "flush": None, "steps": 6, "snap_until": 3}
+    ref = tmp_path / "ref"
+    launch({**spec, "phase": "reference"}, ref)
+
+    reading = "reading its keeper"
+    fails_on_every_rank(spec, tmp_path / "status", "status", "KeeperError", "KeeperError", reading)
+    loading = "loading step 3"
+    fails_on_every_rank(spec, tmp_path / "load", "load", "SnapshotMismatch", "SnapshotMismatch", loading)
+
+    out = tmp_path / "resume"
+    launch({**spec, "phase": "resume"}, out)
+    got = restored(out)
+    assert [r["source"] for r in got] == ["keeper"] * WORLD, got
+    assert {r["step"] for r in got} == {3}
+    continues_bitwise(out, ref, first=4)
+
+
+def test_a_failed_rebuild_or_disk_load_fails_every_rank_and_keeps_parity_and_disk(
+    keepers: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flushed = tmp_path / "flushed"
+    spec = {"keepers": str(keepers), "flush": str(flushed), "steps": 6, "snap_until": 3}
+    ref = tmp_path / "ref"
+    launch({**spec, "phase": "reference"}, ref)
+    nodes = [keepers / f"node{r}" for r in range(WORLD)]
+    assert cli(["snapshot", "flush", "--to", str(flushed), *(f"--dir={n}" for n in nodes)]) == 0
+    capsys.readouterr()
+
+    # Rank 1's node is lost: its chunks are rebuilt from parity, and the rebuild fails its crc32.
+    kill_keeper(nodes[FAILED])
+    loading = "loading step 3"
+    fails_on_every_rank(spec, tmp_path / "rebuild", "rebuild", "SnapshotLost", "SnapshotLost", loading)
+    out = tmp_path / "parity"
+    launch({**spec, "phase": "resume"}, out)
+    got = restored(out)
+    assert [r["source"] for r in got] == ["keeper", "parity", "keeper"], got
+    continues_bitwise(out, ref, first=4)
+
+    # Two nodes lost (m = 1): the disk fallback, whose load fails on rank 1.
+    kill_keeper(nodes[0])
+    kill_keeper(nodes[2])
+    loading = f"loading {flushed / 'snap_000003'}"
+    fails_on_every_rank(spec, tmp_path / "disk", "disk", "FlushError", "RestoreFailed", loading)
+    out = tmp_path / "disk_again"
+    launch({**spec, "phase": "resume"}, out)
+    got = restored(out)
+    assert [r["source"] for r in got] == ["disk"] * WORLD, got
+    assert {r["step"] for r in got} == {3}
+    continues_bitwise(out, ref, first=4)
