@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from offload.cli.main import main
 from offload.config import Tier, load_config
 from offload.plan import make_plan
 from offload.plan.activations import count_block, forward_flops, saved_bytes_per_block
-from offload.plan.measure import Rates
+from offload.plan.measure import Rates, measure_disk
 from offload.plan.planner import DEVICE_MARGIN_BYTES
 from offload.plan.recompute import SAVED_HELD, Keep
 from offload.plan.tally import ACTIVATION_STAGING, ACTIVATION_WINDOW
@@ -229,3 +230,114 @@ def test_meta_count_needs_no_memory() -> None:
         model = LlamaForCausalLM(cfg)
     n = saved_bytes_per_block(model, "bfloat16", 1, 32768)
     assert 20 * 32768 * 4096 < n < 80 * 32768 * 4096  # tens of bytes per token and hidden unit
+
+
+ON_DISK = 4 * -(-PER_BLOCK // 4096) * 4096  # every block's boundary state, padded, each way
+
+
+def disk_at(bytes_s: float, rates: Rates = FAST) -> Rates:
+    return dataclasses.replace(rates, disk_write_bytes_s=bytes_s, disk_read_bytes_s=bytes_s)
+
+
+def test_a_slow_disk_bounds_the_plans_step_and_says_so() -> None:
+    """Boundary states on nvme at 1 byte/s: each phase waits ON_DISK seconds for the disk, and
+    no keep shortens that."""
+    p = plan({"activations": "nvme", "offload_saved": "auto"}, disk_at(1.0))
+    without = plan({"activations": "nvme", "offload_saved": "auto"})  # FAST: no disk rates
+    assert p.recompute is not None and without.recompute is not None
+    assert p.recompute.keep == (Keep.RECOMPUTE,) * 4 and p.recompute.bound == "the disk"
+    assert 2 * ON_DISK <= p.recompute.recompute_step_s < 2 * ON_DISK + without.recompute.recompute_step_s
+    assert "offload_saved: recompute every block (est. step 65536.0" in p.table()
+    assert "bound by the disk): the best keep" in p.table()
+    assert f"the disk, {ON_DISK:.3f} s writing the boundary states in forward" in p.table()
+    assert p.to_json()["offload_saved"]["bound"] == "the disk"
+
+
+def test_a_disk_that_bounds_the_choice_is_named() -> None:
+    """A disk that reads the boundary states back in backward's compute less half a forward of
+    every block: keeps shorten backward only that far, and the line says the disk bounds it."""
+    from offload.plan.activations import block_cost
+
+    model = tiny("llama", layers=4)
+    cost = block_cost(plan({}).shape, count_block(model, "float32", 2, 16), FAST, 2, 16)
+    floor = 4 * cost.backward_s + 2 * cost.forward_s  # seconds the disk needs in backward
+    rates = dataclasses.replace(disk_at(1e15), disk_read_bytes_s=ON_DISK / floor)  # writes keep pace
+    p = plan({"activations": "nvme", "offload_saved": "auto"}, rates)
+    c = p.recompute
+    assert c is not None and any(c.offload)
+    assert c.bound == "GPU compute" and c.kept_bound == "the disk"
+    assert c.step_s == pytest.approx(c.recompute_step_s - 2 * cost.forward_s)
+    assert "recomputing is bound by GPU compute, the choice by the disk)" in p.table()
+
+
+@pytest.mark.parametrize("tier", ["gpu", "host"])
+def test_the_disk_counts_only_for_boundary_states_on_nvme(tier: str) -> None:
+    placement = {"activations": tier, "offload_saved": "auto"}
+    assert plan(placement, disk_at(1.0)).recompute == plan(placement).recompute
+    assert not any("the disk" in n for n in plan(placement, rates=None).notes)
+
+
+def test_the_assumed_disk_rate_is_noted() -> None:
+    p = plan({"activations": "nvme", "offload_saved": "auto"}, rates=None)
+    assert any(
+        "offload_saved: assumed the disk at 2.0 GB/s writing, 2.0 GB/s reading for the boundary states "
+        "(detection is off; see --disk-gbs)" in n
+        for n in p.notes
+    )
+
+
+def test_detection_measures_the_disk_of_the_first_nvme_dir(
+    disk_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With detection on (on any machine) the disk is measured where the boundary states go; a
+    directory that cannot be measured leaves the assumed rate, and the note says why."""
+    import offload.plan.activations as pa
+
+    seen: list[str] = []
+
+    def small(directory: str) -> tuple[float, float]:
+        seen.append(directory)
+        return measure_disk(directory, 1 << 20)
+
+    monkeypatch.setattr(pa, "measure_disk", small)
+
+    def notes(dirs: list[str]) -> list[str]:
+        cfg = load_config(
+            device="cpu",
+            dtype="float32",
+            placement={"activations": "nvme", "offload_saved": "auto"},
+            nvme_dirs=dirs,
+        )
+        return list(make_plan(tiny("llama", layers=4), cfg, batch_size=2, seq_len=16, detect=True).notes)
+
+    measured = notes([str(disk_dir), "/nonexistent/b"])
+    assert seen == [str(disk_dir)]
+    assert any(
+        f"offload_saved: measured the disk of nvme_dirs[0] ({disk_dir}) for the boundary" in n
+        for n in measured
+    )
+    missing = notes([str(disk_dir / "missing")])
+    assert any(
+        "offload_saved: assumed the disk at 2.0 GB/s writing, 2.0 GB/s reading for the boundary states "
+        f"(nvme_dirs[0] could not be measured: {disk_dir / 'missing'} does not exist" in n
+        for n in missing
+    )
+
+
+def test_cli_disk_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "plan",
+        "recipes/tiny.yaml",
+        "--no-detect",
+        "--set",
+        "offload.placement.offload_saved=auto",
+        "--set",
+        "offload.placement.activations=nvme",
+    ]
+    assert main([*args, "--disk-gbs", "1e-9"]) == 0
+    assert "bound by the disk)" in capsys.readouterr().out
+    assert main([*args, "--disk-gbs", "1000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["offload_saved"]["bound"] != "the disk"
+    for bad in ("0", "-2"):
+        assert main([*args, "--disk-gbs", bad]) == 2
+        assert f"--disk-gbs {float(bad)}: must be > 0" in capsys.readouterr().err

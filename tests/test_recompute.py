@@ -3,6 +3,8 @@ checked on hand-made costs."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from offload.plan.recompute import (
@@ -205,3 +207,81 @@ def test_the_estimates_count_one_host_group_more_than_the_window() -> None:
 def test_the_margin_grows_with_the_device() -> None:
     assert keep_margin(0) == keep_margin(10 * 2**30) == KEEP_MARGIN_BYTES  # 8% of 10 GiB is less
     assert keep_margin(80 * 2**30) == int(0.08 * 80 * 2**30)  # an 80 GiB device: 6.4 GiB
+
+
+def test_zero_disk_time_changes_nothing() -> None:
+    """No disk (host or gpu boundary states), or a disk that keeps pace with compute in both
+    phases: the same estimates and the same choice as the model without a disk."""
+    costs, link = blocks(8), Link(5 * GB, 5 * GB, h2d_backward=GB // 5)
+    plain, zero = Bounds(other_s=0.05), Bounds(other_s=0.05, disk_forward_s=0.0, disk_backward_s=0.0)
+    assert choose(costs, link, device_bytes=WINDOW, bounds=zero) == choose(
+        costs, link, device_bytes=WINDOW, bounds=plain
+    )
+    assert estimate(costs, link, [H, R] * 4, zero) == estimate(costs, link, [H, R] * 4, plain)
+    under = Bounds(other_s=0.05, disk_forward_s=0.05, disk_backward_s=0.1)  # below 0.08 and 0.16
+    with_disk = choose(costs, link, device_bytes=WINDOW, bounds=under)
+    without = choose(costs, link, device_bytes=WINDOW, bounds=plain)
+    assert (with_disk.keep, with_disk.step_s, with_disk.recompute_step_s) == (
+        without.keep,
+        without.step_s,
+        without.recompute_step_s,
+    )
+    assert with_disk.bound == without.bound != "the disk"
+
+
+def test_a_disk_bound_backward_gains_nothing_from_keeping() -> None:
+    """Backward reads the boundary states back for 0.3 s; its compute is 0.24 s recomputing,
+    0.16 s keeping every graph: it waits for the disk either way, so nothing is kept."""
+    costs, link = blocks(8), Link(100 * GB, 100 * GB)
+    bounds = Bounds(disk_forward_s=0.01, disk_backward_s=0.3)
+    assert estimate(costs, link, [R] * 8, bounds).bound == "the disk"
+    assert estimate(costs, link, [H] * 8, bounds).step_s == pytest.approx(0.08 + 0.3)
+    c = choose(costs, link, device_bytes=WINDOW, bounds=bounds)
+    assert c.keep == (R,) * 8 and c.bound == "the disk"
+    assert c.recompute_step_s == pytest.approx(0.08 + 0.3)
+    assert "would save 0.0% of the step" in c.reason
+    assert (
+        "the disk, 0.010 s writing the boundary states in forward and 0.300 s reading them back" in c.reason
+    )
+    assert c.describe().startswith("recompute every block (est. step 0.380 s, bound by the disk): ")
+    # Without the disk the same keep saves a quarter of the step.
+    assert choose(costs, link, device_bytes=WINDOW).keep == (H,) * 8
+
+
+def test_keeping_stops_where_the_disk_bounds_backward() -> None:
+    """The disk needs 0.205 s in backward: four host keeps bring backward's compute to 0.2 s,
+    below it; more would save nothing more, so the choice takes four (ties: fewer host bytes),
+    and says that the disk bounds it."""
+    costs, link = blocks(8), Link(100 * GB, 100 * GB)
+    c = choose(costs, link, device_bytes=WINDOW, bounds=Bounds(disk_backward_s=0.205))
+    assert c.of(H) == [0, 2, 4, 6] and c.step_s == pytest.approx(0.08 + 0.205)
+    assert c.recompute_step_s == pytest.approx(0.08 + 0.24)
+    assert c.bound == "GPU compute" and c.kept_bound == "the disk"
+    assert "recomputing is bound by GPU compute, the choice by the disk)" in c.describe()
+    assert c.to_json()["kept_bound"] == "the disk"
+    f = fixed(costs, link, [H] * 8, Bounds(disk_backward_s=0.205))
+    assert f.kept_bound == "the disk" and f.step_s == pytest.approx(0.285)
+
+
+def test_a_disk_bound_forward_still_gains_in_backward() -> None:
+    """Writing the boundary states takes 0.1 s against 0.08 s of forward compute: the forward
+    waits for the disk whatever is kept, but backward still skips its recompute."""
+    costs, link = blocks(8), Link(100 * GB, 100 * GB)
+    c = choose(costs, link, device_bytes=WINDOW, bounds=Bounds(disk_forward_s=0.1))
+    assert c.bound == "the disk" and c.keep == (H,) * 8
+    assert c.step_s == pytest.approx(0.1 + 0.16) and c.recompute_step_s == pytest.approx(0.1 + 0.24)
+
+
+def test_the_disk_is_named_before_the_link_and_after_the_cpu() -> None:
+    costs = blocks(4)
+    slow_link = Link(GB, GB, h2d_forward=GB)  # forward waits 1 s for the link
+    disk = Bounds(disk_backward_s=1.0)  # backward waits 1 s for the disk
+    assert estimate(costs, slow_link, [R] * 4, disk).bound == "the disk"
+    assert estimate(costs, slow_link, [R] * 4, replace(disk, cpu_s=9.0)).bound == "the CPU optimizer"
+    # A phase where the link is slower than the disk waits for the link.
+    assert estimate(costs, slow_link, [R] * 4, Bounds(disk_forward_s=0.5)).bound == "the host link"
+
+
+def test_disk_times_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="disk_backward_s must be >= 0 s, got -1"):
+        Bounds(disk_backward_s=-1)

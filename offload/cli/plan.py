@@ -56,6 +56,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "(default: measured on CUDA, else 5)",
     )
     p.add_argument(
+        "--disk-gbs",
+        type=float,
+        default=None,
+        help="disk GB/s each way for boundary states on nvme, in offload_saved's choice "
+        "(default: measured in nvme_dirs[0] when detecting, else 2)",
+    )
+    p.add_argument(
         "--snapshot-nodes",
         type=int,
         default=None,
@@ -70,12 +77,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def _rates(args: argparse.Namespace) -> Rates | None:
     """The rates given on the command line, the others assumed; None when none is given. A
-    --link-gbs link has no duplex limit; --tflops sets the attention rate to half the matmul's."""
+    --link-gbs link has no duplex limit; --tflops sets the attention rate to half the matmul's;
+    --disk-gbs sets the disk's rate both ways."""
     from dataclasses import replace
 
     from offload.plan.activations import ASSUMED
 
-    given = (("--link-gbs", args.link_gbs), ("--tflops", args.tflops), ("--adam-gps", args.adam_gps))
+    given = (
+        ("--link-gbs", args.link_gbs),
+        ("--tflops", args.tflops),
+        ("--adam-gps", args.adam_gps),
+        ("--disk-gbs", args.disk_gbs),
+    )
     if all(value is None for _, value in given):
         return None
     for name, value in given:
@@ -88,6 +101,8 @@ def _rates(args: argparse.Namespace) -> Rates | None:
         rates = replace(rates, flops=args.tflops * 1e12, attention_flops=args.tflops * 0.5e12)
     if args.adam_gps is not None:
         rates = replace(rates, adam_params_s=args.adam_gps * 1e9)
+    if args.disk_gbs is not None:
+        rates = replace(rates, disk_write_bytes_s=args.disk_gbs * 1e9, disk_read_bytes_s=args.disk_gbs * 1e9)
     return rates
 
 

@@ -13,14 +13,20 @@ one spare); when all are out, the oldest written group's lease is reclaimed, aft
 for its write, which is exactly the disk's shortfall. A failed write (a full disk) raises from the
 call that waits for it. Each directory holds one file per run, in a subdirectory removed at
 ``close()`` (or when the store is garbage-collected, or at exit).
+
+``clock`` (a :class:`DiskClock`) times the disk's transfers while someone asks it to
+(``offload_saved: auto`` over its measured pass): what the disk delivered, for the cost model.
 """
 
 from __future__ import annotations
 
+import collections
 import shutil
+import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,91 @@ class _File:
     file: oio.DirectFile
     cursor: int = 0
     live: int = 0
+
+
+@dataclass(slots=True)
+class DiskTime:
+    """Bytes moved one way, and the seconds the disk was busy moving them."""
+
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+class DiskClock:
+    """The bytes the store's writes and reads moved between ``start()`` and ``stop()``, and the
+    seconds the disk was busy with them: each transfer counts from its submission to its
+    completion, and time when several of one direction are in flight counts once, so bytes over
+    seconds is the bandwidth the disk delivered at the store's own depth.
+
+    The training thread sees a completion only when it next polls the store (at the next block):
+    timed there, a disk that keeps pace with compute would be charged a block's compute per
+    transfer. A watcher thread waits for each transfer instead, in submission order (the native
+    wait releases the GIL), and stamps its completion; a transfer that completes before an
+    earlier one is stamped with it, which the union of busy time absorbs (the earlier one was
+    still in flight). It runs only while started."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: collections.deque[tuple[oio.IoFuture, bool, float]] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._written, self._read = DiskTime(), DiskTime()
+        self._until = {True: 0.0, False: 0.0}  # per direction (write?): the latest completion
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def start(self) -> None:
+        """Starts counting from zero (transfers already in flight are not counted)."""
+        with self._cond:
+            if self._running:
+                return
+            self._running = True
+            self._written, self._read = DiskTime(), DiskTime()
+            self._until = {True: 0.0, False: 0.0}
+            self._thread = threading.Thread(target=self._watch, name="offload-disk-clock", daemon=True)
+            self._thread.start()
+
+    def submitted(self, fut: oio.IoFuture, write: bool) -> oio.IoFuture:
+        """Times fut (a write, or a read) when running; returns it."""
+        with self._cond:
+            if self._running:
+                self._queue.append((fut, write, time.perf_counter()))
+                self._cond.notify_all()
+        return fut
+
+    def stop(self) -> tuple[DiskTime, DiskTime]:
+        """(written, read) since the last start(), once the transfers submitted until now are
+        done; the watcher ends. Zeros when never started."""
+        with self._cond:
+            thread, self._running = self._thread, False
+            self._thread = None
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()  # it drains the queue first
+        return replace(self._written), replace(self._read)
+
+    def _watch(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and self._running:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                fut, write, start = self._queue[0]
+            try:
+                nbytes = fut.wait()
+            except OSError:  # raised to whoever waits for it in the store; moved nothing here
+                nbytes = 0
+            end = time.perf_counter()
+            with self._cond:
+                self._queue.popleft()
+                if nbytes:
+                    moved = self._written if write else self._read
+                    moved.nbytes += nbytes
+                    moved.seconds += max(end - max(start, self._until[write]), 0.0)
+                    self._until[write] = max(self._until[write], end)
 
 
 class _Spill:
@@ -100,8 +191,9 @@ class NvmeStore(OffloadingStore):
         self._files = [_File(oio.open(d / "activations.bin", "x", engine=self._engine)) for d in self.dirs]
         self._puts = 0
         self._leased = 0
+        self.clock = DiskClock()
         # The run's files go away with the store, also when close() is never called.
-        self._cleanup = weakref.finalize(self, _remove, [f.file for f in self._files], self.dirs)
+        self._cleanup = weakref.finalize(self, _remove, [f.file for f in self._files], self.dirs, self.clock)
 
     @property
     def arena_groups(self) -> int:
@@ -131,7 +223,8 @@ class NvmeStore(OffloadingStore):
         f.cursor += nbytes
         f.live += 1
         st.home.region = (f, offset, nbytes)
-        spill = _Spill(event, lambda: f.file.write_from(lease, offset, nbytes))
+        clock = self.clock  # not self: a group's handle must not keep the store alive
+        spill = _Spill(event, lambda: clock.submitted(f.file.write_from(lease, offset, nbytes), True))
         spill.start()  # at once on the CPU, where the copy is already done
         st.out = spill
         st.home.busy.append(spill)
@@ -153,7 +246,7 @@ class NvmeStore(OffloadingStore):
         if home.lease is None and home.read is None:  # on disk only: read it into a lease
             f, offset, nbytes = home.region
             home.lease = self._stage(nbytes)
-            home.read = f.file.read_into(home.lease, offset, nbytes)
+            home.read = self.clock.submitted(f.file.read_into(home.lease, offset, nbytes), False)
             home.busy.append(home.read)
         if home.read is not None:
             if not wait and not home.read.done():
@@ -222,7 +315,8 @@ class NvmeStore(OffloadingStore):
         self._engine.close()
 
 
-def _remove(files: list[oio.DirectFile], dirs: list[Path]) -> None:
+def _remove(files: list[oio.DirectFile], dirs: list[Path], clock: DiskClock) -> None:
+    clock.stop()
     for f in files:
         if not f.closed:
             f.close()

@@ -19,7 +19,9 @@ initialisation, which would pass for compute) for what the cost model needs:
   outside the allocator and a margin of 8% of the device (at least 2 GiB) leaves the room kept
   tensors may take (:func:`device_room`);
 - the pass's wall time, from its first block's forward to the next pass's: what the model does
-  not explain of it is added to every estimate (offload.plan.recompute.calibrated).
+  not explain of it is added to every estimate (offload.plan.recompute.calibrated);
+- with the boundary states on nvme, the seconds the disk was busy writing them in forward and
+  reading them back in backward (the store's DiskClock): the least each phase can take.
 
 At the next forward it measures the host link (each way, and both ways at once) and
 :func:`offload.plan.recompute.choose` decides; ``decision.describe()`` says what and why.
@@ -30,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import psutil
 import torch
@@ -42,6 +44,9 @@ from offload.engine.device import Device
 from offload.engine.packing import Packing, storage_key
 from offload.plan.measure import measure_duplex, measure_link
 from offload.plan.recompute import BlockCost, Bounds, Choice, Keep, Link, choose, keep_margin
+
+if TYPE_CHECKING:
+    from offload.engine.activations_nvme import DiskClock, DiskTime
 
 Spec = Literal["never", "auto", "always"] | list[int] | dict[str, list[int]]
 Chooser = Callable[[int], Keep]
@@ -55,12 +60,14 @@ HOST_MARGIN_BYTES = 4 << 30
 
 
 class Traffic:
-    """What else crosses the host link per step, besides kept tensors (for the cost model)."""
+    """What else crosses the host link per step, besides kept tensors (for the cost model), and
+    the clock of the disk the boundary states go to (nvme; None: another tier)."""
 
-    def __init__(self, weight_bytes: int, grad_bytes: int) -> None:
+    def __init__(self, weight_bytes: int, grad_bytes: int, disk: DiskClock | None = None) -> None:
         self.weight_bytes = weight_bytes  # uploaded once in forward, once in backward
         self.grad_bytes = grad_bytes  # copied to host in backward
         self.boundary: dict[int, int] = {}  # per block: boundary bytes out in forward, back in backward
+        self.disk = disk
 
     @property
     def boundary_bytes(self) -> int:
@@ -108,6 +115,8 @@ class MeasuredChoice:
         self._busy_start: float | None = None
         self._passes = 0  # backward passes finished so far
         self._pass_start: float | None = None  # host clock at the measured pass's first forward
+        self.disk: tuple[DiskTime, DiskTime] | None = None
+        """The disk's (written, read) over the measured pass (boundary states on nvme)."""
 
     def __call__(self, index: int) -> Keep:
         if self.decision is None and index == 0:
@@ -116,10 +125,14 @@ class MeasuredChoice:
                 # The measured pass began at its block 0's forward and ends now, at the next
                 # one's: the optimizer step and the loss's sync in between.
                 assert self._pass_start is not None
+                if self.traffic.disk is not None:
+                    self.disk = self.traffic.disk.stop()
                 self.decision = self._decide(now - self._pass_start)
             elif self._passes == WARMUP_PASSES and self._pass_start is None:
                 self._pass_start = now
                 self._busy_start = None if self.optimizer_busy is None else self.optimizer_busy()
+                if self.traffic.disk is not None:
+                    self.traffic.disk.start()
         return Keep.RECOMPUTE if self.decision is None else self.decision.keep[index]
 
     @property
@@ -217,8 +230,10 @@ class MeasuredChoice:
 
     def bounds(self, measured_s: float | None = None) -> Bounds:
         """The CPU optimizer's busy time over the measured pass's wall time (from its start to
-        now, the next pass's start: what the CPU does in a step of a steady run), the GPU time between the last block's forward and its backward (head and loss), and the
-        measured pass's wall time (measured_s)."""
+        now, the next pass's start: what the CPU does in a step of a steady run), the GPU time
+        between the last block's forward and its backward (head and loss), the measured pass's
+        wall time (measured_s), and the seconds the disk was busy writing the boundary states
+        (forward) and reading them back (backward) in the measured pass (nvme; else 0)."""
         cpu = 0.0
         if self.optimizer_busy is not None and self._busy_start is not None:
             # Over the measured pass's wall time: in a steady run the updates that spill into
@@ -227,7 +242,14 @@ class MeasuredChoice:
         last = self.blocks - 1
         fwd, bwd = self._times.get((last, _FORWARD)), self._times.get((last, _BACKWARD))
         other = self._between(fwd[1], bwd[0]) if fwd and bwd and len(fwd) == 2 else 0.0
-        return Bounds(cpu_s=cpu, other_s=max(other, 0.0), measured_s=measured_s)
+        written, read = (0.0, 0.0) if self.disk is None else (self.disk[0].seconds, self.disk[1].seconds)
+        return Bounds(
+            cpu_s=cpu,
+            other_s=max(other, 0.0),
+            measured_s=measured_s,
+            disk_forward_s=written,
+            disk_backward_s=read,
+        )
 
     def room(self) -> tuple[int | None, int]:
         """(device bytes, host bytes) the kept tensors may take. Device, on CUDA:

@@ -99,7 +99,7 @@ def make_activations(
     p, device, blocks = cfg.placement, executor.device, len(executor.blocks)
     boundary = make_store(activations or p.activations, device, blocks, cfg.nvme_dirs)
     streamed = len(executor.streamed) * executor.slots.buffers[0].nbytes
-    traffic = Traffic(weight_bytes=streamed, grad_bytes=streamed)
+    traffic = Traffic(weight_bytes=streamed, grad_bytes=streamed, disk=getattr(boundary, "clock", None))
     keys = lambda: weight_keys(executor)  # noqa: E731
     busy = None if updater is None else (lambda: updater.busy_s)
     choose = make_choice(p.offload_saved, device, blocks, traffic, keys, cfg.budgets, busy, device_need)

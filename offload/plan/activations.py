@@ -17,14 +17,16 @@ Compute is estimated from FLOPs: ``2 * parameters * tokens`` for the block's mat
 matmul rate, plus ``2 * batch * seq^2 * hidden`` for causal attention at the attention rate;
 backward counts twice the matmuls and 2.5 times the attention (flash attention's backward does
 five matmuls of the forward's two). The step's other GPU work is the head, ``6 * tokens * hidden
-* vocab``; the CPU optimizer updates the streamed blocks (and host residents) at its rate.
+* vocab``; the CPU optimizer updates the streamed blocks (and host residents) at its rate. With
+the boundary states on nvme, the disk writes every block's (padded to 4096 bytes) in forward and
+reads them back in backward, at its rates: a phase lasts at least that long.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -34,15 +36,24 @@ from torch.autograd.graph import saved_tensors_hooks
 from offload.config import Config, Tier
 from offload.engine.packing import Packing, storage_key
 from offload.model.discovery import discover
-from offload.plan.measure import Rates, measure_rates
+from offload.plan.measure import Rates, measure_disk, measure_rates
 from offload.plan.recompute import BlockCost, Bounds, Choice, Keep, Link, choose, fixed
 from offload.plan.shape import ModelShape
-from offload.plan.tally import Settings, shard_numel
+from offload.plan.tally import NVME_ALIGN, Settings, shard_numel
 
-ASSUMED = Rates(h2d_bytes_s=25e9, d2h_bytes_s=25e9, flops=300e12, attention_flops=150e12, adam_params_s=5e9)
+ASSUMED = Rates(
+    h2d_bytes_s=25e9,
+    d2h_bytes_s=25e9,
+    flops=300e12,
+    attention_flops=150e12,
+    adam_params_s=5e9,
+    disk_write_bytes_s=2e9,
+    disk_read_bytes_s=2e9,
+)
 """Rates used when nothing can be measured (no CUDA device here, or --no-detect): a PCIe 4.0 x16
 link as it is in practice, a GPU that sustains 300 TFLOPS in the block's matmuls and half that in
-flash attention, and a 16-core host whose fused CPU AdamW updates 5 G parameters per second."""
+flash attention, a 16-core host whose fused CPU AdamW updates 5 G parameters per second, and an
+NVMe drive that moves 2 GB/s each way (for boundary states on nvme)."""
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -188,17 +199,54 @@ def block_cost(shape: ModelShape, counted: Counted, rates: Rates, batch_size: in
     return BlockCost(mm + att, 2 * mm + 2.5 * att, counted.saved, att, counted.attention)
 
 
-def plan_rates(cfg: Config, detect: bool, notes: list[str]) -> Rates:
-    """Measured rates when detecting on a CUDA machine, else the assumed ones (with a note)."""
+def plan_rates(cfg: Config, detect: bool, notes: list[str], activations: Tier | None = None) -> Rates:
+    """Measured rates when detecting on a CUDA machine, else the assumed ones (with a note). With
+    the boundary states on nvme (activations: the plan's tier; None: placement.activations), the
+    disk's too: measured in nvme_dirs[0] when detecting (on any machine), else assumed (a note
+    either way)."""
     device = cfg.resolve_device()
     if detect and device.startswith("cuda"):
-        rates = measure_rates(torch.device(device), _DTYPES[cfg.dtype])
+        measured = measure_rates(torch.device(device), _DTYPES[cfg.dtype])
+        rates = replace(
+            measured,
+            disk_write_bytes_s=ASSUMED.disk_write_bytes_s,
+            disk_read_bytes_s=ASSUMED.disk_read_bytes_s,
+        )
         notes.append(f"offload_saved: measured {_rates(rates)}")
-        return rates
+    else:
+        rates = ASSUMED
+        notes.append(
+            f"offload_saved: assumed {_rates(ASSUMED)} (nothing measured; see --link-gbs, --tflops, --adam-gps)"
+        )
+    if (cfg.placement.activations if activations is None else activations) is Tier.NVME:
+        rates = _disk_rates(cfg, detect, rates, notes)
+    return rates
+
+
+def _disk_rates(cfg: Config, detect: bool, rates: Rates, notes: list[str]) -> Rates:
+    """rates with the disk's measured in nvme_dirs[0] when detecting and it can be, else as they
+    are (assumed), with a note saying which and why."""
+    why = "detection is off"
+    if detect and cfg.nvme_dirs:
+        try:
+            write, read = measure_disk(cfg.nvme_dirs[0])
+        except OSError as e:
+            why = f"nvme_dirs[0] could not be measured: {e}"
+        else:
+            notes.append(
+                f"offload_saved: measured the disk of nvme_dirs[0] ({cfg.nvme_dirs[0]}) for the boundary "
+                f"states: {write / 1e9:.1f} GB/s writing, {read / 1e9:.1f} GB/s reading"
+            )
+            return replace(rates, disk_write_bytes_s=write, disk_read_bytes_s=read)
     notes.append(
-        f"offload_saved: assumed {_rates(ASSUMED)} (nothing measured; see --link-gbs, --tflops, --adam-gps)"
+        f"offload_saved: assumed the disk at {_gbs(rates.disk_write_bytes_s)} writing, "
+        f"{_gbs(rates.disk_read_bytes_s)} reading for the boundary states ({why}; see --disk-gbs)"
     )
-    return ASSUMED
+    return rates
+
+
+def _gbs(rate: float | None) -> str:
+    return "(not counted)" if rate is None else f"{rate / 1e9:.1f} GB/s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +262,10 @@ class Room:
     """The host link with the step's other traffic (weights, gradients, boundary states)."""
     cpu_params: int
     """Parameters the CPU optimizer updates each step."""
+    disk_forward_s: float = 0.0
+    """The disk's time to write the boundary states in forward (activations nvme; else 0)."""
+    disk_backward_s: float = 0.0
+    """... to read them back in backward."""
 
 
 def choice_room(
@@ -226,10 +278,13 @@ def choice_room(
 ) -> Room:
     """The Room of a plan's settings s, whose predicted peaks are need: the gpu budget less need
     and margin, the host budget less need, the link's weight uploads (both phases), gradients
-    (backward) and boundary states (host or nvme activations), and the parameters the CPU updates
-    (the streamed blocks' shards and, on the host, the residents)."""
+    (backward) and boundary states (host or nvme activations), the parameters the CPU updates
+    (the streamed blocks' shards and, on the host, the residents), and with nvme activations the
+    disk's time for every block's boundary state (padded as the store writes it) each way at the
+    rates' disk rates (None: not counted)."""
     per_block = s.batch_size * s.seq_len * (shape.hidden_size or 0) * s.item
     boundary = 0 if s.activations is Tier.GPU else shape.blocks * per_block
+    on_disk = shape.blocks * -(-per_block // NVME_ALIGN) * NVME_ALIGN if s.activations is Tier.NVME else 0
     streamed_blocks = shape.blocks - min(s.device_blocks, shape.blocks)
     streamed = streamed_blocks * shape.block_numel * s.item
     link = Link(
@@ -248,7 +303,13 @@ def choice_room(
         host_bytes=None if host is None else max(host - need[Tier.HOST], 0),
         link=link,
         cpu_params=streamed_blocks * shard_numel(shape.block_numel, s.world) + residents,
+        disk_forward_s=_seconds(on_disk, rates.disk_write_bytes_s),
+        disk_backward_s=_seconds(on_disk, rates.disk_read_bytes_s),
     )
+
+
+def _seconds(nbytes: int, rate: float | None) -> float:
+    return 0.0 if rate is None or nbytes == 0 else nbytes / rate
 
 
 def recompute_choice(
@@ -271,7 +332,9 @@ def recompute_choice(
     costs = [block_cost(shape, counted, rates, batch_size, seq_len)] * shape.blocks
     head = 6.0 * batch_size * seq_len * (shape.hidden_size or 0) * (shape.vocab_size or 0) / rates.flops
     cpu = room.cpu_params / rates.adam_params_s if rates.adam_params_s else 0.0
-    bounds = Bounds(cpu_s=cpu, other_s=head)
+    bounds = Bounds(
+        cpu_s=cpu, other_s=head, disk_forward_s=room.disk_forward_s, disk_backward_s=room.disk_backward_s
+    )
     spec = cfg.placement.offload_saved
     if spec == "auto":
         return choose(costs, room.link, room.host_bytes, room.device_bytes, bounds), counted

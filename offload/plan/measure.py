@@ -1,20 +1,24 @@
-"""Rates the recompute-or-keep choice needs, measured on this machine: the host link, compute and
-the CPU optimizer.
+"""Rates the recompute-or-keep choice needs, measured on this machine: the host link, compute,
+the CPU optimizer and, for boundary states on nvme, the disk.
 
 On CUDA: pinned-host-to-device and device-to-pinned-host copies of ``nbytes``, one way at a time
 and both at once (on two streams: PCIe carries less than the sum), a square matmul and a causal
 flash attention in the compute dtype, timed with CUDA events (best of a few runs, after a
 warm-up); and the fused CPU AdamW over a block-sized buffer, timed with the host clock. On the
 CPU the "link" is a memory copy and the compute a float32 matmul: rough, but the same cost model
-then applies to a CPU run.
+then applies to a CPU run. The disk: one O_DIRECT write (to its fsync) and read of a scratch
+file through ``offload.io``, as ``offload bench io`` measures a backend, with the engine the
+boundary-state store uses.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,6 +35,17 @@ class Rates:
     """Causal attention forward (flash), counted as 2 batch seq^2 hidden; None: half of flops."""
     adam_params_s: float | None = None
     """Parameters per second the fused CPU AdamW updates; None: not counted (no CPU bound)."""
+    disk_write_bytes_s: float | None = None
+    """Bytes per second the disk under nvme_dirs writes (boundary states on nvme, in forward);
+    None: not counted."""
+    disk_read_bytes_s: float | None = None
+    """... and reads back (in backward); None: not counted."""
+
+    def __post_init__(self) -> None:
+        for name in ("disk_write_bytes_s", "disk_read_bytes_s"):
+            rate = getattr(self, name)
+            if rate is not None and not rate > 0:
+                raise ValueError(f"{name} must be > 0 bytes/s, got {rate}")
 
     @property
     def attention(self) -> float:
@@ -125,6 +140,56 @@ def measure_adam(numel: int = 32 << 20, reps: int = 3) -> float:
         )  # fmt: skip
 
     return numel / _best(update, torch.device("cpu"), reps)
+
+
+DISK_PROBE_BYTES = 256 << 20
+"""Bytes measure_disk moves each way by default: enough to keep an NVMe drive's queue full for a
+while, little enough that ``offload plan`` stays quick."""
+
+
+def measure_disk(directory: str | os.PathLike[str], nbytes: int = DISK_PROBE_BYTES) -> tuple[float, float]:
+    """(write, read) bytes per second of one O_DIRECT transfer of nbytes (a multiple of 4096) to
+    and from a scratch file in directory, removed afterwards. The write is timed to its fsync;
+    the read comes from the disk (O_DIRECT bypasses the page cache).
+
+    Raises OSError, saying why, when directory cannot take it (missing, no O_DIRECT, too full)."""
+    from offload import io as oio
+    from offload.memory import PinnedPool
+
+    if nbytes <= 0 or nbytes % 4096:
+        raise ValueError(f"nbytes must be a positive multiple of 4096 (O_DIRECT), got {nbytes}")
+    check = oio.check_direct(directory)
+    if not check.ok:
+        raise OSError(check.reason)
+    free = shutil.disk_usage(directory).free
+    if free < 2 * nbytes:
+        raise OSError(f"{directory} has {free} bytes free, the probe needs {2 * nbytes}")
+    path = Path(directory) / f".offload-disk-probe-{os.getpid()}.bin"
+    with PinnedPool(nbytes, arena_bytes=nbytes, pin=False, name="disk-probe") as pool, oio.Engine() as engine:
+        pool.attach_io(engine)  # registered buffers where io_uring takes them, as the store's are
+        try:
+            with pool.lease(nbytes, purpose="disk-probe") as buf:
+                _fill_random(buf.tensor)
+                with oio.open(path, "w", engine=engine) as f:
+                    t = time.perf_counter()
+                    f.write_from(buf).wait()
+                    f.sync()
+                    write_s = time.perf_counter() - t
+                    t = time.perf_counter()
+                    f.read_into(buf).wait()
+                    read_s = time.perf_counter() - t
+        finally:
+            path.unlink(missing_ok=True)
+            pool.detach_io(engine)  # before the engine closes, as the pool requires
+    return nbytes / max(write_s, 1e-9), nbytes / max(read_s, 1e-9)
+
+
+def _fill_random(t: torch.Tensor) -> None:
+    """Random bytes, 1 MiB repeated: a drive that compresses or deduplicates sees no pattern."""
+    block = torch.frombuffer(bytearray(os.urandom(1 << 20)), dtype=torch.uint8)
+    for start in range(0, t.numel(), block.numel()):
+        part = t[start : start + block.numel()]
+        part.copy_(block[: part.numel()])
 
 
 def _best(fn: Callable[[], object], device: torch.device, reps: int) -> float:

@@ -246,7 +246,7 @@ def _recompute(
     free the device for attention and graphs kept instead of recomputed, and cost link and CPU
     time, so the plan takes the count with the fastest estimated step (that fits the budgets)."""
     if rates is None:
-        rates = plan_rates(cfg, detect, notes)
+        rates = plan_rates(cfg, detect, notes, s.activations)
     try:
         counted = count_block(model, cfg.dtype, s.batch_size, s.seq_len, blocks)
     except ValueError as e:

@@ -16,19 +16,22 @@ What a block can do instead (``Keep``), fastest first:
 This module is the cost model and the choice, pure arithmetic: the runtime feeds it the first
 step's measurements (``placement.offload_saved: auto``), ``offload plan`` feeds it estimates.
 A step is the slowest of what runs side by side: the GPU's two phases, each the slowest of its
-compute and the host link, and the CPU optimizer's updates of the streamed blocks (which overlap
-backward and the next forward)::
+compute, the host link and the disk, and the CPU optimizer's updates of the streamed blocks (which
+overlap backward and the next forward)::
 
-    forward  = max(sum F,                         link(H2D_fwd, D2H_fwd + moved))
-    backward = max(sum B + sum_rec F + sum_att (F - A),  link(H2D_bwd + moved, D2H_bwd))
+    forward  = max(sum F,                         link(H2D_fwd, D2H_fwd + moved),  disk_fwd)
+    backward = max(sum B + sum_rec F + sum_att (F - A),  link(H2D_bwd + moved, D2H_bwd),  disk_bwd)
     step     = max(forward + backward + other,    cpu)
 
 with F a block's forward, B its backward proper, A its attention forward, ``moved`` the bytes
 of the host-kept blocks, ``other`` the GPU time outside the blocks (embedding, head, loss) and
 ``link(h, d)`` the slowest of h at the host-to-device rate, d at the device-to-host rate and
-h + d at the rate both directions reach together (they share the PCIe link). When the step
-recomputing every block was measured (auto), what the model does not explain of it (launch gaps,
-overlap that is not perfect) is added to every estimate, so gains are fractions of the real step.
+h + d at the rate both directions reach together (they share the PCIe link). ``disk_fwd`` and
+``disk_bwd`` are the disk's time to write the boundary states in forward and read them back in
+backward (``placement.activations: nvme``; 0 otherwise): a phase that waits for the disk gets no
+faster when a keep skips compute. When the step recomputing every block was measured (auto),
+what the model does not explain of it (launch gaps, overlap that is not perfect) is added to
+every estimate, so gains are fractions of the real step.
 
 Every count of blocks of each kind is tried (with as many device attention keeps as fit: they
 cost no link time); the device kinds must fit ``device_bytes`` with a window of host groups in
@@ -167,6 +170,16 @@ class Bounds:
     every estimate, so a gain is a fraction of the real step."""
     slack_s: float = 0.0
     """That unexplained time (:func:`calibrated` sets it)."""
+    disk_forward_s: float = 0.0
+    """The disk's time to write the boundary states of one forward (``activations: nvme``): the
+    forward phase lasts at least this long."""
+    disk_backward_s: float = 0.0
+    """The disk's time to read them back in backward: the backward phase lasts at least this long."""
+
+    def __post_init__(self) -> None:
+        for name in ("disk_forward_s", "disk_backward_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 s, got {getattr(self, name)}")
 
 
 def calibrated(costs: Sequence[BlockCost], link: Link, bounds: Bounds) -> Bounds:
@@ -189,12 +202,18 @@ class Estimate:
     """forward + backward + other."""
     cpu_s: float
     link_bound: bool
-    """A phase waits for the link rather than compute."""
+    """A phase waits for the link rather than compute (or the disk)."""
+    disk_bound: bool = False
+    """A phase waits for the disk rather than compute or the link."""
 
     @property
     def bound(self) -> str:
+        """What the step waits for; a phase bound by the disk is named before one bound by the
+        link (more of the disk's bytes cannot move on a faster link)."""
         if self.cpu_s >= self.gpu_s:
             return "the CPU optimizer"
+        if self.disk_bound:
+            return "the disk"
         return "the host link" if self.link_bound else "GPU compute"
 
 
@@ -218,10 +237,13 @@ def step_time(
 def _estimate(fwd_compute: float, bwd_compute: float, moved: int, link: Link, b: Bounds) -> Estimate:
     fwd_link = link.seconds(link.h2d_forward, link.d2h_forward + moved)
     bwd_link = link.seconds(link.h2d_backward + moved, link.d2h_backward)
-    forward, backward = max(fwd_compute, fwd_link), max(bwd_compute, bwd_link)
+    forward = max(fwd_compute, fwd_link, b.disk_forward_s)
+    backward = max(bwd_compute, bwd_link, b.disk_backward_s)
     gpu = forward + backward + b.other_s
-    bound = fwd_link > fwd_compute or bwd_link > bwd_compute
-    return Estimate(max(gpu, b.cpu_s) + b.slack_s, forward, backward, gpu, b.cpu_s, bound)
+    phases = ((fwd_compute, fwd_link, b.disk_forward_s), (bwd_compute, bwd_link, b.disk_backward_s))
+    link_bound = any(lk > c and lk >= d for c, lk, d in phases)
+    disk_bound = any(d > c and d > lk for c, lk, d in phases)
+    return Estimate(max(gpu, b.cpu_s) + b.slack_s, forward, backward, gpu, b.cpu_s, link_bound, disk_bound)
 
 
 def _recomputed(c: BlockCost, k: Keep) -> float:
@@ -273,6 +295,8 @@ class Choice:
     """Why nothing is kept although something could be (the gain is under MIN_GAIN)."""
     slack_s: float = 0.0
     """Time of the measured step the model does not explain (in both step estimates)."""
+    kept_bound: str = ""
+    """What bounds the step with this choice ("": as recomputing, or nothing kept)."""
 
     @property
     def offload(self) -> tuple[bool, ...]:
@@ -301,9 +325,10 @@ class Choice:
                 f"bound by {self.bound}){why}"
             )
         parts = [f"{_NAMES[k]} {_count(self.of(k))}: {ranges(self.of(k))}" for k in _ORDER if self.of(k)]
+        kept = f", the choice by {self.kept_bound}" if self.kept_bound not in ("", self.bound) else ""
         return (
             f"{'; '.join(parts)} (est. step {self.step_s:.3f} s against {self.recompute_step_s:.3f} s "
-            f"recomputing{slack}, {self.gain:.0%} faster; recomputing is bound by {self.bound})"
+            f"recomputing{slack}, {self.gain:.0%} faster; recomputing is bound by {self.bound}{kept})"
         )
 
     def to_json(self) -> dict[str, object]:
@@ -316,6 +341,7 @@ class Choice:
             "saved_bytes": self.offloaded_bytes,
             "device_bytes": self.device_bytes,
             "bound": self.bound,
+            "kept_bound": self.kept_bound or self.bound,
             "reason": self.reason,
             "slack_s": self.slack_s,
         }
@@ -341,14 +367,16 @@ def fixed(
     """The Choice of a given keep (a list in placement.offload_saved), with its estimate."""
     bounds = calibrated(costs, link, bounds or Bounds())
     base = estimate(costs, link, [Keep.RECOMPUTE] * len(costs), bounds)
+    kept = estimate(costs, link, keep, bounds)
     return Choice(
         tuple(keep),
-        step_time(costs, link, keep, bounds),
+        kept.step_s,
         base.step_s,
         host_bytes(costs, keep),
         device_bytes(costs, keep, window),
         base.bound,
         slack_s=bounds.slack_s,
+        kept_bound=kept.bound if any(k is not Keep.RECOMPUTE for k in keep) else "",
     )
 
 
@@ -378,19 +406,21 @@ def choose(
         return nothing
     split = best[1]
     keep = split.keep(costs)
+    kept = estimate(costs, link, keep, bounds)
     choice = replace(
         nothing,
         keep=tuple(keep),
-        step_s=estimate(costs, link, keep, bounds).step_s,
+        step_s=kept.step_s,
         offloaded_bytes=_moved(costs, keep),
         device_bytes=_held(costs, keep, window),
+        kept_bound=kept.bound,
     )
     if choice.gain < min_gain:
-        return replace(nothing, reason=_why_not(choice, base, min_gain))
+        return replace(nothing, reason=_why_not(choice, base, bounds, min_gain))
     return choice
 
 
-def _why_not(choice: Choice, base: Estimate, min_gain: float) -> str:
+def _why_not(choice: Choice, base: Estimate, bounds: Bounds, min_gain: float) -> str:
     parts = [f"{len(choice.of(k))} {k}" for k in _ORDER[:-1] if choice.of(k)]
     why = (
         f"the best keep ({', '.join(parts)}) would save {max(choice.gain, 0.0):.1%} of the step, "
@@ -398,6 +428,11 @@ def _why_not(choice: Choice, base: Estimate, min_gain: float) -> str:
     )
     if base.bound == "the CPU optimizer":
         why += f"; the CPU optimizer's {base.cpu_s:.3f} s of updates outlast the GPU's {base.gpu_s:.3f} s"
+    elif base.bound == "the disk":
+        why += (
+            f"; the disk, {bounds.disk_forward_s:.3f} s writing the boundary states in forward and "
+            f"{bounds.disk_backward_s:.3f} s reading them back, bounds the GPU's phases"
+        )
     return why
 
 
