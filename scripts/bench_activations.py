@@ -28,6 +28,8 @@ a minute for 6.7B) and its placement switched between runs, so a sweep fits the 
         --placements recompute,auto,host,auto-host --device-blocks 10 --out $OUT/activations_7b.json
     python scripts/bench_activations.py --size 7b --seqs 131072 --placements host,auto-host \\
         --device-blocks 10 --loss-chunk 8192 --steps 2 --out $OUT/activations_7b_128k.json
+    python scripts/bench_activations.py --size 7b --seqs 16384,32768 --placements recompute,auto,auto-host \
+        --device-blocks auto --out $OUT/activations_7b_long.json   # the plan's device blocks for 32K
     python scripts/bench_activations.py --size tiny --device cpu --seqs 64,128 --steps 2   # a check
 """
 
@@ -182,6 +184,34 @@ def _choice(acts: Any) -> dict[str, Any]:
     return {"choice": d.describe(), "decision": d.to_json(), "estimated_step_s": d.step_s}
 
 
+def planned_device_blocks(
+    model: Any, settings: dict[str, Any], a: argparse.Namespace, seq: int, names: list[str]
+) -> int:
+    """--device-blocks as a number: the one given, or for auto the plan's (offload.plan.make_plan,
+    rates measured here) at seq tokens with the first auto placement of names (auto if none)."""
+    if a.device_blocks != "auto":
+        return int(a.device_blocks)
+    from offload.config import load_config
+    from offload.plan import make_plan
+
+    blocks = model.config.num_hidden_layers
+    auto = next(
+        (PLACEMENTS[n](blocks) for n in names if PLACEMENTS[n](blocks)["offload_saved"] == "auto"), None
+    )
+    placement = {**(auto or PLACEMENTS["auto"](blocks)), "device_blocks": "auto"}
+    cfg = load_config(None, placement=placement, **settings)
+    plan = make_plan(model, cfg, batch_size=a.batch, seq_len=seq, detect=True, loss_chunk=a.loss_chunk)
+    print(
+        f"device_blocks auto: {plan.device_blocks} (the plan at {seq} tokens, {placement['activations']} "
+        f"boundary states); " + (plan.recompute.describe() if plan.recompute else "no keep choice"),
+        flush=True,
+    )
+    for note in plan.notes:
+        if note.startswith(("device_blocks", "offload_saved: measured")):
+            print(f"  note: {note}", flush=True)
+    return plan.device_blocks
+
+
 def table(results: list[dict[str, Any]], seqs: list[int], names: list[str]) -> str:
     lines = [f"{'placement':<19}" + "".join(f"{s:>22}" for s in seqs)]
     for name in names:
@@ -213,7 +243,12 @@ def main() -> None:
     ap.add_argument("--seqs", default="2048,8192,16384,32768")
     ap.add_argument("--placements", default="recompute,auto")
     ap.add_argument("--steps", type=int, default=3, help="steps timed per run (auto runs 2 more first)")
-    ap.add_argument("--device-blocks", type=int, default=0)
+    ap.add_argument(
+        "--device-blocks",
+        default="0",
+        help="blocks whose state stays on the device, or auto: the plan's count for the longest "
+        "sequence with offload_saved auto (fewer where their memory pays more as keeps)",
+    )
     ap.add_argument(
         "--loss-chunk", type=int, default=None, help="train.loss_chunk (default: the model's loss)"
     )
@@ -238,15 +273,14 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    model, opt = offload.wrap(
-        model,
-        init="random",
-        device=a.device,
-        dtype="bfloat16" if a.device.startswith("cuda") else "float32",
-        placement={"device_blocks": a.device_blocks},
-        optimizer={"lr": 1e-5, "overlap_backward": True},
-        nvme_dirs=[a.nvme_dir],
-    )
+    settings = {
+        "device": a.device,
+        "dtype": "bfloat16" if a.device.startswith("cuda") else "float32",
+        "optimizer": {"lr": 1e-5, "overlap_backward": True},
+        "nvme_dirs": [a.nvme_dir],
+    }
+    device_blocks = planned_device_blocks(model, settings, a, max(seqs), names)
+    model, opt = offload.wrap(model, init="random", placement={"device_blocks": device_blocks}, **settings)
     print(f"wrapped in {time.perf_counter() - t0:.0f} s", flush=True)
     results = []
     for seq in seqs:
@@ -272,6 +306,7 @@ def main() -> None:
         "size": a.size,
         "batch": a.batch,
         "args": vars(a),
+        "device_blocks": device_blocks,
         "results": results,
     }
     out = a.out or str(ROOT / "benchmarks" / "results" / f"activations_{a.size}_{report['date']}.json")

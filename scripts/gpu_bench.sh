@@ -2,7 +2,8 @@
 # The GPU machine's benchmark session (see README "Results"): build, then one phase per call so
 # each stays inside the device tool's 10-minute command limit. Results land in $OUT.
 #   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more|nvme3b|big|snap3b|ckpt3b|act7b|act128k|dist7b|dist13b
-#   (train3b: DEVICE_BLOCKS=12, RUN=1; dist7b and dist13b need 2 GPUs: kind nvidia-h200-x2)
+#   (train3b: DEVICE_BLOCKS=12, RUN=1; act7b, act128k: DEVICE_BLOCKS=10 or auto, the plan's;
+#   dist7b and dist13b need 2 GPUs: kind nvidia-h200-x2)
 # DeepSpeed's wheels and libaio come from .bench/deps (../shared/baselines/fetch_deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
