@@ -74,7 +74,7 @@ def batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]
 def inject(at: str) -> None:
     """Makes this rank's restore fail at ``at``: reading its keeper ("status"), loading its payload
     ("load"), decoding a lost chunk ("rebuild": one wrong byte, so its crc32 fails), loading its
-    flushed snapshot ("disk")."""
+    flushed snapshot ("disk"); or its Snapshotter fail to reach its keeper ("connect")."""
     from offload.snapshot import codec, recovery
     from offload.snapshot.flush import FlushError
     from offload.snapshot.keeper import KeeperError
@@ -95,7 +95,16 @@ def inject(at: str) -> None:
                 chunk[:1].bitwise_xor_(1)
         return got
 
-    if at == "status":
+    if at == "connect":
+        from offload.snapshot import snapshotter
+
+        class Unreachable:
+            @staticmethod
+            def connect(*args: Any, **kwargs: Any) -> Any:
+                raise KeeperError("injected: no keeper answers here")
+
+        snapshotter.KeeperClient = Unreachable  # type: ignore[assignment,misc]
+    elif at == "status":
         recovery._status = fail(KeeperError("injected: the keeper did not answer"))
     elif at == "load":
         recovery.payload.load = fail(SnapshotMismatch("injected: taken by another model"))
@@ -128,12 +137,17 @@ def main(spec: dict) -> None:
     cfg = SnapshotConfig(
         dir=str(Path(spec["keepers"]) / "node{rank}"), flush_dir=spec["flush"], idle_timeout_s=120.0
     )
-    snap = Snapshotter(model, opt, cfg, **spec.get("snapshot", {}))
+    fail = spec.get("fail")
+    if fail is not None and fail["rank"] == rank:
+        inject(fail["at"])
+    try:
+        snap = Snapshotter(model, opt, cfg, **spec.get("snapshot", {}))
+    except Exception as e:
+        if fail is not None:
+            failed(out, rank, world, e)
+        raise
     start = 0
     if spec["phase"] == "resume":
-        fail = spec.get("fail")
-        if fail is not None and fail["rank"] == rank:
-            inject(fail["at"])
         try:
             restored = snap.restore(scheduler=sched)
         except Exception as e:

@@ -99,3 +99,21 @@ def test_a_failed_rebuild_or_disk_load_fails_every_rank_and_keeps_parity_and_dis
     assert [r["source"] for r in got] == ["disk"] * WORLD, got
     assert {r["step"] for r in got} == {3}
     continues_bitwise(out, ref, first=4)
+
+
+def test_a_rank_that_cannot_reach_its_keeper_fails_every_rank_at_start(keepers: Path, tmp_path: Path) -> None:
+    """Snapshotter() on rank 1 cannot connect: it raises its own error, and the others raise naming
+    it, from the node-key exchange every rank takes part in (not the group's timeout)."""
+    spec = {"keepers": str(keepers), "flush": None, "steps": 1, "snap_until": 0, "phase": "resume"}
+    out = tmp_path / "connect"
+    fail = {"fail": {"rank": FAILED, "at": "connect"}, "snapshot": {"timeout_s": TIMEOUT_S}}
+    proc = launch({**spec, **fail}, out, ok=False)
+    assert proc.returncode != 0
+    errors = {r: json.loads((out / f"error_{r}.json").read_text()) for r in range(WORLD)}
+    assert errors[FAILED] == {"type": "KeeperError", "message": "injected: no keeper answers here"}
+    for rank in set(range(WORLD)) - {FAILED}:
+        assert errors[rank] == {
+            "type": "KeeperError",
+            "message": f"offload snapshot: rank {FAILED} could not connect to its keeper: "
+            "KeeperError: injected: no keeper answers here",
+        }

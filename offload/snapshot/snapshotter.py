@@ -42,6 +42,7 @@ from offload.snapshot import flush, parity, payload, segment
 from offload.snapshot.client import KeeperClient, Segment
 from offload.snapshot.config import SnapshotConfig, SnapshotHandle, interval
 from offload.snapshot.job import SnapshotJob
+from offload.snapshot.keeper import KeeperError
 from offload.snapshot.segment import Header
 from offload.snapshot.topology import node_keys_to_topology
 
@@ -59,14 +60,34 @@ class Snapshotter:
         self.world = dist.get_world_size() if multi else 1
         local = int(os.environ.get("LOCAL_RANK", "0"))
         where = None if self.cfg.dir is None else self.cfg.dir.format(rank=self.rank, local_rank=local)
-        self.client = KeeperClient.connect(where, idle_timeout=self.cfg.idle_timeout_s)
+        try:
+            self.client = KeeperClient.connect(where, idle_timeout=self.cfg.idle_timeout_s)
+            failure: Exception | None = None
+        except Exception as e:
+            if not multi:
+                raise
+            failure = e  # told to the other ranks below, so that none waits for this one
         # Its own group: a snapshot's collectives run on a background thread, and must never
         # interleave with the training's on the default group.
         self.pg = (
             dist.new_group(backend="gloo", timeout=timedelta(seconds=self.cfg.timeout_s)) if multi else None
         )
-        key = f"{socket.gethostname()}:{os.path.realpath(self.client.dir)}"
-        keys = [key] if self.pg is None else parity.gather_json(self.pg, key)
+        # Each rank's node key (its host and keeper directory), or why it has no keeper.
+        mine: Any = (
+            f"{socket.gethostname()}:{os.path.realpath(self.client.dir)}"
+            if failure is None
+            else {"failed": f"{type(failure).__name__}: {failure}"}
+        )
+        keys = [mine] if self.pg is None else parity.gather_json(self.pg, mine)
+        failed = {r: k["failed"] for r, k in enumerate(keys) if isinstance(k, dict)}
+        if failure is not None:
+            raise failure
+        if failed:
+            self.client.close()
+            raise KeeperError(
+                "offload snapshot: "
+                + "; ".join(f"rank {r} could not connect to its keeper: {why}" for r, why in failed.items())
+            )
         self.topo = node_keys_to_topology(keys, self.rank, self.cfg.parity)
         self.segments: dict[int, Segment] = {}
         self.current: SnapshotHandle | None = None
