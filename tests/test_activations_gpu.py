@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import offload
-from tests.models import Stack
+from tests.models import Stack, run_steps
 from tests.test_wrap_gpu import llama
 
 # Deterministic cuBLAS must be configured before the first cuBLAS handle.
@@ -34,24 +34,16 @@ def train(model: torch.nn.Module, placement: dict, nvme: Path, steps: int = 4) -
         placement=placement,
         nvme_dirs=[str(nvme)],
     )
-    losses = run_steps(wrapped, opt, steps, vocab=64, shape=(2, 128))
+    losses = random_steps(wrapped, opt, steps, vocab=64, shape=(2, 128))
     state = offload.state_dict(wrapped)
     wrapped.runtime.close()
     return losses, state
 
 
-def run_steps(wrapped: Any, opt: Any, steps: int, vocab: int, shape: tuple[int, int]) -> list[float]:
+def random_steps(wrapped: Any, opt: Any, steps: int, vocab: int, shape: tuple[int, int]) -> list[float]:
     """steps optimizer steps on seeded random tokens; the losses."""
     g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        ids = torch.randint(0, vocab, shape, generator=g).cuda()
-        loss = wrapped(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return run_steps(wrapped, opt, steps, 1, lambda *_: torch.randint(0, vocab, shape, generator=g).cuda())
 
 
 def test_host_and_nvme_boundaries_train_exactly_like_the_device(disk_dir: Path) -> None:
@@ -164,7 +156,7 @@ def train_bf16(placement: dict, steps: int = 3) -> tuple[list[float], dict, obje
         optimizer={"lr": 1e-3},
         placement=placement,
     )
-    losses = run_steps(wrapped, opt, steps, vocab=512, shape=(2, 256))
+    losses = random_steps(wrapped, opt, steps, vocab=512, shape=(2, 256))
     state = offload.state_dict(wrapped)
     acts = wrapped.runtime.activations
     wrapped.runtime.close()

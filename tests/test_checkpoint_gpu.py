@@ -26,6 +26,7 @@ import offload
 from offload.checkpoint import capture, job, load, save, verify
 from offload.checkpoint import state as ckpt_state
 from offload.checkpoint.format import KINDS, read_manifest, tensor_key
+from tests.models import run_steps
 from tests.test_wrap_gpu import llama
 
 # Deterministic cuBLAS must be configured before the first cuBLAS handle.
@@ -57,14 +58,7 @@ def batches(n: int) -> list[torch.Tensor]:
 
 
 def train(model: Any, opt: Any, data: list[torch.Tensor]) -> list[float]:
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return run_steps(model, opt, len(data), 1, lambda step, _: data[step])
 
 
 def optimizer_state(model: Any) -> tuple[dict[str, torch.Tensor], set[str]]:
