@@ -10,6 +10,7 @@ length under each placement:
     auto (offload)     boundary states on the device, offload_saved auto: two recomputed
                        steps (the second measured), then what the cost model picks per block
     auto-host          the same with the boundary states in host memory
+    auto-nvme          the same with the boundary states on --nvme-dir (host memory left to keeps)
     offload-all        every block's graph in host memory (offload_saved always)
     device-all         every block's graph on the device
     attention-all      every block's attention output and log-sum-exp on the device
@@ -56,6 +57,7 @@ PLACEMENTS: dict[str, Placement] = {
     "nvme": lambda n: {"activations": "nvme", "offload_saved": "never"},
     "auto": lambda n: {"activations": "gpu", "offload_saved": "auto"},
     "auto-host": lambda n: {"activations": "host", "offload_saved": "auto"},
+    "auto-nvme": lambda n: {"activations": "nvme", "offload_saved": "auto"},
     "offload-all": lambda n: {"activations": "gpu", "offload_saved": "always"},
     "device-all": lambda n: {"activations": "gpu", "offload_saved": {"device": list(range(n))}},
     "attention-all": lambda n: {"activations": "gpu", "offload_saved": {"attention": list(range(n))}},
@@ -188,7 +190,9 @@ def planned_device_blocks(
     model: Any, settings: dict[str, Any], a: argparse.Namespace, seq: int, names: list[str]
 ) -> int:
     """--device-blocks as a number: the one given, or for auto the plan's (offload.plan.make_plan,
-    rates measured here) at seq tokens with the first auto placement of names (auto if none)."""
+    rates measured here) at seq tokens with the first auto placement of names (with none, the
+    first placement's boundary states with offload_saved auto: a recompute row gets the count its
+    auto row gets, run alone)."""
     if a.device_blocks != "auto":
         return int(a.device_blocks)
     from offload.config import load_config
@@ -198,7 +202,8 @@ def planned_device_blocks(
     auto = next(
         (PLACEMENTS[n](blocks) for n in names if PLACEMENTS[n](blocks)["offload_saved"] == "auto"), None
     )
-    placement = {**(auto or PLACEMENTS["auto"](blocks)), "device_blocks": "auto"}
+    first = {**PLACEMENTS[names[0]](blocks), "offload_saved": "auto"}
+    placement = {**(auto or first), "device_blocks": "auto"}
     cfg = load_config(None, placement=placement, **settings)
     plan = make_plan(model, cfg, batch_size=a.batch, seq_len=seq, detect=True, loss_chunk=a.loss_chunk)
     print(

@@ -30,7 +30,8 @@ case "${1:?phase}" in
   act7b)  # issue 5: recompute against auto's per-block keeps, and the boundary states on the host
     python3 scripts/bench_activations.py --size 7b --device-blocks "${DEVICE_BLOCKS:-10}" --seqs "${SEQS:-2048,8192,16384,32768}" \
       --placements "${PLACEMENTS:-recompute,auto,host,auto-host}" --steps 3 --out "$OUT/activations_7b.json" 2>&1 | grep -vi warn | tail -24 ;;
-  act128k)  # issue 5: 128K tokens on the 6.7B shape, recompute or auto (P=host or auto-host)
+  act128k)  # issue 5: 128K tokens on the 6.7B shape, recompute or auto (P=host, auto-host, nvme or auto-nvme;
+            # nvme: the boundary states, 32 GiB, under /tmp/offload-act)
     python3 scripts/bench_activations.py --size 7b --device-blocks "${DEVICE_BLOCKS:-10}" --seqs 131072 \
       --placements "${P:-host}" --loss-chunk 8192 --steps "${STEPS:-2}" --out "$OUT/act_128k_${P:-host}.json" 2>&1 | grep -vi warn | tail -12 ;;
   train3b)
