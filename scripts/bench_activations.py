@@ -287,22 +287,7 @@ def main() -> None:
     device_blocks = planned_device_blocks(model, settings, a, max(seqs), names)
     model, opt = offload.wrap(model, init="random", placement={"device_blocks": device_blocks}, **settings)
     print(f"wrapped in {time.perf_counter() - t0:.0f} s", flush=True)
-    results = []
-    for seq in seqs:
-        for name in names:
-            r = run_one(model, opt, a, seq, name)
-            print(json.dumps({k: v for k, v in r.items() if k not in ("steps", "decision")}), flush=True)
-            results.append(r)
-            first = results[0].get("start_allocated_GiB")
-            if first is not None and r["start_allocated_GiB"] > first + LEFTOVER_GIB:
-                print(
-                    f"warning: {name} @ {seq} started with {r['start_allocated_GiB']:.2f} GiB allocated, "
-                    f"the first run with {first:.2f}: an earlier run left tensors behind",
-                    flush=True,
-                )
-    model.runtime.close()
-    print()
-    print(table(results, seqs, names))
+    results: list[dict[str, Any]] = []
     device = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu"
     report = {
         "date": date.today().isoformat(),
@@ -314,9 +299,25 @@ def main() -> None:
         "device_blocks": device_blocks,
         "results": results,
     }
-    out = a.out or str(ROOT / "benchmarks" / "results" / f"activations_{a.size}_{report['date']}.json")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=1, default=str))
+    out = Path(a.out or ROOT / "benchmarks" / "results" / f"activations_{a.size}_{report['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for seq in seqs:
+        for name in names:
+            r = run_one(model, opt, a, seq, name)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("steps", "decision")}), flush=True)
+            results.append(r)
+            out.write_text(json.dumps(report, indent=1, default=str))  # each row as it comes
+            first = results[0].get("start_allocated_GiB")
+            if first is not None and r["start_allocated_GiB"] > first + LEFTOVER_GIB:
+                print(
+                    f"warning: {name} @ {seq} started with {r['start_allocated_GiB']:.2f} GiB allocated, "
+                    f"the first run with {first:.2f}: an earlier run left tensors behind",
+                    flush=True,
+                )
+    model.runtime.close()
+    print()
+    print(table(results, seqs, names))
+    out.write_text(json.dumps(report, indent=1, default=str))
     print("written", out)
 
 

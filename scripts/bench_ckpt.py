@@ -104,18 +104,33 @@ def main(argv: list[str] | None = None) -> int:
     plain = [step() for _ in range(a.steps)]
     ours = run_saves(a, model, opt, step, staging)
     shutil.rmtree(a.dir / "offload", ignore_errors=True)
+    if not a.no_dcp:  # ours first, in case the comparison does not finish (a time limit)
+        write(
+            a.out,
+            {
+                **summarize(a, cuda, batch, seq, nparams, state_bytes, staging, disk, plain, ours, None),
+                "cpu": cpu,
+            },
+        )
     dcp = run_dcp(a, model, step) if not a.no_dcp else None
     report = summarize(a, cuda, batch, seq, nparams, state_bytes, staging, disk, plain, ours, dcp)
     report["cpu"] = cpu
     print(render(report))
     if a.trace:
         print("trace", model.runtime.tracer.write(a.trace))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(report, indent=1, default=str))
+    if write(a.out, report):
         print("written", a.out)
     model.runtime.close()
     return 0
+
+
+def write(out: str | None, report: dict[str, Any]) -> bool:
+    """Writes report as JSON to out (when given)."""
+    if not out:
+        return False
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1, default=str))
+    return True
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
