@@ -396,7 +396,8 @@ class PlacementConfig:
     budget; then the spilled blocks' masters go to nvme too."""
     optimizer_state: Tier = Tier.HOST
     """Adam's m and v of the spilled blocks: host, cxl, nvme, or auto (host when it fits
-    budgets.host_bytes, else the fewest last blocks spilled to nvme that make it fit)."""
+    budgets.host_bytes, else the fewest last blocks spilled that make it fit: to cxl when
+    cxl_nodes are named and budgets.cxl_bytes holds them, else to nvme)."""
     spill_blocks: int | None = None
     """How many streamed blocks spill: the last ones, whose m and v go to optimizer_state, master
     to master and gradient sums to gradients (each where that is not host); the others keep all

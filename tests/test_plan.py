@@ -462,6 +462,28 @@ def test_auto_spills_masters_when_m_and_v_are_not_enough() -> None:
     assert "(master, m and v)" in plan.split()
 
 
+def test_auto_spills_m_and_v_to_cxl_before_nvme() -> None:
+    """With cxl_nodes named, auto moves the fewest last blocks' m and v to cxl memory (no disk
+    floor on the step), as long as the cxl budget holds them; else to nvme as without cxl."""
+    budget = 60 * GiB
+    sets = (
+        "offload.placement.optimizer_state=auto",
+        f"offload.budgets.host_bytes={budget}",
+        "offload.nvme_dirs=[/x]",
+        "offload.cxl_nodes=[0]",
+    )
+    plan = recipe_plan("llama-7b.yaml", *sets, "offload.budgets.cxl_bytes=64GiB")
+    on_nvme = recipe_plan("llama-7b.yaml", *sets[:3])
+    k = plan.spill_blocks
+    # nvme also takes host memory for its staging buffers: cxl spills fewer blocks
+    assert plan.fits and plan.placement["optimizer_state"] is Tier.CXL and 0 < k <= on_nvme.spill_blocks
+    assert plan.get("optimizer", Tier.CXL) > 0 and plan.get("optimizer", Tier.NVME) == 0
+    assert any(f"the last {k} of" in n and "m and v on cxl" in n and "before a disk" in n for n in plan.notes)
+    small = recipe_plan("llama-7b.yaml", *sets, f"offload.budgets.cxl_bytes={plan.needed[Tier.CXL] - 1}")
+    assert small.placement["optimizer_state"] is Tier.NVME and small.fits
+    assert small.spill_blocks == on_nvme.spill_blocks
+
+
 def test_runtime_follows_the_plans_automatic_spill(disk_dir: Path) -> None:
     model = tiny("llama", layers=8)
     base = {"device": "cpu", "dtype": "bfloat16", "nvme_dirs": [str(disk_dir)]}

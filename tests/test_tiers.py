@@ -30,11 +30,13 @@ STEPS = 6
 REPO = Path(__file__).resolve().parent.parent
 
 
-def train(dtype: str, accum: int = 1, **overrides: Any) -> tuple[Any, list[float], dict[str, torch.Tensor]]:
-    """STEPS optimizer steps of a tiny Llama, each over accum micro-batches (the loss divided by
-    accum, as a training loop does); returns the wrapped model, every micro-batch's loss and the
-    final weights."""
-    model = tiny("llama", layers=4)
+def train(
+    dtype: str, accum: int = 1, layers: int = 4, **overrides: Any
+) -> tuple[Any, list[float], dict[str, torch.Tensor]]:
+    """STEPS optimizer steps of a tiny Llama of layers blocks, each over accum micro-batches (the
+    loss divided by accum, as a training loop does); returns the wrapped model, every
+    micro-batch's loss and the final weights."""
+    model = tiny("llama", layers=layers)
     overrides.setdefault("optimizer", {"lr": 3e-3})
     wrapped, opt = offload.wrap(model, device="cpu", dtype=dtype, **overrides)
     losses = []

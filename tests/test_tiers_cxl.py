@@ -229,3 +229,31 @@ def test_gradient_sums_on_nvme_are_refused() -> None:
         "per micro-batch, on backward's critical path"
     ), str(e.value)
     assert "use gradients cxl or host" in str(e.value)
+
+
+@needs_numa
+def test_auto_spill_to_cxl_is_followed_and_trains_like_host() -> None:
+    """optimizer_state auto with cxl_nodes: the plan's fewest blocks to cxl, the runtime's CxlTier
+    for exactly those, and training bitwise as with everything on the host."""
+    from offload.config import load_config
+    from offload.plan import make_plan
+
+    base = {"device": "cpu", "dtype": "float32", "cxl_nodes": [0]}
+
+    def need(k: int) -> int:
+        cfg = load_config(None, **base, placement={"optimizer_state": "cxl", "spill_blocks": k})
+        return make_plan(tiny("llama", layers=8), cfg, batch_size=2, seq_len=16).needed[Tier.HOST]
+
+    cfg = load_config(None, **base, placement={"optimizer_state": "auto"}, budgets={"host_bytes": need(5)})
+    plan = make_plan(tiny("llama", layers=8), cfg, batch_size=2, seq_len=16)
+    assert plan.placement["optimizer_state"] is Tier.CXL and plan.spill_blocks == 5 and need(4) > need(5)
+    host, host_losses, host_state = train("float32", layers=8)
+    auto = {"placement": {"optimizer_state": "auto"}, "cxl_nodes": [0], "budgets": {"host_bytes": need(5)}}
+    cxl, losses, state = train("float32", layers=8, plan=plan, **auto)
+    assert cxl.runtime.spilled == range(3, 8) and isinstance(cxl.runtime.state_tier, CxlTier)
+    assert plan.store_bytes(Tier.CXL) == cxl.runtime.state_tier.stored_bytes()
+    assert losses == host_losses
+    for key, value in host_state.items():
+        assert torch.equal(state[key], value), key
+    cxl.runtime.close()
+    host.runtime.close()

@@ -98,7 +98,7 @@ def make_plan(
         settings, recompute = _recompute(
             model, shape, cfg, settings, need, budgets, rates, detect, blocks, notes
         )
-    settings = choose_spill(shape, cfg, settings, need, budgets[Tier.HOST], notes)
+    settings = choose_spill(shape, cfg, settings, need, budgets[Tier.HOST], notes, budgets[Tier.CXL])
     placement = _placement(cfg, shape, settings, notes)
     if on_cpu:
         notes.append(

@@ -6,7 +6,8 @@ the fp32 master to ``master`` (host, cxl, or nvme in the files of m and v), the 
 to ``gradients`` (host or cxl). The other blocks keep everything in host RAM. ``P`` is
 ``spill_blocks`` when given, every streamed block when a tier is named, and for
 ``optimizer_state: auto`` the fewest that fit the host budget: the coldest state first (m and v
-to nvme), then, with ``master: auto``, the masters with them (docs/plan.md).
+to cxl when cxl_nodes are named and the cxl budget holds them, else to nvme), then, with
+``master: auto``, the masters with them on nvme (docs/plan.md).
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ Needs = Callable[[Settings], dict[Tier, int]]
 
 
 def choose_spill(
-    shape: ModelShape, cfg: Config, s: Settings, need: Needs, budget: int | None, notes: list[str]
+    shape: ModelShape,
+    cfg: Config,
+    s: Settings,
+    need: Needs,
+    budget: int | None,
+    notes: list[str],
+    cxl_budget: int | None = None,
 ) -> Settings:
     """s with the spill decided (Settings.optimizer, master, grad_sums, spill_blocks); budget:
-    the host's."""
+    the host's, cxl_budget the cxl tier's (None: unbounded)."""
     p = cfg.placement
     streamed = shape.blocks - s.device_blocks
     given = streamed if p.spill_blocks is None else min(p.spill_blocks, streamed)
@@ -62,6 +69,17 @@ def choose_spill(
         rest = "; no block spills, so masters and gradient sums stay there too" if _named(cfg) else ""
         notes.append(f"optimizer_state auto: host (it fits the host budget){rest}")
         return s
+    if cfg.cxl_nodes:  # memory before a disk: the fewest blocks' m and v to cxl that fit both budgets
+        on_cxl = [c for k in range(1, streamed + 1) for c in to(Tier.CXL, k)]
+        chosen = next(
+            (c for c in on_cxl if fits(c) and (cxl_budget is None or need(c)[Tier.CXL] <= cxl_budget)), None
+        )
+        if chosen is not None:
+            notes.append(
+                f"optimizer_state auto: the last {chosen.spill_blocks} of {streamed} streamed blocks keep "
+                f"their {describe(chosen)} (the fewest that fit the host budget; cxl memory before a disk)"
+            )
+            return chosen
     tier = Tier.NVME if cfg.nvme_dirs else Tier.HOST
     choices = [c for k in range(1, streamed + 1) for c in to(tier, k) if c.spilled(shape.blocks)]
     choices.sort(key=lambda c: (c.master is Tier.NVME, c.spill_blocks))  # m and v before masters
