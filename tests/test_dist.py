@@ -148,3 +148,24 @@ def test_two_ranks_with_state_on_nvme_and_activations_on_the_host(tmp_path: Path
         },
     }
     assert_matches(2, spec, tmp_path / "run")
+
+
+@pytest.mark.skipif(
+    not Path("/sys/devices/system/node/node0").is_dir(), reason="kernel exposes no NUMA nodes"
+)
+def test_two_ranks_with_m_v_and_gradient_sums_on_cxl(tmp_path: Path) -> None:
+    """Node 0 stands in for CXL memory: each rank binds its shards' m and v and its gradient sums
+    (accumulating 2 micro-batches) there; the numbers stay those of one rank, and the plan predicts
+    each rank's host store."""
+    spec = {
+        "family": "llama",
+        "batch": 4,
+        "steps": 3,
+        "accum": 2,
+        "wrap": {
+            "optimizer": {"lr": 3e-3},
+            "placement": {"optimizer_state": "cxl", "gradients": "cxl", "spill_blocks": 2},
+            "cxl_nodes": [0],
+        },
+    }
+    assert_matches(2, spec, tmp_path / "run")
