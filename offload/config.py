@@ -393,7 +393,7 @@ class PlacementConfig:
     and v (needs optimizer_state nvme or auto). Both need a compute dtype other than float32,
     where the master is itself the pinned copy the device reads (DMA-hot: it stays in local
     DRAM). auto: host, unless spilling every streamed block's m and v still leaves the host over
-    budget; then the spilled blocks' masters go to nvme too."""
+    budget; then the spilled blocks' masters go with their m and v (cxl or nvme)."""
     optimizer_state: Tier = Tier.HOST
     """Adam's m and v of the spilled blocks: host, cxl, nvme, or auto (host when it fits
     budgets.host_bytes, else the fewest last blocks spilled that make it fit: to cxl when

@@ -484,6 +484,27 @@ def test_auto_spills_m_and_v_to_cxl_before_nvme() -> None:
     assert small.spill_blocks == on_nvme.spill_blocks
 
 
+def test_auto_spills_masters_to_cxl_when_m_and_v_are_not_enough() -> None:
+    every = recipe_plan(  # every streamed block's m and v on cxl
+        "llama-7b.yaml",
+        "offload.placement.optimizer_state=cxl",
+        "offload.placement.spill_blocks=22",
+        "offload.cxl_nodes=[0]",
+    ).needed[Tier.HOST]
+    sets = (
+        "offload.placement.optimizer_state=auto",
+        f"offload.budgets.host_bytes={every - 1}",
+        "offload.cxl_nodes=[0]",
+        "offload.budgets.cxl_bytes=512GiB",
+    )
+    kept = recipe_plan("llama-7b.yaml", *sets)  # master host (the recipe's): m and v only, over budget
+    assert not kept.fits and kept.placement["optimizer_state"] is Tier.CXL and kept.spill_blocks == 22
+    assert any("every streamed block spilled (m and v on cxl), and still over" in n for n in kept.notes)
+    plan = recipe_plan("llama-7b.yaml", *sets, "offload.placement.master=auto")
+    assert plan.fits and plan.placement["optimizer_state"] is plan.placement["master"] is Tier.CXL
+    assert plan.get("master", Tier.CXL) > 0 and "(master cxl)" in plan.split()
+
+
 def test_runtime_follows_the_plans_automatic_spill(disk_dir: Path) -> None:
     model = tiny("llama", layers=8)
     base = {"device": "cpu", "dtype": "bfloat16", "nvme_dirs": [str(disk_dir)]}

@@ -7,7 +7,7 @@ to ``gradients`` (host or cxl). The other blocks keep everything in host RAM. ``
 ``spill_blocks`` when given, every streamed block when a tier is named, and for
 ``optimizer_state: auto`` the fewest that fit the host budget: the coldest state first (m and v
 to cxl when cxl_nodes are named and the cxl budget holds them, else to nvme), then, with
-``master: auto``, the masters with them on nvme (docs/plan.md).
+``master: auto``, the masters with them (docs/plan.md).
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def choose_spill(
         notes.append(f"optimizer_state auto: host (it fits the host budget){rest}")
         return s
     if cfg.cxl_nodes:  # memory before a disk: the fewest blocks' m and v to cxl that fit both budgets
-        on_cxl = [c for k in range(1, streamed + 1) for c in to(Tier.CXL, k)]
+        # (then, with master auto and not in float32, the masters there with them)
+        cxl_masters = [Tier.HOST, Tier.CXL] if p.master is Tier.AUTO and s.item != 4 else [Tier.HOST]
+        on_cxl = [spilling(s, Tier.CXL, k, m, sums) for m in cxl_masters for k in range(1, streamed + 1)]
         chosen = next(
             (c for c in on_cxl if fits(c) and (cxl_budget is None or need(c)[Tier.CXL] <= cxl_budget)), None
         )
@@ -80,6 +82,12 @@ def choose_spill(
                 f"their {describe(chosen)} (the fewest that fit the host budget; cxl memory before a disk)"
             )
             return chosen
+        if not cfg.nvme_dirs and on_cxl:  # no disk to go on to: as much as cxl takes, and say so
+            notes.append(
+                f"optimizer_state auto: every streamed block spilled ({describe(on_cxl[-1])}), and still "
+                "over the host or cxl budget (no nvme_dirs named)"
+            )
+            return on_cxl[-1]
     tier = Tier.NVME if cfg.nvme_dirs else Tier.HOST
     choices = [c for k in range(1, streamed + 1) for c in to(tier, k) if c.spilled(shape.blocks)]
     choices.sort(key=lambda c: (c.master is Tier.NVME, c.spill_blocks))  # m and v before masters
