@@ -284,6 +284,7 @@ def main() -> None:
         "optimizer": {"lr": 1e-5, "overlap_backward": True},
         "nvme_dirs": [a.nvme_dir],
     }
+    Path(a.nvme_dir).mkdir(parents=True, exist_ok=True)  # the plan probes the disk there
     device_blocks = planned_device_blocks(model, settings, a, max(seqs), names)
     model, opt = offload.wrap(model, init="random", placement={"device_blocks": device_blocks}, **settings)
     print(f"wrapped in {time.perf_counter() - t0:.0f} s", flush=True)
