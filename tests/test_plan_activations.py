@@ -15,7 +15,7 @@ import offload
 from offload.cli.main import main
 from offload.config import Tier, load_config
 from offload.plan import make_plan
-from offload.plan.activations import count_block, forward_flops, saved_bytes_per_block
+from offload.plan.activations import count_block, forward_flops, reserved_for, saved_bytes_per_block
 from offload.plan.measure import Rates, measure_disk
 from offload.plan.planner import DEVICE_MARGIN_BYTES
 from offload.plan.recompute import SAVED_HELD, Keep
@@ -114,9 +114,10 @@ def test_saved_bytes_counted_on_meta_are_what_the_runtime_moves(family: str) -> 
 
 
 def gpu_room(placement: dict, room: int, rates: Rates = FAST):
-    """A plan whose gpu budget leaves room bytes for kept tensors beyond its other needs."""
+    """A plan whose gpu budget leaves room bytes for kept tensors beyond its other needs, the
+    allocator's slack over them (what the runtime's room is measured from) and the margin."""
     need = plan({}, rates).needed[Tier.GPU]
-    return plan(placement, rates, budgets={"gpu_bytes": need + DEVICE_MARGIN_BYTES + room})
+    return plan(placement, rates, budgets={"gpu_bytes": reserved_for(need) + DEVICE_MARGIN_BYTES + room})
 
 
 def test_auto_keeps_every_graph_on_the_device_when_it_has_room() -> None:

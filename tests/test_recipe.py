@@ -243,8 +243,10 @@ def test_tiny_recipe_is_a_cpu_job() -> None:
 
 def test_128k_recipe_fills_its_sequence_and_fits_an_h100() -> None:
     """The corpus (about 54K tokens) is cycled to fill one 128K window, and the plan fits the
-    H100 machine: its 79.2 GiB device and 120 of its 128 GiB of host memory, at its measured
-    rates (52 GB/s PCIe, 600 TFLOPS of bf16 matmul, 5.1 G params/s of CPU AdamW)."""
+    H100 machine: its 79.2 GiB device and its 128 GiB of host memory, at its measured rates
+    (52 GB/s PCIe, 600 TFLOPS of bf16 matmul, 5.1 G params/s of CPU AdamW); the attention keeps
+    need the device memory of all but one device block (with 120 GiB of host memory, too few fit
+    to pay: the plan recomputes every block)."""
     from offload.model.hf import build_on_meta
     from offload.plan import make_plan
     from offload.plan.measure import Rates
@@ -257,7 +259,7 @@ def test_128k_recipe_fills_its_sequence_and_fits_an_h100() -> None:
     stream = batches(recipe.data, tok, batch_size=1, seq_len=t.seq_len, root=RECIPES)
     assert next(stream)["input_ids"].shape == (1, 131072)
     cfg = recipe.offload
-    cfg.budgets.gpu_bytes, cfg.budgets.host_bytes = 85031714816, 120 << 30
+    cfg.budgets.gpu_bytes, cfg.budgets.host_bytes = 85031714816, 128 << 30
     model = build_on_meta(build_hf_config(recipe.model, tok.vocab_size, eos_id=tok.eos_id))
     h100 = Rates(52e9, 52e9, 600e12, attention_flops=300e12, adam_params_s=5.1e9)
     plan = make_plan(model, cfg, batch_size=1, seq_len=t.seq_len, rates=h100, loss_chunk=t.loss_chunk)
@@ -266,6 +268,9 @@ def test_128k_recipe_fills_its_sequence_and_fits_an_h100() -> None:
     assert choice is not None and set(choice.keep) <= {Keep.ATTENTION, Keep.ATTENTION_HOST, Keep.RECOMPUTE}
     assert len(choice.blocks) >= 16 and choice.gain >= 0.10  # the attention keeps that fit, and pay
     assert 0 < plan.device_blocks < 10  # fewer device blocks: their memory pays more as keeps
+    cfg.budgets.host_bytes = 120 << 30
+    tight = make_plan(model, cfg, batch_size=1, seq_len=t.seq_len, rates=h100, loss_chunk=t.loss_chunk)
+    assert tight.fits and tight.recompute is not None and not tight.recompute.blocks
 
 
 def _parameters(config: transformers.PretrainedConfig) -> int:

@@ -285,3 +285,27 @@ def test_the_disk_is_named_before_the_link_and_after_the_cpu() -> None:
 def test_disk_times_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="disk_backward_s must be >= 0 s, got -1"):
         Bounds(disk_backward_s=-1)
+
+
+def test_a_choice_lists_the_terms_of_its_estimate() -> None:
+    """Each phase's compute, link and disk time, recomputing and with the choice: the longest of
+    a phase's terms is the estimate's phase, so a measured step that parts from the estimate
+    shows which term was off."""
+    costs = blocks(4, fwd=1.0, att=0.5, att_bytes=GB // 100)
+    link = Link(10 * GB, 10 * GB, h2d_forward=GB, h2d_backward=GB)
+    bounds = Bounds(cpu_s=0.5, other_s=0.25, disk_forward_s=5.0, disk_backward_s=1.0)
+    window = SAVED_HELD * GB // 100
+    c = choose(costs, link, device_bytes=window, bounds=bounds)
+    p = c.phases
+    assert c.keep == (AH,) * 4  # device room for the window alone: attention kept on the host
+    kept, base = estimate(costs, link, c.keep, bounds), estimate(costs, link, [R] * 4, bounds)
+    for name, e in (("kept", kept), ("recompute", base)):
+        assert max(p[f"{name}_forward_{t}_s"] for t in ("compute", "link", "disk")) == e.forward_s
+        assert max(p[f"{name}_backward_{t}_s"] for t in ("compute", "link", "disk")) == e.backward_s
+    assert p["recompute_forward_disk_s"] == p["kept_forward_disk_s"] == 5.0  # the forward waits for the disk
+    assert p["recompute_backward_compute_s"] == 12.0 and p["kept_backward_compute_s"] == 10.0
+    assert p["kept_backward_link_s"] > p["recompute_backward_link_s"]  # the attention comes back
+    assert (p["other_s"], p["cpu_s"], p["slack_s"]) == (0.25, 0.5, 0.0)
+    assert c.to_json()["phases"] == p
+    nothing = choose(costs, link, device_bytes=window, host_bytes=0, bounds=bounds)
+    assert nothing.keep == (R,) * 4 and nothing.phases["kept_backward_compute_s"] == 12.0

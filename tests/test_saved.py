@@ -5,6 +5,7 @@ the config of the choice."""
 
 from __future__ import annotations
 
+import types
 import weakref
 
 import pytest
@@ -18,7 +19,7 @@ from offload.engine.choice import MeasuredChoice, Traffic, device_room, make_cho
 from offload.engine.device import Device
 from offload.engine.packing import storage_key
 from offload.engine.saved import Packer, _Group, _unpack
-from offload.plan.recompute import Keep, keep_margin
+from offload.plan.recompute import Choice, Keep, fixed, keep_margin
 from tests.models import Stack, batches, tiny
 
 CPU = Device("cpu")
@@ -125,6 +126,73 @@ def test_auto_measures_one_step_then_decides() -> None:
     assert all(c.attention_bytes == counted.attention and 0 < c.attention_s <= c.forward_s for c in costs)
     assert measure.bounds().cpu_s > 0  # the CPU optimizer's updates of the measured step
     assert decision.describe()
+    model.runtime.close()
+
+
+def drive_auto(monkeypatch: pytest.MonkeyPatch, pass_seconds: list[float]) -> MeasuredChoice:
+    """A 2-block auto choice driven pass by pass on a clock that each pass advances by its
+    entry of pass_seconds; its decision (made at the third pass) keeps block 1 on the device."""
+    clock = [0.0]
+    monkeypatch.setattr(offload.engine.choice, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    m = MeasuredChoice(CPU, 2, Traffic(0, 0), set)
+    decided = Choice((Keep.RECOMPUTE, Keep.DEVICE), 0.8, 1.0, 0, 1 << 20, "GPU compute")
+    monkeypatch.setattr(m, "_decide", lambda measured_s: decided)
+    for seconds in pass_seconds:
+        m(0), m(1)
+        m.done(1), m.done(0)
+        clock[0] += seconds
+    m(0)  # the next pass's start ends the last one
+    return m
+
+
+def test_auto_measures_its_choice_and_keeps_it_when_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warm-up, the measured recompute (2 s), the choice's first pass (its allocations: 9 s), then
+    its measured pass (1.5 s): faster, so the choice stands with the measured step beside the
+    estimate."""
+    m = drive_auto(monkeypatch, [3.0, 2.0, 9.0, 1.5])
+    d = m.decision
+    assert d is not None and d.keep == (Keep.RECOMPUTE, Keep.DEVICE) and not d.reverted
+    assert d.measured_step_s == pytest.approx(1.5) and not m.verifying
+    assert "est. step 0.800 s, measured 1.500 s against 1.000 s recomputing" in d.describe()
+    assert d.to_json()["measured_step_s"] == pytest.approx(1.5)
+    assert m(1) is Keep.DEVICE
+
+
+def test_auto_goes_back_to_recomputing_when_its_choice_is_slower(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = drive_auto(monkeypatch, [3.0, 2.0, 9.0, 2.5])
+    d = m.decision
+    assert d is not None and d.keep == (Keep.RECOMPUTE, Keep.RECOMPUTE)
+    assert d.measured_step_s == pytest.approx(2.5) and not m.verifying
+    assert d.reverted.startswith(
+        "the choice (keep on the device 1 block: 1; recompute 1 block: 0 (est. step 0.800 s against"
+    )
+    assert d.reverted.endswith("measured 2.500 s a pass against 2.000 s recomputing")
+    assert d.describe() == f"recompute every block: {d.reverted}"
+    assert d.to_json()["reverted"] == d.reverted and d.to_json()["blocks"] == []
+    assert m(0) is m(1) is Keep.RECOMPUTE
+
+
+def test_auto_is_still_measuring_its_choice_after_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = drive_auto(monkeypatch, [3.0, 2.0, 9.0])
+    assert m.verifying and m.decision is not None and m.decision.measured_step_s is None
+    assert m(1) is Keep.DEVICE
+
+
+def test_auto_measures_its_choice_in_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a real run the passes of a choice that keeps whole graphs (no recompute, so a backward
+    path of its own) are counted too: after the decision, a warm-up pass and a measured one."""
+
+    def every_graph_on_the_device(costs, link, host_bytes, device_bytes, bounds):  # type: ignore[no-untyped-def]
+        return fixed(costs, link, [Keep.DEVICE] * len(costs), bounds)
+
+    monkeypatch.setattr(offload.engine.choice, "choose", every_graph_on_the_device)
+    model, m = train_auto({"offload_saved": "auto"}, steps=4)
+    assert m.decision is not None and m.decision.blocks == [0, 1, 2] and m.verifying  # one pass of it so far
+    model.runtime.close()
+    model, m = train_auto({"offload_saved": "auto"}, steps=5)
+    d = m.decision
+    assert d is not None and d.measured_step_s is not None and d.measured_step_s > 0 and not m.verifying
+    assert d.blocks == [0, 1, 2] if not d.reverted else d.blocks == []
     model.runtime.close()
 
 

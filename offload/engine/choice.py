@@ -25,6 +25,12 @@ initialisation, which would pass for compute) for what the cost model needs:
 
 At the next forward it measures the host link (each way, and both ways at once) and
 :func:`offload.plan.recompute.choose` decides; ``decision.describe()`` says what and why.
+
+A choice that keeps something is then measured as the recompute was: after one pass with it
+(the first pays for the kept tensors' first allocations), the next pass's wall time becomes the
+decision's ``measured_step_s``. Where it is no faster than the measured recompute pass, auto
+goes back to recomputing every block and the decision says why (``reverted``): a model that
+misjudged the machine costs one pass, not the run.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import psutil
@@ -54,6 +61,8 @@ Chooser = Callable[[int], Keep]
 _FORWARD, _BACKWARD = "forward", "recompute+backward"  # the executor's compute spans
 WARMUP_PASSES = 1
 """Passes (forward and backward) auto runs before the one it measures."""
+KEPT_WARMUP_PASSES = 1
+"""Passes with a choice that keeps something before the one measured against the recompute."""
 HOST_MARGIN_BYTES = 4 << 30
 """Host memory auto leaves free when it keeps tensors there: the rest of the process grows
 (allocator caches, I/O buffers), and pinned memory cannot be swapped out."""
@@ -117,9 +126,11 @@ class MeasuredChoice:
         self._pass_start: float | None = None  # host clock at the measured pass's first forward
         self.disk: tuple[DiskTime, DiskTime] | None = None
         """The disk's (written, read) over the measured pass (boundary states on nvme)."""
+        self._recompute_s = 0.0  # the measured recompute pass's wall time
+        self._decided = 0  # passes finished when the choice was made
 
     def __call__(self, index: int) -> Keep:
-        if self.decision is None and index == 0:
+        if index == 0 and self.decision is None:
             now = time.perf_counter()
             if len(self._saved) == self.blocks:
                 # The measured pass began at its block 0's forward and ends now, at the next
@@ -127,13 +138,41 @@ class MeasuredChoice:
                 assert self._pass_start is not None
                 if self.traffic.disk is not None:
                     self.disk = self.traffic.disk.stop()
-                self.decision = self._decide(now - self._pass_start)
+                self._recompute_s, self._decided = now - self._pass_start, self._passes
+                self._pass_start = None
+                self.decision = self._decide(self._recompute_s)
             elif self._passes == WARMUP_PASSES and self._pass_start is None:
                 self._pass_start = now
                 self._busy_start = None if self.optimizer_busy is None else self.optimizer_busy()
                 if self.traffic.disk is not None:
                     self.traffic.disk.start()
+        elif index == 0 and self.verifying:
+            self._verify(time.perf_counter())
         return Keep.RECOMPUTE if self.decision is None else self.decision.keep[index]
+
+    @property
+    def verifying(self) -> bool:
+        """A choice that keeps something is made and its step not measured yet."""
+        d = self.decision
+        return d is not None and bool(d.blocks) and d.measured_step_s is None
+
+    def _verify(self, now: float) -> None:
+        """At block 0's forward: times the pass after KEPT_WARMUP_PASSES with the choice, and
+        goes back to recomputing if it was no faster than the measured recompute pass."""
+        assert self.decision is not None
+        ran = self._passes - self._decided
+        if ran == KEPT_WARMUP_PASSES and self._pass_start is None:
+            self._pass_start = now
+        elif ran > KEPT_WARMUP_PASSES and self._pass_start is not None:
+            kept = now - self._pass_start
+            d = replace(self.decision, measured_step_s=kept)
+            if kept >= self._recompute_s:
+                reverted = (
+                    f"the choice ({self.decision.describe()}) measured {kept:.3f} s a pass against "
+                    f"{self._recompute_s:.3f} s recomputing"
+                )
+                d = replace(d, keep=(Keep.RECOMPUTE,) * self.blocks, reverted=reverted)
+            self.decision = d
 
     @property
     def measuring(self) -> bool:

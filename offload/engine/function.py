@@ -168,6 +168,8 @@ class BlockFunction(torch.autograd.Function):
             for pos, g in ctx.acts.saved.backward(executor, ctx.kept, grad_outs).items():
                 result[pos] = g
             ctx.kept = None
+            if ctx.acts.measure is not None:  # auto counts the passes of its choice too
+                ctx.acts.measure.done(ctx.index)
             return (*[None] * ARGS, *result)
         flat = list(ctx.others)
         needs = ctx.needs_input_grad[ARGS:]

@@ -48,7 +48,7 @@ import bisect
 import enum
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 MIN_GAIN = 0.10
 """The smallest estimated gain (a fraction of the step) for which blocks skip their recompute."""
@@ -235,15 +235,22 @@ def step_time(
 
 
 def _estimate(fwd_compute: float, bwd_compute: float, moved: int, link: Link, b: Bounds) -> Estimate:
-    fwd_link = link.seconds(link.h2d_forward, link.d2h_forward + moved)
-    bwd_link = link.seconds(link.h2d_backward + moved, link.d2h_backward)
-    forward = max(fwd_compute, fwd_link, b.disk_forward_s)
-    backward = max(bwd_compute, bwd_link, b.disk_backward_s)
+    phases = _terms(fwd_compute, bwd_compute, moved, link, b)
+    forward, backward = (max(p) for p in phases)
     gpu = forward + backward + b.other_s
-    phases = ((fwd_compute, fwd_link, b.disk_forward_s), (bwd_compute, bwd_link, b.disk_backward_s))
     link_bound = any(lk > c and lk >= d for c, lk, d in phases)
     disk_bound = any(d > c and d > lk for c, lk, d in phases)
     return Estimate(max(gpu, b.cpu_s) + b.slack_s, forward, backward, gpu, b.cpu_s, link_bound, disk_bound)
+
+
+Terms = tuple[float, float, float]  # one phase's (compute, link, disk) seconds
+
+
+def _terms(fwd_compute: float, bwd_compute: float, moved: int, link: Link, b: Bounds) -> tuple[Terms, Terms]:
+    """(forward, backward): each phase's compute, link and disk time; the phase lasts the longest."""
+    fwd_link = link.seconds(link.h2d_forward, link.d2h_forward + moved)
+    bwd_link = link.seconds(link.h2d_backward + moved, link.d2h_backward)
+    return (fwd_compute, fwd_link, b.disk_forward_s), (bwd_compute, bwd_link, b.disk_backward_s)
 
 
 def _recomputed(c: BlockCost, k: Keep) -> float:
@@ -297,6 +304,15 @@ class Choice:
     """Time of the measured step the model does not explain (in both step estimates)."""
     kept_bound: str = ""
     """What bounds the step with this choice ("": as recomputing, or nothing kept)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """The model's parts, seconds: each phase's compute, link and disk time recomputing every
+    block (``recompute_*``) and with this choice (``kept_*``), and the GPU time outside the
+    blocks and the CPU optimizer's (:func:`phases`): where an estimate and a measured step part,
+    these say which term was off."""
+    measured_step_s: float | None = None
+    """The step as measured with this choice (auto measures one after a warm-up; None: not yet)."""
+    reverted: str = ""
+    """Why auto went back to recomputing every block after measuring this choice ("": it did not)."""
 
     @property
     def offload(self) -> tuple[bool, ...]:
@@ -318,6 +334,8 @@ class Choice:
     def describe(self) -> str:
         """One line: what each block keeps, the estimated steps and what bounds them."""
         slack = f", {self.slack_s:.3f} s of it outside the model" if self.slack_s > 0 else ""
+        if self.reverted:
+            return f"recompute every block: {self.reverted}"
         if not self.blocks:
             why = f": {self.reason}" if self.reason else ""
             return (
@@ -326,8 +344,9 @@ class Choice:
             )
         parts = [f"{_NAMES[k]} {_count(self.of(k))}: {ranges(self.of(k))}" for k in _ORDER if self.of(k)]
         kept = f", the choice by {self.kept_bound}" if self.kept_bound not in ("", self.bound) else ""
+        measured = "" if self.measured_step_s is None else f", measured {self.measured_step_s:.3f} s"
         return (
-            f"{'; '.join(parts)} (est. step {self.step_s:.3f} s against {self.recompute_step_s:.3f} s "
+            f"{'; '.join(parts)} (est. step {self.step_s:.3f} s{measured} against {self.recompute_step_s:.3f} s "
             f"recomputing{slack}, {self.gain:.0%} faster; recomputing is bound by {self.bound}{kept})"
         )
 
@@ -344,6 +363,9 @@ class Choice:
             "kept_bound": self.kept_bound or self.bound,
             "reason": self.reason,
             "slack_s": self.slack_s,
+            "phases": dict(self.phases),
+            "measured_step_s": self.measured_step_s,
+            "reverted": self.reverted,
         }
 
 
@@ -377,6 +399,7 @@ def fixed(
         base.bound,
         slack_s=bounds.slack_s,
         kept_bound=kept.bound if any(k is not Keep.RECOMPUTE for k in keep) else "",
+        phases=phases(costs, link, keep, bounds),
     )
 
 
@@ -396,7 +419,14 @@ def choose(
     bounds = calibrated(costs, link, bounds or Bounds())
     base = estimate(costs, link, [Keep.RECOMPUTE] * n, bounds)
     nothing = Choice(
-        (Keep.RECOMPUTE,) * n, base.step_s, base.step_s, 0, 0, base.bound, slack_s=bounds.slack_s
+        (Keep.RECOMPUTE,) * n,
+        base.step_s,
+        base.step_s,
+        0,
+        0,
+        base.bound,
+        slack_s=bounds.slack_s,
+        phases=phases(costs, link, [Keep.RECOMPUTE] * n, bounds),
     )
     best: tuple[tuple[float, int, int], _Split] | None = None  # the best split keeping something
     for key, split in _splits(costs, link, bounds, host_bytes, device_bytes, window):
@@ -414,10 +444,26 @@ def choose(
         offloaded_bytes=_moved(costs, keep),
         device_bytes=_held(costs, keep, window),
         kept_bound=kept.bound,
+        phases=phases(costs, link, keep, bounds),
     )
     if choice.gain < min_gain:
         return replace(nothing, reason=_why_not(choice, base, bounds, min_gain))
     return choice
+
+
+def phases(costs: Sequence[BlockCost], link: Link, keep: Sequence[Keep], bounds: Bounds) -> dict[str, float]:
+    """The terms of the model, seconds: for recomputing every block (``recompute_``) and for
+    keep (``kept_``), each phase's compute, link and disk time; and the GPU time outside the
+    blocks, the CPU optimizer's time and the slack (the measured step's unexplained part)."""
+    out = {"other_s": bounds.other_s, "cpu_s": bounds.cpu_s, "slack_s": bounds.slack_s}
+    fwd_compute = sum(c.forward_s for c in costs)
+    for name, k in (("recompute", [Keep.RECOMPUTE] * len(costs)), ("kept", keep)):
+        bwd_compute = sum(c.backward_s + _recomputed(c, kk) for c, kk in zip(costs, k))
+        terms = _terms(fwd_compute, bwd_compute, host_bytes(costs, k), link, bounds)
+        for phase, values in zip(("forward", "backward"), terms):
+            for term, value in zip(("compute", "link", "disk"), values):
+                out[f"{name}_{phase}_{term}_s"] = value
+    return out
 
 
 def _why_not(choice: Choice, base: Estimate, bounds: Bounds, min_gain: float) -> str:
