@@ -119,6 +119,7 @@ def clean_slate(model: Any, opt: Any, cuda: bool) -> dict[str, float]:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_accumulated_memory_stats()  # the run's allocator retries and cudaMallocs
     return {
         "start_allocated_GiB": torch.cuda.memory_allocated() / 2**30,
         "start_reserved_GiB": torch.cuda.memory_reserved() / 2**30,
@@ -171,9 +172,14 @@ def _peaks(cuda: bool) -> dict[str, float | None]:
 
     if not cuda:
         return {"peak_gpu_GiB": None}
+    stats = torch.cuda.memory_stats()
     return {
         "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30,
         "peak_reserved_GiB": torch.cuda.max_memory_reserved() / 2**30,
+        # Frees of the whole cache and retries (each synchronizes the device), and cudaMallocs:
+        # a step near the device's limit pays for these outside any model of it.
+        "alloc_retries": stats.get("num_alloc_retries", 0),
+        "device_mallocs": stats.get("num_device_alloc", 0),
     }
 
 
