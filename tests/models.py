@@ -54,6 +54,22 @@ def tiny(family: str, layers: int = 3, seed: int = 0, dropout: float = 0.0) -> t
     return model.float()
 
 
+def small_llama(kv_heads: int = 8, seed: int = 0) -> LlamaForCausalLM:
+    """The GPU tests' Llama, float32: 4 layers of hidden 256 (8 heads of 32; kv_heads of them
+    for keys and values), vocabulary 512, 256 positions."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=kv_heads,
+        vocab_size=512,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(cfg).float()
+
+
 def batches(n: int, batch: int = 2, seq: int = 16, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(n)]

@@ -137,20 +137,10 @@ def test_host_boundaries_lower_the_device_peak() -> None:
 def train_bf16(placement: dict, steps: int = 3) -> tuple[list[float], dict, object]:
     """A small Llama (8 heads of 32, no grouped keys: flash attention runs it in every torch
     version) in bfloat16, flash attention's dtype; batch 2 x 256."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.models import small_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=512,
-        max_position_embeddings=256,
-    )
     wrapped, opt = offload.wrap(
-        LlamaForCausalLM(cfg).float(),
+        small_llama(),
         device="cuda",
         dtype="bfloat16",
         optimizer={"lr": 1e-3},

@@ -53,6 +53,17 @@ def restored(out: Path) -> list[dict]:
     return [json.loads((out / f"restored_{r}.json").read_text()) for r in range(WORLD)]
 
 
+def resumes(spec: dict, out: Path, ref: Path, sources: list[str], step: int = 3) -> list[dict]:
+    """Resumes spec's run into out: rank r restored step from sources[r], and the run goes on
+    bitwise as the reference ref did. Returns what each rank reported of its restore."""
+    launch({**spec, "phase": "resume"}, out)
+    got = restored(out)
+    assert [r["source"] for r in got] == sources, got
+    assert {r["step"] for r in got} == {step}
+    continues_bitwise(out, ref, first=step + 1)
+    return got
+
+
 def test_kill_trainer_then_node_then_two_nodes(
     keepers: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -75,22 +86,12 @@ def test_kill_trainer_then_node_then_two_nodes(
     ]
 
     kill_keeper(nodes[1])  # rank 1's node is lost: its trainer (torn down by torchrun) and keeper
-    out = tmp_path / "parity"
-    launch({**spec, "phase": "resume"}, out)
-    got = restored(out)
-    assert [r["source"] for r in got] == ["keeper", "parity", "keeper"], got
-    assert {r["step"] for r in got} == {3}
+    got = resumes(spec, tmp_path / "parity", ref, ["keeper", "parity", "keeper"])
     assert "ranks [0, 2] from their keepers, ranks [1] rebuilt from parity" in got[0]["message"]
-    continues_bitwise(out, ref, first=4)
 
     kill_keeper(nodes[0])
     kill_keeper(nodes[2])  # two nodes lost, m = 1
-    out = tmp_path / "disk"
-    launch({**spec, "phase": "resume"}, out)
-    got = restored(out)
-    assert [r["source"] for r in got] == ["disk"] * WORLD, got
-    message = got[0]["message"]
+    message = resumes(spec, tmp_path / "disk", ref, ["disk"] * WORLD)[0]["message"]
     assert "the in-memory snapshot of job 'default' is lost: step 3 is gone from ranks [0, 2]" in message
     assert "more than the 1 lost node(s) per coding group parity can rebuild" in message
     assert f"falling back to the disk checkpoint {flushed / 'snap_000003'} (step 3)" in message
-    continues_bitwise(out, ref, first=4)

@@ -21,7 +21,7 @@ import pytest
 
 from offload.cli.main import main as cli
 from tests.keepers import kill_keeper
-from tests.test_snapshot_dist import WORLD, continues_bitwise, launch, restored
+from tests.test_snapshot_dist import WORLD, launch, resumes
 
 FAILED = 1
 TIMEOUT_S = 60.0
@@ -59,12 +59,7 @@ def test_a_failure_reading_or_loading_fails_every_rank_and_keeps_the_keepers(
     loading = "loading step 3"
     fails_on_every_rank(spec, tmp_path / "load", "load", "SnapshotMismatch", "SnapshotMismatch", loading)
 
-    out = tmp_path / "resume"
-    launch({**spec, "phase": "resume"}, out)
-    got = restored(out)
-    assert [r["source"] for r in got] == ["keeper"] * WORLD, got
-    assert {r["step"] for r in got} == {3}
-    continues_bitwise(out, ref, first=4)
+    resumes(spec, tmp_path / "resume", ref, ["keeper"] * WORLD)
 
 
 def test_a_failed_rebuild_or_disk_load_fails_every_rank_and_keeps_parity_and_disk(
@@ -82,23 +77,14 @@ def test_a_failed_rebuild_or_disk_load_fails_every_rank_and_keeps_parity_and_dis
     kill_keeper(nodes[FAILED])
     loading = "loading step 3"
     fails_on_every_rank(spec, tmp_path / "rebuild", "rebuild", "SnapshotLost", "SnapshotLost", loading)
-    out = tmp_path / "parity"
-    launch({**spec, "phase": "resume"}, out)
-    got = restored(out)
-    assert [r["source"] for r in got] == ["keeper", "parity", "keeper"], got
-    continues_bitwise(out, ref, first=4)
+    resumes(spec, tmp_path / "parity", ref, ["keeper", "parity", "keeper"])
 
     # Two nodes lost (m = 1): the disk fallback, whose load fails on rank 1.
     kill_keeper(nodes[0])
     kill_keeper(nodes[2])
     loading = f"loading {flushed / 'snap_000003'}"
     fails_on_every_rank(spec, tmp_path / "disk", "disk", "FlushError", "RestoreFailed", loading)
-    out = tmp_path / "disk_again"
-    launch({**spec, "phase": "resume"}, out)
-    got = restored(out)
-    assert [r["source"] for r in got] == ["disk"] * WORLD, got
-    assert {r["step"] for r in got} == {3}
-    continues_bitwise(out, ref, first=4)
+    resumes(spec, tmp_path / "disk_again", ref, ["disk"] * WORLD)
 
 
 def test_a_rank_that_cannot_reach_its_keeper_fails_every_rank_at_start(keepers: Path, tmp_path: Path) -> None:

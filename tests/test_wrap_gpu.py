@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import offload
-from tests.models import Stack
+from tests.models import Stack, small_llama
 
 # Deterministic cuBLAS (for the race test) must be configured before the first cuBLAS handle.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -22,17 +22,7 @@ pytestmark = [
 
 
 def llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=512,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(cfg).float()
+    return small_llama(kv_heads=4, seed=seed)  # grouped keys and values
 
 
 def test_bf16_loss_curve_matches_autocast_run() -> None:
