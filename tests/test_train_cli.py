@@ -223,3 +223,19 @@ def test_checkpoint_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFix
     argv = ["train", TINY, *SHORT, "--set", "train.steps=2", "--set", f"train.output_dir={tmp_path}"]
     assert main([*argv, "--set", f"train.checkpoint_dir={tmp_path / 'blocked'}"]) == 2
     assert f"cannot save the checkpoint of step 2 in {tmp_path / 'blocked'}" in capsys.readouterr().err
+
+
+def test_auto_keeps_are_logged_and_summarized(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """offload_saved auto in a run: its decision is logged when made (step 3) and again when its
+    step is measured (step 5), and summary.json holds it."""
+    out = tmp_path / "auto"
+    assert main(["train", TINY, *short(out, "--set", "offload.placement.offload_saved=auto")]) == 0
+    err = capsys.readouterr().err
+    told = [line for line in err.splitlines() if "offload_saved auto: " in line]
+    summary = json.loads((out / "summary.json").read_text())["offload_saved"]
+    assert summary is not None and len(summary["keep"]) > 0
+    if summary["blocks"] or summary["reverted"]:  # it kept something: decided, then measured
+        assert len(told) == 2 and summary["measured_step_s"] > 0
+        assert ("measured" in told[1]) and ("est. step" in told[0] and "measured" not in told[0])
+    else:  # nothing paid: one line, saying why
+        assert len(told) == 1 and told[0].endswith(summary["reason"] or ")")

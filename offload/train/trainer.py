@@ -75,6 +75,9 @@ class Summary:
     plan_vs_measured: dict[str, Any] = field(default_factory=dict)
     """Per figure (pinned, host store, host peak RSS, ...): the plan's prediction and what the
     run measured, in bytes, and their ratio (``offload.plan.account``)."""
+    offload_saved: dict[str, Any] | None = None
+    """placement.offload_saved auto's decision (``Choice.to_json``: what each block keeps, the
+    estimates, the measured step with it); None when auto is not used or has not decided."""
 
     def render(self) -> str:
         resumed = f" (resumed after step {self.start_step})" if self.start_step else ""
@@ -158,6 +161,7 @@ def _train(
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * ranks.world
     losses: list[float] = []
     saves = _Saves(recipe, log)
+    keeps = _KeepLog(wrapped.runtime.activations.measure, log)
     began = time.perf_counter()
     try:
         for step in range(start + 1, t.steps + 1):
@@ -181,6 +185,7 @@ def _train(
             saves.report_done()
             if snaps is not None:  # after the save: its capture is drained first
                 snaps.after_step(step, sched, extra)
+            keeps.tell()
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.perf_counter() - began
                 log(
@@ -218,11 +223,30 @@ def _train(
         snapshots=0 if snaps is None else snaps.taken,
         losses=losses,
         plan_vs_measured=account(plan, wrapped.runtime).to_json(),
+        offload_saved=keeps.decision(),
         **saves.figures(),
     )
     if ranks.main:
         (out / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
     return summary
+
+
+class _KeepLog:
+    """Logs offload_saved auto's decision when it is made and again when its step is measured
+    (measure: the runtime's MeasuredChoice, None without auto)."""
+
+    def __init__(self, measure: Any, log: Log) -> None:
+        self.measure, self.log, self.told = measure, log, ""
+
+    def tell(self) -> None:
+        d = None if self.measure is None else self.measure.decision
+        if d is not None and d.describe() != self.told:
+            self.told = d.describe()
+            self.log(f"offload_saved auto: {self.told}")
+
+    def decision(self) -> dict[str, Any] | None:
+        d = None if self.measure is None else self.measure.decision
+        return None if d is None else d.to_json()
 
 
 def _start(
