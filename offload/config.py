@@ -407,7 +407,9 @@ class PlacementConfig:
     """The fp32 gradient sums of the spilled blocks (made when accumulating micro-batches).
     Gradients as they come off the GPU are DMA targets and always land in pinned local DRAM.
     cxl: the sums in memory bound to the cxl_nodes. nvme is refused: a sum is read and written
-    back once per micro-batch on backward's critical path. auto: host (docs/config.md)."""
+    back once per micro-batch on backward's critical path. auto: host, unless m and v (and with
+    master auto the masters) of every streamed block on cxl still leave the host over budget
+    while micro-batches are accumulated: then the spilled blocks' sums go to cxl too."""
     activations: Tier = Tier.GPU
     """Block-boundary hidden states kept for the backward pass: gpu keeps them on the device;
     host copies them to pinned host memory during forward and back during backward, a few

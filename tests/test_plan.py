@@ -505,6 +505,36 @@ def test_auto_spills_masters_to_cxl_when_m_and_v_are_not_enough() -> None:
     assert plan.get("master", Tier.CXL) > 0 and "(master cxl)" in plan.split()
 
 
+def test_auto_spills_gradient_sums_to_cxl_last() -> None:
+    """gradients auto: with micro-batches accumulated, when every streamed block's m, v and
+    master on cxl still leave the host over budget, their gradient sums go there too."""
+    every = recipe_plan(  # every streamed block's m, v and master on cxl, 4 micro-batches
+        "llama-7b.yaml",
+        "offload.placement.optimizer_state=cxl",
+        "offload.placement.master=cxl",
+        "offload.placement.spill_blocks=22",
+        "offload.cxl_nodes=[0]",
+        grad_accum=4,
+    ).needed[Tier.HOST]
+    sets = (
+        "offload.placement.optimizer_state=auto",
+        "offload.placement.master=auto",
+        f"offload.budgets.host_bytes={every - 1}",
+        "offload.cxl_nodes=[0]",
+        "offload.budgets.cxl_bytes=512GiB",
+    )
+    kept = recipe_plan("llama-7b.yaml", *sets, grad_accum=4)  # gradients host (the recipe's)
+    assert not kept.fits and kept.placement["gradients"] is Tier.HOST and kept.spill_blocks == 22
+    plan = recipe_plan("llama-7b.yaml", *sets, "offload.placement.gradients=auto", grad_accum=4)
+    assert plan.fits and plan.placement["master"] is plan.placement["gradients"] is Tier.CXL
+    assert plan.get("grad_accum", Tier.CXL) > 0 and plan.spill_blocks <= 22
+    assert any("gradient sums on cxl" in n for n in plan.notes)
+    # Without accumulation no sums are made: m, v and masters on cxl fit, and gradients stay host.
+    single = recipe_plan("llama-7b.yaml", *sets, "offload.placement.gradients=auto", grad_accum=1)
+    assert single.fits and single.placement["gradients"] is Tier.HOST
+    assert single.placement["master"] is Tier.CXL and single.get("grad_accum", Tier.CXL) == 0
+
+
 def test_runtime_follows_the_plans_automatic_spill(disk_dir: Path) -> None:
     model = tiny("llama", layers=8)
     base = {"device": "cpu", "dtype": "bfloat16", "nvme_dirs": [str(disk_dir)]}

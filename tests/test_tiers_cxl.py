@@ -257,3 +257,38 @@ def test_auto_spill_to_cxl_is_followed_and_trains_like_host() -> None:
         assert torch.equal(state[key], value), key
     cxl.runtime.close()
     host.runtime.close()
+
+
+@needs_numa
+def test_auto_gradient_sums_to_cxl_are_followed_and_train_like_host() -> None:
+    """optimizer_state, master and gradients auto with cxl_nodes and 2 micro-batches a step, the
+    host budget one byte short of every streamed block's m, v and master on cxl: the plan puts the
+    fewest blocks' gradient sums there too, the runtime's CxlGradSums holds exactly those, and
+    training is bitwise as with everything on the host."""
+    from offload.config import load_config
+    from offload.plan import make_plan
+
+    base = {"device": "cpu", "dtype": "bfloat16", "cxl_nodes": [0]}
+
+    def plan_of(placement: dict, host_bytes: int | None = None) -> Any:
+        cfg = load_config(None, **base, placement=placement, budgets={"host_bytes": host_bytes})
+        return make_plan(tiny("llama", layers=8), cfg, batch_size=2, seq_len=16, grad_accum=2)
+
+    spilled = {"optimizer_state": "cxl", "master": "cxl", "spill_blocks": 8}
+    budget = plan_of(spilled).needed[Tier.HOST] - 1
+    placement = {"optimizer_state": "auto", "master": "auto", "gradients": "auto"}
+    plan = plan_of(placement, budget)
+    k = plan.spill_blocks
+    assert plan.fits and plan.placement["gradients"] is Tier.CXL and k is not None and 0 < k <= 8
+    host, host_losses, host_state = train("bfloat16", accum=2, layers=8)
+    auto = {"placement": placement, "cxl_nodes": [0], "budgets": {"host_bytes": budget}}
+    cxl, losses, state = train("bfloat16", accum=2, layers=8, plan=plan, **auto)
+    rt = cxl.runtime
+    assert rt.spilled == range(8 - k, 8) and isinstance(rt.grad_sums, CxlGradSums)
+    assert isinstance(rt.state_tier, CxlMasterTier) and isinstance(rt.state_tier.state, CxlTier)
+    assert plan.get("grad_accum", Tier.CXL) == rt.grad_sums.stored_bytes(Tier.CXL)
+    assert losses == host_losses
+    for key, value in host_state.items():
+        assert torch.equal(state[key], value), key
+    rt.close()
+    host.runtime.close()

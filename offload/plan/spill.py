@@ -7,7 +7,8 @@ to ``gradients`` (host or cxl). The other blocks keep everything in host RAM. ``
 ``spill_blocks`` when given, every streamed block when a tier is named, and for
 ``optimizer_state: auto`` the fewest that fit the host budget: the coldest state first (m and v
 to cxl when cxl_nodes are named and the cxl budget holds them, else to nvme), then, with
-``master: auto``, the masters with them (docs/plan.md).
+``master: auto``, the masters with them, and on cxl, with ``gradients: auto`` and micro-batches
+accumulated, the gradient sums last (docs/plan.md).
 """
 
 from __future__ import annotations
@@ -70,9 +71,14 @@ def choose_spill(
         notes.append(f"optimizer_state auto: host (it fits the host budget){rest}")
         return s
     if cfg.cxl_nodes:  # memory before a disk: the fewest blocks' m and v to cxl that fit both budgets
-        # (then, with master auto and not in float32, the masters there with them)
+        # (then, with master auto and not in float32, the masters there with them; then, with
+        # gradients auto and micro-batches accumulated, the gradient sums: they are hot, read and
+        # written every micro-batch, so they go last)
         cxl_masters = [Tier.HOST, Tier.CXL] if p.master is Tier.AUTO and s.item != 4 else [Tier.HOST]
-        on_cxl = [spilling(s, Tier.CXL, k, m, sums) for m in cxl_masters for k in range(1, streamed + 1)]
+        combos = [(m, sums) for m in cxl_masters]
+        if p.gradients is Tier.AUTO and s.grad_accum > 1:
+            combos.append((cxl_masters[-1], Tier.CXL))
+        on_cxl = [spilling(s, Tier.CXL, k, m, g) for m, g in combos for k in range(1, streamed + 1)]
         chosen = next(
             (c for c in on_cxl if fits(c) and (cxl_budget is None or need(c)[Tier.CXL] <= cxl_budget)), None
         )
