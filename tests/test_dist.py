@@ -97,8 +97,8 @@ def test_two_gpus_match_one_gpu(tmp_path: Path) -> None:
 
 
 def test_checkpoint_saved_at_one_world_size_loads_at_another(tmp_path: Path) -> None:
-    """Saved by 2 ranks (rank 0 writes the whole blocks their shards make), loaded by 3 ranks
-    and by 1: the steps after the checkpoint equal the run that went straight on."""
+    """Saved by 2 ranks (each writes its shards' files, tests/test_checkpoint_ranks.py), loaded
+    by 3 ranks and by 1: the steps after the checkpoint equal the run that went straight on."""
     spec = {
         "family": "llama",
         "batch": 6,

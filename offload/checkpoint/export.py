@@ -3,9 +3,10 @@
 Writes ``OUT/model.safetensors`` (the ``master/`` tensors under the model's own names, converted
 to the asked dtype) and ``OUT/config.json`` (the manifest's model config), which
 ``AutoModelForCausalLM.from_pretrained(OUT)`` loads. The file is streamed: its header is built
-from the manifest (names, shapes, the target dtype), then each tensor is read lazily from the
-checkpoint with ``safe_open``, converted and written before the next is read, so the peak memory
-is about the largest tensor in float32 plus its converted copy, not the model. Tied parameters
+from the manifest (names, shapes, the target dtype), then each tensor is read from the checkpoint
+(pieces.py: whole, or put together from the ranks' shards of a multi-rank checkpoint), converted
+and written before the next is read, so the peak memory is about the largest tensor in float32
+plus its converted copy, not the model. Tied parameters
 are written once, under the name the config expects to find (the input embedding); the aliases
 (``lm_head.weight``) are dropped when the config ties the embeddings, written as copies otherwise.
 The directory is built under a temporary name and renamed into place.
@@ -19,16 +20,15 @@ import shutil
 import struct
 import uuid
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from offload._version import __version__
 from offload.checkpoint.format import CheckpointCorrupt, CheckpointError, read_manifest, resolve, tensor_key
 from offload.checkpoint.integrity import verify
+from offload.checkpoint.pieces import Files
 from offload.checkpoint.staging import SAFETENSORS_DTYPES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,16 +104,12 @@ def _write_streamed(
         begin += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors spec asks
-    with ExitStack() as stack, open(file, "xb") as f:
-        opened: dict[str, Any] = {}
+    with Files(ckpt) as files, open(file, "xb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for i, (name, saved) in enumerate(names):
             key = tensor_key("master", saved)
-            src = tensors[key]["file"]
-            if src not in opened:
-                opened[src] = stack.enter_context(safe_open(str(ckpt / src), framework="pt"))
-            t = opened[src].get_tensor(key).to(dtype).contiguous()  # one tensor at a time
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            t = torch.from_numpy(files.read(key, tensors[key])).to(dtype)  # one tensor at a time
+            f.write(t.view(torch.uint8).numpy().data)
             del t
             if progress is not None:
                 progress(i + 1, len(names), name)

@@ -7,12 +7,16 @@ A checkpoint root holds one directory per saved step and a ``latest`` file::
       step_000123/
         resident.safetensors      per-parameter tensors of one store record, full model names
         block.0.safetensors
+        block.1.rank00001.safetensors   multi-rank: rank 1's shard of block 1 (version 2)
         ...
         manifest.json             written last: the index of everything above
 
 Tensors are keyed ``master/<name>``, ``exp_avg/<name>`` and ``exp_avg_sq/<name>`` with the
 model's own parameter names, unflattened, so a checkpoint does not depend on the store's flat
-layout or on where each record lived (host, device, NVMe). A directory counts as a checkpoint only
+layout or on where each record lived (host, device, NVMe). Format version 2 (a multi-rank save)
+adds sharded tensors: each rank writes its shard of every streamed block into a file of its own,
+and a tensor's manifest entry lists its pieces (``shards``: which rank, which range of the
+flattened tensor's elements, where); pieces.py reads them back. A directory counts as a checkpoint only
 when its name is ``step_<digits>`` and it holds ``manifest.json``: writers build it under
 ``step_<digits>.tmp-<uuid>.<pid>@<host>`` and rename it into place (see writer.py); a prune renames
 a step to ``step_<digits>.tmp-del-<uuid>.<pid>@<host>`` before deleting it. The owner in those
@@ -33,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # sharded tensors (pieces.py): what a multi-rank save writes
+WHOLE_FORMAT_VERSION = 1  # whole tensors only: what a one-process save writes (older offload reads it)
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 LATEST = "latest"
 KINDS = ("master", "exp_avg", "exp_avg_sq")  # per parameter, in this order in each file
@@ -99,6 +105,11 @@ def record_filename(record_name: str) -> str:
     return f"{record_name}.safetensors"
 
 
+def shard_filename(record_name: str, rank: int) -> str:
+    """The file rank writes its shard of a sharded record into (multi-rank saves)."""
+    return f"{record_name}.rank{rank:05d}.safetensors"
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """A safetensors file's header (tensor entries and ``__metadata__``) and the offset where its
     data starts. Raises ValueError on a file too short or with a malformed header."""
@@ -131,9 +142,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / MANIFEST} is not valid JSON: {e}") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise CheckpointError(
-            f"{path / MANIFEST}: format_version {version!r}, this offload reads {FORMAT_VERSION}"
+            f"{path / MANIFEST}: format_version {version!r}, this offload reads {', '.join(map(str, READ_VERSIONS))}"
         )
     return manifest
 

@@ -9,6 +9,14 @@ for, each file fsynced, then the commit (manifest, rename, ``latest``, retention
 With ``prune="before"`` the steps the commit makes surplus are taken out first and their files
 written over in place (recycle.py). A failure releases the fence, lets the writes in flight
 finish and removes the directory (and what it took out to recycle).
+
+Multi-rank, every rank runs one of these: each writes its shard of every streamed block into a
+file of its own (``block.N.rank0000R.safetensors``: each parameter's part that falls into the
+shard, as a 1-D tensor) through its own ring, and rank 0 also writes the replicated records.
+Then every rank reports to rank 0 (ranks.py: its error, or its index entries once its files are
+fsynced); rank 0 writes the manifest only when every report is good, commits, and sends its
+verdict, so a failure on any rank fails the save on every rank. Each rank goes through every
+collective exactly once whatever failed before it (``_guarded``), so no rank waits forever.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import Any
 import torch
 
 from offload import io as oio
-from offload.checkpoint import state
+from offload.checkpoint import ranks, state
 from offload.checkpoint.capture import CaptureFence, Snapshot
 from offload.checkpoint.format import (
     KINDS,
@@ -34,46 +42,16 @@ from offload.checkpoint.format import (
     MANIFEST,
     CheckpointError,
     fsync_dir,
-    record_filename,
     tensor_key,
 )
 from offload.checkpoint.handle import SaveHandle, SaveStats
+from offload.checkpoint.recordfile import RecordPlan, Span, plan_record, write_order
 from offload.checkpoint.recycle import Recycler
 from offload.checkpoint.retention import Retention, doomed, prune
-from offload.checkpoint.staging import FileStream, Staging, Tally, safetensors_header
+from offload.checkpoint.staging import FileStream, Staging, Tally
 from offload.engine.runtime import Runtime
-from offload.store.record import BlockRecord
 
-
-@dataclass(slots=True)
-class RecordPlan:
-    """One record's file: its parameters, header and size."""
-
-    rec: BlockRecord
-    refs: list[state.ParamRef]
-    file: str
-    header: bytes
-    index: dict[str, Any]
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.header) + sum(e["nbytes"] for e in self.index.values())
-
-
-def write_order(plans: list[RecordPlan], overlap: bool) -> list[RecordPlan]:
-    """Host records in the order their next updates run: during backward (overlap_backward), the
-    last block first and the residents after it; at step(), the residents, then block 0, 1, ..."""
-    if overlap:
-        return sorted(plans, key=lambda p: (p.rec.index < 0, -p.rec.index))
-    return sorted(plans, key=lambda p: p.rec.index)
-
-
-def plan_record(rec: BlockRecord, refs: list[state.ParamRef]) -> RecordPlan:
-    items = [
-        (tensor_key(kind, ref.names[0]), torch.float32, ref.slot.shape) for ref in refs for kind in KINDS
-    ]
-    header, index = safetensors_header(items)
-    return RecordPlan(rec, refs, record_filename(rec.name), header, index)
+__all__ = ["RecordPlan", "SaveJob", "Span", "plan_record", "write_order"]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -86,7 +64,8 @@ class SaveJob:
     retention: Retention | None
     staging_for: Callable[[], Staging]  # the runtime's ring, made (or remade) on first use
     staging: Staging | None = None  # made by run(): mapping and pinning a new ring takes seconds
-    direct: bool  # O_DIRECT works under the root
+    direct_for: Callable[[], bool]  # whether O_DIRECT works under the root (checked once per root)
+    direct: bool = False
     plans: list[RecordPlan]  # in the order they are written
     fence: CaptureFence
     snaps: dict[int, Snapshot]  # device records' copies, by id of the record
@@ -97,14 +76,17 @@ class SaveJob:
     current: FileStream | None = None
     params: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, Any] = field(default_factory=dict)
+    shards: dict[str, Any] = field(default_factory=dict)  # multi-rank: this rank's shard of each tensor
     staged: list[tuple[RecordPlan, FileStream]] = field(default_factory=list)  # crc32s pending
     bytes: int = 0
     t0: float = 0.0
     call_s: float = 0.0
     waited_s: float = 0.0
-    group: Any = None  # multi-rank: the Collective (its side channel carries the shards to rank 0)
-    failed: BaseException | None = None  # the first write error (rank 0 of a multi-rank save)
+    group: Any = None  # multi-rank: the Collective (its side channel carries the reports to rank 0)
+    failed: BaseException | None = None  # multi-rank: this rank's first error
     recycle: bool = False  # prune="before": write over the files of the steps this save makes surplus
+    names: set[str] = field(default_factory=set)  # every file of this save, of every rank (recycle)
+    tally: Tally = field(default_factory=Tally)  # the ring's tally when this save took it
     recycler: Recycler | None = None
     reused: int = 0  # bytes written over a surplus step's files
     prune_s: float = 0.0
@@ -113,36 +95,33 @@ class SaveJob:
 
     def run(self) -> None:
         start = time.perf_counter()
-        tally = Tally()
         try:
             if self.group is None:
-                tally = self._prepare()
-            elif self.group.rank == 0:  # the other ranks only hand over their shards: no ring
-                self._guarded(self._prepare)
-            for plan in self._order():
-                with self.rt.tracer.span("checkpoint", "io", block=plan.rec.index):
-                    if self.group is None:
-                        self._write(plan)
-                    else:
-                        self._write_ranked(plan)
-            self.fence.release(self.rt)
-            if self.group is None or self.group.rank == 0:
-                self._guarded(self._finish)
-            if self.group is not None and not self.group.agree(self.failed is None):
-                # every rank learns the outcome from rank 0, and only after its commit
-                raise self.failed or RuntimeError("rank 0 could not write the checkpoint")
-            if self.failed is not None:
-                raise self.failed
+                self._run_alone()
+            else:
+                self._run_ranked()
         except BaseException as e:
             self.handle._error = e
             self._abandon()
         finally:
             self.fence.release(self.rt)
             self.snaps.clear()
-            self.handle._stats = self._stats(start, tally)
+            self.handle._stats = self._stats(start, self.tally)
             self.handle._done.set()
 
+    def _run_alone(self) -> None:
+        self._prepare()
+        self._write_all()
+        self.fence.release(self.rt)
+        self._finish()
+
+    def _write_all(self) -> None:
+        for plan in self._order():
+            with self.rt.tracer.span("checkpoint", "io", block=plan.rec.index):
+                self._write(plan)
+
     def _stats(self, start: float, tally: Tally) -> SaveStats:
+        """Multi-rank: each rank's own files (rank 0's: and the manifest)."""
         end = time.perf_counter()
         spent = self.staging.tally.since(tally) if self.staging is not None else Tally()
         return SaveStats(
@@ -166,14 +145,11 @@ class SaveJob:
         )
 
     def _order(self) -> Iterator[RecordPlan]:
-        """The plans in the order they are written. One process: each host record when the capture
-        fence says it is the one to take (the worker waits for it, or it is the first ready, see
+        """The plans in the order they are written: each host record when the capture fence says it
+        is the one to take (the worker waits for it, or it is the first ready, see
         CaptureFence.next_ready); while none is ready (the updates queued before save() still
         run), a device snapshot, so the disk does not wait with them; then the other snapshots.
-        Multi-rank: as given, the same on every rank (the shards travel in collectives)."""
-        if self.group is not None:
-            yield from self.plans
-            return
+        Multi-rank, each rank follows its own worker: its writes meet the others' only at the end."""
         host = [p for p in self.plans if id(p.rec) not in self.snaps]
         device = [p for p in self.plans if id(p.rec) in self.snaps]
         while host:
@@ -208,16 +184,17 @@ class SaveJob:
             fs.finish()
         self._index(plan, fs, step)
 
-    def _prepare(self) -> Tally:
+    def _prepare(self) -> None:
         """On the writer thread, not in save(): the staging ring (made on a runtime's first save,
-        or when its size changes) and, with prune="before", the steps to write over. Returns the
-        ring's tally so far."""
+        or when its size changes), whether O_DIRECT works there, and, with prune="before", the
+        steps to write over (multi-rank: rank 0 takes them)."""
         t = time.perf_counter()
         self.staging = self.staging_for()
         self.ring_s = time.perf_counter() - t
-        tally = replace(self.staging.tally)
-        self._recycle()
-        return tally
+        self.tally = replace(self.staging.tally)
+        self.direct = self.direct_for()
+        if self.group is None or self.group.rank == 0:
+            self._recycle()
 
     @property
     def ring(self) -> Staging:
@@ -233,7 +210,7 @@ class SaveJob:
         root = self.handle.path.parent
         with self.rt.tracer.span("recycle", "io", step=self.handle.step):
             surplus = doomed(root, self.retention, upcoming=self.handle.path.name)
-            self.recycler = Recycler.take(root, surplus, {p.file for p in self.plans})
+            self.recycler = Recycler.take(root, surplus, self.names | {p.file for p in self.plans})
         self.prune_s += time.perf_counter() - t
 
     def _open(self, plan: RecordPlan) -> FileStream:
@@ -263,65 +240,120 @@ class SaveJob:
 
     def _checksums(self) -> None:
         """Every staged file's tensors, with their crc32s, into the manifest (after drain(): the
-        sums are done)."""
+        sums are done); a rank's shards of a tensor with the range of its elements they hold."""
         for plan, fs in self.staged:
             crcs = fs.crcs()
-            for key, entry in plan.index.items():
-                self.tensors[key] = {"file": plan.file, **entry, "crc32": crcs[key]}
+            if plan.rank is None:
+                for key, entry in plan.index.items():
+                    self.tensors[key] = {"file": plan.file, **entry, "crc32": crcs[key]}
+                continue
+            for span in plan.spans:
+                shape = list(span.ref.slot.shape)
+                whole = {"dtype": "F32", "shape": shape, "nbytes": 4 * span.ref.slot.numel}
+                for kind in KINDS:
+                    key = tensor_key(kind, span.ref.names[0])
+                    entry = plan.index[key]
+                    shard = {"rank": plan.rank, "range": [span.lo, span.hi], "file": plan.file}
+                    shard.update(offset=entry["offset"], nbytes=entry["nbytes"], crc32=crcs[key])
+                    self.shards[key] = {"tensor": whole, "shard": shard}
         self.staged.clear()
 
-    # ---- multi-rank: rank 0 writes the whole blocks the ranks' shards make ----------------------
+    # ---- multi-rank: every rank writes its shards, rank 0 commits --------------------------------
 
-    def _write_ranked(self, plan: RecordPlan) -> None:
-        """A record of a multi-rank run. A sharded one: every rank hands its captured shard to rank
-        0 over the side channel (a collective, so every rank goes through every sharded record in
-        the same order, even after rank 0 failed to write one) and releases it; rank 0 writes the
-        whole block, the same file a single-rank save writes. A replicated one: rank 0 alone."""
-        assert self.group is not None
-        rec, root = plan.rec, self.group.rank == 0
-        if rec.shard is None:
-            if root:
-                self._guarded(lambda: self._write(plan))
-            return
-        self.fence.wait_ready(rec)
-        with state.optimizer_state(self.rt, rec) as held:
-            step = int(rec.step.item())
-            wholes = [self.group.gather_to_root(t) for t in held]
-        self.fence.captured(rec)  # the gathered copies are the save's: the next update may run
-        if root:
-            self._guarded(lambda: self._write_whole(plan, step, [w for w in wholes if w is not None]))
+    def _run_ranked(self) -> None:
+        """Every rank: prepare, write its files, flush them, report; rank 0 commits if every report
+        is good; then its verdict. Each step after a failure is skipped, each collective is not."""
+        group = self.group
+        self._guarded(self._prepare)
+        if self.recycle:
+            self._share_recycled()
+        self._guarded(self._write_all)
+        self.fence.release(self.rt)
+        self._guarded(self._flush)
+        reports = ranks.gather_json(group, self._report())
+        verdict: str | None = None
+        if reports is not None:  # rank 0
+            bad = [(r, rep["error"]) for r, rep in enumerate(reports) if rep["error"] is not None]
+            if not bad:
+                self._guarded(lambda: self._commit_ranked(reports))
+                bad = [(0, self._describe())] if self.failed is not None else []
+            if bad:
+                rank, error = bad[0]
+                verdict = f"checkpoint {self.handle.path}: rank {rank} failed: {error}"
+        verdict = ranks.broadcast_json(group, verdict)  # after rank 0's commit (or its failure)
+        if self.failed is not None:
+            raise self.failed
+        if verdict is not None:
+            raise CheckpointError(verdict)
 
-    def _write_whole(self, plan: RecordPlan, step: int, wholes: list[torch.Tensor]) -> None:
-        fs = self._open(plan)
-        self._put(fs, plan, *wholes)
-        fs.finish()
-        self._index(plan, fs, step)
-
-    def _guarded(self, write: Any) -> None:
-        """Rank 0 keeps the first write error and writes nothing more, but stays in the collectives."""
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Runs step unless this rank failed before; keeps the first error (and lifts the fence at
+        once: nothing of a failed save need hold the optimizer). The rank stays in the collectives."""
         if self.failed is not None:
             return
         try:
-            write()
+            step()
         except Exception as e:
             self.failed = e
+            self.fence.release(self.rt)
+
+    def _describe(self) -> str:
+        return f"{type(self.failed).__name__}: {self.failed}"
+
+    def _share_recycled(self) -> None:
+        """prune="before": rank 0 took the surplus steps out and kept their files; each rank gets
+        the paths of the files it writes over (its own names: no two ranks claim one file). Rank 0
+        removes what is left of the steps only after every rank reported, so after every claim."""
+        kept = self.recycler if self.group.rank == 0 else None
+        sent: dict[str, Any] = {"error": self._describe() if self.failed is not None else None}
+        if kept is not None:
+            sent["files"] = {name: str(path) for name, path in kept.files.items()}
+        got = ranks.broadcast_json(self.group, sent)
+        if got["error"] is not None and self.failed is None:
+            self.failed = CheckpointError(f"rank 0 could not prepare the save: {got['error']}")
+            self.fence.release(self.rt)
+        if self.group.rank != 0 and self.failed is None:
+            mine = {p.file for p in self.plans}
+            files = {name: Path(path) for name, path in got.get("files", {}).items() if name in mine}
+            self.recycler = Recycler(taken=[], files=files)  # rank 0's directories: not ours to remove
+
+    def _flush(self) -> None:
+        """This rank's files on disk: every write and crc32 sum done, each file fsynced."""
+        self.ring.drain()  # every chunk's write and crc32 sum is done (or raises its error)
+        self._checksums()
+        for f in self.files:
+            f.sync()
+            f.close()
+
+    def _report(self) -> dict[str, Any]:
+        """This rank's report to rank 0: its error, or its index entries (its files are fsynced)."""
+        if self.failed is not None:
+            return {"error": self._describe()}
+        return {"error": None, "params": self.params, "tensors": self.tensors, "shards": self.shards}
+
+    def _commit_ranked(self, reports: list[dict[str, Any]]) -> None:
+        """Rank 0, every rank's files fsynced: the manifest of them all, then the commit."""
+        t = time.perf_counter()
+        try:
+            with self.rt.tracer.span("commit", "io", step=self.handle.step):
+                self.params, self.tensors = ranks.merge(reports)
+                self._commit()
+        finally:
+            self.commit_s = time.perf_counter() - t
 
     @staticmethod
     def _put(fs: FileStream, plan: RecordPlan, *flats: torch.Tensor) -> None:
-        """Each parameter's master, exp_avg and exp_avg_sq, from the record's flat buffers."""
-        for ref in plan.refs:
+        """Each parameter's (or its part's) master, exp_avg and exp_avg_sq, from the record's flat
+        buffers."""
+        for span in plan.spans:
             for kind, flat in zip(KINDS, flats):
-                fs.put(tensor_key(kind, ref.names[0]), ref.view(flat).reshape(-1).view(torch.uint8))
+                fs.put(tensor_key(kind, span.ref.names[0]), plan.part(span, flat).view(torch.uint8))
 
     def _finish(self) -> None:
         t = time.perf_counter()
         try:
             with self.rt.tracer.span("commit", "io", step=self.handle.step):
-                self.ring.drain()  # every chunk's write and crc32 sum is done (or raises its error)
-                self._checksums()
-                for f in self.files:
-                    f.sync()
-                    f.close()
+                self._flush()
                 self._commit()
         finally:
             self.commit_s = time.perf_counter() - t
@@ -363,7 +395,8 @@ class SaveJob:
         self._abandon()
 
     def _abandon(self) -> None:
-        """After a failure: unblock the worker, let every write finish, remove the directory."""
+        """After a failure: unblock the worker, let every write finish, remove the directory (rank
+        0's, multi-rank: every rank has reported, so none writes into it any more)."""
         self.fence.release(self.rt)
         if self.current is not None:
             self.current.abandon()
@@ -371,7 +404,8 @@ class SaveJob:
             self.staging.drain(raise_errors=False)
         for f in self.files:
             f.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.group is None or self.group.rank == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         if self.recycler is not None:  # taken out of the listing and partly overwritten: gone
             self.recycler.close(ignore_errors=True)
             self.recycler = None

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from offload.checkpoint.ranks import gather_json
 from offload.engine.dist import Collective
 from offload.engine.runtime import Runtime
 from offload.model.layout import ParamSlot
@@ -48,13 +48,6 @@ def runtime_of(model: Any, optimizer: Any) -> Runtime:
     if not _same(getattr(optimizer, "runtime", None), rt):
         raise ValueError("optimizer does not belong to model: pass the pair one offload.wrap() call returned")
     return rt
-
-
-def padded_numel(rt: Runtime, rec: BlockRecord) -> int:
-    """Elements of rec's whole flat buffer as the ranks shard it (the layout's, rounded up)."""
-    if rec.shard is None or rt.group is None:
-        return rec.layout.numel
-    return rt.group.shard(rec.layout.numel).padded
 
 
 def _same(a: object, b: object) -> bool:
@@ -137,7 +130,7 @@ def rng_entries(group: Collective | None) -> dict[str, Any]:
     rank 0, the one that writes the manifest). With a group it is a collective on the writer's
     side channel: every rank calls it at the same point of save()."""
     own = rng_state()
-    per_rank = None if group is None else _gather_json(group, own)
+    per_rank = None if group is None else gather_json(group, own)
     if per_rank is None:  # one process, or a rank other than 0 (whose manifest is not written)
         return {"rng": own}
     return {"rng": per_rank[0], "rng_per_rank": per_rank}
@@ -153,20 +146,6 @@ def rng_state_for(manifest: dict[str, Any], group: Collective | None) -> dict[st
     if isinstance(per_rank, list) and len(per_rank) == world:
         return dict(per_rank[rank])
     return dict(manifest["rng"])
-
-
-def _gather_json(group: Collective, value: Any) -> list[Any] | None:
-    """Every rank's value (plain JSON data) on rank 0, in rank order; None on the others. The
-    values travel as JSON bytes, never pickled, each padded with spaces (JSON whitespace) to the
-    longest so that the gather moves parts of one size."""
-    raw = json.dumps(value).encode()
-    longest = torch.tensor([len(raw)], dtype=torch.int64)
-    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group.side())
-    part = torch.frombuffer(bytearray(raw.ljust(int(longest.item()))), dtype=torch.uint8)
-    whole = group.gather_to_root(part)
-    if whole is None:
-        return None
-    return [json.loads(row.numpy().tobytes()) for row in whole.view(group.world, -1)]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

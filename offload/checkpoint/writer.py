@@ -3,7 +3,8 @@
 ``save()`` returns a SaveHandle at once; a writer thread does the rest (capture.py, staging.py):
 
 1. At the call: the small state (config, param-group options, scheduler, RNG, extra) is taken
-   (multi-rank, every rank's RNG states, gathered to rank 0),
+   (multi-rank, every rank's RNG states, gathered to rank 0, and rank 0's name for the temporary
+   directory, which every rank writes its files into),
    the device records are snapshotted, and a capture fence is installed on the optimizer's worker.
 2. The writer streams each record's safetensors file into ``ROOT/step_N.tmp-<uuid>.<pid>@<host>/``
    through the staging ring, host records first, in the order the optimizer's worker needs them
@@ -39,9 +40,16 @@ import torch
 
 from offload import io as oio
 from offload._version import __version__
-from offload.checkpoint import state
+from offload.checkpoint import ranks, state
 from offload.checkpoint.capture import CaptureFence, snapshot, snapshot_bytes, step_reserve
-from offload.checkpoint.format import FORMAT_VERSION, CheckpointError, step_dirname, temp_dirname
+from offload.checkpoint.format import (
+    FORMAT_VERSION,
+    WHOLE_FORMAT_VERSION,
+    CheckpointError,
+    shard_filename,
+    step_dirname,
+    temp_dirname,
+)
 from offload.checkpoint.handle import SaveHandle, SaveStats
 from offload.checkpoint.job import SaveJob, plan_record, write_order
 from offload.checkpoint.retention import Retention
@@ -164,6 +172,9 @@ def save(
     # Multi-rank: every rank's RNG states go to rank 0 here, on the side channel, which every rank
     # reaches, and only now that the save before this one no longer uses that channel.
     rng = state.rng_entries(rt.group)
+    tmp_name = temp_dirname(final.name)  # rank 0's: it makes the directory, every rank writes there
+    if rt.group is not None:
+        tmp_name = ranks.broadcast_json(rt.group, tmp_name)
     with rt.tracer.span("save", "host", step=step):
         handle = SaveHandle(final, step)
         try:
@@ -173,7 +184,18 @@ def save(
                 raise FileExistsError(f"checkpoint {final} already exists")
             rt.check_update()  # an update that already failed: the records do not hold a step
             job: SaveJob | None = _start(
-                rt, model, optimizer, saver, root, handle, sched, rng, extra, retention, prune, staging_bytes
+                rt,
+                model,
+                optimizer,
+                saver,
+                root / tmp_name,
+                handle,
+                sched,
+                rng,
+                extra,
+                retention,
+                prune,
+                staging_bytes,
             )
             error: BaseException | None = None
         except BaseException as e:
@@ -200,7 +222,7 @@ def _start(
     model: Any,
     optimizer: Any,
     saver: _Saver,
-    root: Path,
+    tmp: Path,
     handle: SaveHandle,
     sched: Any,
     rng: dict[str, Any],
@@ -210,9 +232,11 @@ def _start(
     staging_bytes: int | None,
 ) -> SaveJob:
     """Everything save() does on the caller's thread: the manifest's small state, the plans, the
-    fence and the device snapshots."""
+    fence and the device snapshots. Multi-rank: this rank's plans (its shards; rank 0 also the
+    replicated records, which it alone writes and snapshots)."""
+    group = rt.group
     base = {
-        "format_version": FORMAT_VERSION,
+        "format_version": WHOLE_FORMAT_VERSION if group is None else FORMAT_VERSION,
         "offload_version": __version__,
         "step": handle.step,
         "created_unix": time.time(),
@@ -224,29 +248,45 @@ def _start(
         **rng,
         "extra": extra,
     }
-    plans = [plan_record(rec, refs) for rec, refs in state.params_of(rt)]
-    largest = max(p.nbytes for p in plans)
-    # Multi-rank: rank 0 writes everything (the ranks hand it their shards); the others only
-    # capture their shards, so their fence holds just those and they snapshot nothing.
-    writes = rt.group is None or rt.group.rank == 0
-    tmp = root / temp_dirname(handle.path.name)
-    if writes:
-        root.mkdir(parents=True, exist_ok=True)
+    if group is not None:
+        base["ranks"] = ranks.layout(rt)
+    rank = None if group is None else group.rank
+    plans = [
+        plan_record(rec, refs, rank)
+        for rec, refs in state.params_of(rt)
+        if rank in (None, 0) or rec.shard is not None
+    ]
+    names = set()  # every rank's files: rank 0 keeps a surplus step's file of each (prune="before")
+    if group is not None:
+        names = {
+            shard_filename(r.name, k) for r in rt.records() if r.shard is not None for k in range(group.world)
+        }
+    largest = max((p.nbytes for p in plans), default=1)
+    root = tmp.parent
+
+    def direct_for() -> bool:  # the other ranks' writer threads ask once rank 0 made the directory
         if root not in saver.direct:
             saver.direct[root] = oio.check_direct(root).ok
+        return saver.direct[root]
+
+    if rank in (None, 0):
+        root.mkdir(parents=True, exist_ok=True)
+        direct_for()
         tmp.mkdir()
+
     host = write_order([p for p in plans if not p.rec.on_device], rt.cfg.optimizer.overlap_backward)
-    fenced = [p.rec for p in host if writes or p.rec.shard is not None]
+    fenced = [p.rec for p in host]
     fence = CaptureFence(fenced, rt.tracer)
     fence.install(rt, fenced)
     try:
-        on_device = [p.rec for p in plans if p.rec.on_device and writes]
+        on_device = [p.rec for p in plans if p.rec.on_device]
         saver.reserve = max(saver.reserve, step_reserve(rt.device.torch) - saver.snapshot)
         snaps, where = snapshot(rt, on_device, saver.reserve)
         saver.snapshot = snapshot_bytes(on_device) if where == "device" else 0
     except BaseException:
         fence.release(rt)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank in (None, 0):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return SaveJob(
         rt=rt,
@@ -255,7 +295,8 @@ def _start(
         retention=retention,
         recycle=prune == "before",
         staging_for=lambda: saver.staging_for(rt, largest, staging_bytes),
-        direct=saver.direct.get(root, False),
+        direct_for=direct_for,
+        names=names,
         plans=host + [p for p in plans if p.rec.on_device],
         fence=fence,
         snaps=snaps,

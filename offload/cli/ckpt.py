@@ -1,7 +1,8 @@
 """``offload ckpt ls | inspect | verify | prune``: look at checkpoints without loading them.
 
 ``ls`` lists the committed steps under a root with their sizes and which one ``latest`` names;
-``inspect`` prints a checkpoint's summary and tensors; ``verify`` checks every tensor's crc32 and
+``inspect`` prints a checkpoint's summary and tensors (whole tensors; a multi-rank checkpoint's
+sharded ones with the files of their shards); ``verify`` checks every tensor's crc32 and
 the manifest, exits 0 when all is well and 1 naming each bad file and tensor otherwise. None of
 them imports torch. ``prune`` deletes old steps by a retention rule (retention.py); ``export
 --to hf`` writes a Hugging Face directory (export.py, imports torch); ``diff`` prints each tensor's
@@ -99,6 +100,12 @@ def _inspect(args: argparse.Namespace) -> int:
         f"  model {m.get('model_class')}, {len(m.get('params', {}))} parameters, {len(tensors)} tensors, {_size(total)}"
     )
     print(f"  device {cfg.get('device')}, dtype {cfg.get('dtype')}, placement {cfg.get('placement')}")
+    layout = m.get("ranks")
+    if layout:
+        print(
+            f"  saved by {layout['world']} ranks: each rank's shard of {len(layout['records'])} records "
+            "in files of its own (block.N.rankR.safetensors)"
+        )
     for i, g in enumerate(groups):
         opts = ", ".join(f"{k}={g[k]}" for k in ("lr", "betas", "eps", "weight_decay") if k in g)
         print(f"  param group {i}: {opts}")
@@ -107,12 +114,21 @@ def _inspect(args: argparse.Namespace) -> int:
     )
     shown = list(tensors.items()) if args.limit <= 0 else list(tensors.items())[: args.limit]
     rows = [
-        (k, t["file"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", t["nbytes"]) for k, t in shown
+        (k, _where(t), t["dtype"], "x".join(map(str, t["shape"])) or "scalar", t["nbytes"]) for k, t in shown
     ]
     print(format_table(["tensor", "file", "dtype", "shape", "bytes"], rows))
     if len(shown) < len(tensors):
         print(f"... {len(tensors) - len(shown)} more (--limit 0 lists all)")
     return 0
+
+
+def _where(entry: dict) -> str:
+    """A tensor's file, or for a sharded one its shards' files (rank 0's name, ``rank*``)."""
+    shards = entry.get("shards")
+    if shards is None:
+        return str(entry["file"])
+    first = str(shards[0]["file"])
+    return f"{first.rsplit('.rank', 1)[0]}.rank*.safetensors ({len(shards)} shards)"
 
 
 def _verify(args: argparse.Namespace) -> int:
