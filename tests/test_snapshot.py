@@ -5,6 +5,7 @@ records on the host and on the "device"; the disk fallback; every refusal with i
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -342,6 +343,36 @@ def test_adam_state_on_nvme_is_captured_through_its_tier(where: Path, disk_dir: 
     assert_continues(ref, losses, state)
 
 
+def test_a_save_waits_for_the_snapshot_in_flight(
+    where: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """offload.save() right after a lazy snapshot started (its capture slowed down, so it is still
+    copying): the save waits for the snapshot's capture fence instead of replacing it, and both
+    the snapshot and the checkpoint hold step 2."""
+    model, opt, sched = make(layers=2)
+    snap = Snapshotter(model, opt, dir=str(where))
+    train(model, opt, sched, range(1, 2), snap)
+    snap.wait()
+    capture = payload.capture
+
+    def slow(*args: Any) -> None:
+        time.sleep(0.05)
+        capture(*args)
+
+    monkeypatch.setattr(payload, "capture", slow)
+    train(model, opt, sched, range(2, 3), snap)  # its snapshot is being captured now
+    fence = model.runtime.updater.fence
+    assert fence is not None and not fence.released.is_set()
+    handle = offload.save(model, opt, tmp_path, step=2, scheduler=sched, extra={"position": 2})
+    assert fence.released.is_set()  # save() started only once the snapshot's capture was done
+    handle.wait()
+    snap.wait()  # not void
+    assert {h.step for h in (snap.header(0), snap.header(1)) if h is not None} >= {2}
+    monkeypatch.undo()
+    assert offload.checkpoint.verify(handle.path) == []  # no problems
+    snap.close()
+
+
 def test_a_failed_snapshot_is_reported_once_and_the_last_one_stays(
     where: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -354,13 +385,11 @@ def test_a_failed_snapshot_is_reported_once_and_the_last_one_stays(
 
     def save_meanwhile(fence: CaptureFence, rec: Any) -> None:
         ready(fence, rec)
-        rt.updater.fence = None  # as offload.save() would have replaced the snapshot's fence
+        rt.updater.fence = None  # as a capture that does not wait its turn would
 
     monkeypatch.setattr(CaptureFence, "wait_ready", save_meanwhile)
     failed = snap.snapshot(2)
-    with pytest.raises(
-        RuntimeError, match=r"a checkpoint save started while this snapshot was being captured"
-    ):
+    with pytest.raises(RuntimeError, match=r"another capture replaced this snapshot's capture fence"):
         failed.wait()
     monkeypatch.undo()
     steps = [h.step for h in (snap.header(0), snap.header(1)) if h is not None]
@@ -368,4 +397,4 @@ def test_a_failed_snapshot_is_reported_once_and_the_last_one_stays(
     snap.snapshot(3).wait()
     snap.snapshot(4).wait()
     err = capsys.readouterr().err
-    assert err.count("offload snapshot: the snapshot of step 2 failed: a checkpoint save started") == 1
+    assert err.count("offload snapshot: the snapshot of step 2 failed: another capture replaced") == 1

@@ -61,9 +61,16 @@ class CaptureFence:
         self.hold_s = 0.0  # seconds the worker waited in hold()
         self.ready_wait_s = 0.0  # seconds the writer waited for updates from before the save
         self.captured_at: float | None = None  # perf_counter() when the last record was captured
+        self.released = threading.Event()  # every record captured, or the capture failed
 
     def install(self, rt: Runtime, records: list[BlockRecord]) -> None:
-        """Called by save() on the training thread, before any later update can be queued."""
+        """Called by save() on the training thread, before any later update can be queued. The
+        optimizer has one fence slot: a capture still in it (a lazy snapshot's) is waited for
+        first, so that its records are not updated before it copies them."""
+        other = rt.updater.fence
+        if other is not None and other is not self:
+            with self.tracer.span("wait_other_capture", "host"):
+                other.released.wait()
         rt.updater.fence = self
         for rec in records:  # after installing: an update finishing now reports to finished()
             if rec.updated.is_set():
@@ -138,6 +145,7 @@ class CaptureFence:
             for ev in (*self._ready.values(), *self._captured.values()):
                 ev.set()
             self._changed.notify_all()
+        self.released.set()
 
 
 @dataclass(slots=True)

@@ -38,6 +38,9 @@ _FIFO = -(1 << 62)  # rank of updates run in arrival order (ahead of any block i
 
 
 class Fence(Protocol):
+    released: threading.Event
+    """Set once the fence holds nothing back any more (a later capture waits for it)."""
+
     def hold(self, rec: BlockRecord) -> None:
         """Blocks until rec may be updated (a checkpoint in flight has captured it)."""
 

@@ -103,8 +103,9 @@ class SnapshotJob:
             fence.wait_ready(rec)  # host wait: its update queued before the snapshot has run
             if self.rt.updater.fence is not fence:
                 raise RuntimeError(
-                    "a checkpoint save started while this snapshot was being captured, replacing its "
-                    "capture fence: the snapshot is void (call Snapshotter.wait() before offload.save)"
+                    "another capture replaced this snapshot's capture fence while it was being "
+                    "captured: the snapshot is void (offload.save waits for a snapshot in flight; "
+                    "nothing else should set the optimizer's fence)"
                 )
         payload.capture(self.rt, rec, payload.views(self.data, self.base, span))
         if fence is not None:
