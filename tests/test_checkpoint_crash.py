@@ -10,7 +10,9 @@ and one more such save afterwards takes back every directory the killed trainer 
 A supervisor subprocess imports torch and offload once and forks one trainer per trial (a fresh
 interpreter per trial would cost seconds of imports each); the trainer is a real process that
 wraps the tiny model on the CPU in float32 and saves after every step until the supervisor kills
-it (seeded random delays, so some kills land inside a save). After each kill: every listed
+it (seeded random delays, counted from the moment the trainer says on a pipe that its model
+is wrapped, so a slow machine's wrap does not leave trials that never saved; some kills land
+inside a save). After each kill: every listed
 checkpoint verifies, ``latest`` (if there) names a committed step, no ``.tmp-`` directory is
 listed (checked here), and loading the root (its ``latest``) into a fresh wrap and training two
 more steps gives bitwise the losses of a straight run at those step numbers. The supervisor runs
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -47,7 +50,8 @@ RECYCLE_TRIALS = 4 if os.environ.get("CI") else 6  # after those: keep_last=1, p
 RECLAIM_STEP = 10_000  # the supervisor's save into a prune="before" trial's root, after the kill
 MAX_STEPS = 200  # far more than a trainer reaches (about 50 steps a second) before the kill
 OPT = {"lr": 3e-3, "weight_decay": 0.1, "max_grad_norm": 0.5}
-DELAY_S = (0.0, 0.8)  # after the fork; the wrap takes the first tenth of a second or so
+DELAY_S = (0.0, 0.7)  # after the trainer has wrapped its model (it says so on a pipe)
+READY_TIMEOUT_S = 60.0
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -63,10 +67,13 @@ def step(model: Any, opt: Any, ids: torch.Tensor) -> float:
     return float(loss.item())
 
 
-def trainer(root: Path, asynchronous: bool, recycle: bool) -> None:
-    """Trains and saves after every step (step_N: N steps done) until killed."""
+def trainer(root: Path, asynchronous: bool, recycle: bool, ready: int) -> None:
+    """Trains and saves after every step (step_N: N steps done) until killed; writes a byte to
+    the file descriptor ready once its model is wrapped (the kill's delay counts from there, so
+    a slow machine's wrap does not eat into it)."""
     data = batches(MAX_STEPS + 2)
     model, opt = make()
+    os.write(ready, b"1")
     prune = {"keep_last": 1, "prune": "before"} if recycle else {}
     for i in range(MAX_STEPS):
         step(model, opt, data[i])
@@ -87,16 +94,21 @@ def supervise(base: Path, trials: int, seed: int) -> None:
         delay = rng.uniform(*DELAY_S)
         asynchronous = t % 2 == 1
         recycle = t >= trials
+        wait_fd, ready_fd = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                trainer(root, asynchronous, recycle)
+                os.close(wait_fd)
+                trainer(root, asynchronous, recycle, ready_fd)
             except BaseException:
                 traceback.print_exc()
                 code = 1
             finally:
                 os._exit(code)
+        os.close(ready_fd)
+        select.select([wait_fd], [], [], READY_TIMEOUT_S)  # the trainer wrapped its model (or died)
+        os.close(wait_fd)
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
