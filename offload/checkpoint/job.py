@@ -333,13 +333,11 @@ class SaveJob:
 
     def _commit_ranked(self, reports: list[dict[str, Any]]) -> None:
         """Rank 0, every rank's files fsynced: the manifest of them all, then the commit."""
-        t = time.perf_counter()
-        try:
-            with self.rt.tracer.span("commit", "io", step=self.handle.step):
-                self.params, self.tensors = ranks.merge(reports)
-                self._commit()
-        finally:
-            self.commit_s = time.perf_counter() - t
+
+        def merge() -> None:
+            self.params, self.tensors = ranks.merge(reports)
+
+        self._committing(merge)
 
     @staticmethod
     def _put(fs: FileStream, plan: RecordPlan, *flats: torch.Tensor) -> None:
@@ -350,10 +348,14 @@ class SaveJob:
                 fs.put(tensor_key(kind, span.ref.names[0]), plan.part(span, flat).view(torch.uint8))
 
     def _finish(self) -> None:
+        self._committing(self._flush)
+
+    def _committing(self, first: Callable[[], None]) -> None:
+        """first, then the commit, timed together as commit_s (a "commit" span in the trace)."""
         t = time.perf_counter()
         try:
             with self.rt.tracer.span("commit", "io", step=self.handle.step):
-                self._flush()
+                first()
                 self._commit()
         finally:
             self.commit_s = time.perf_counter() - t

@@ -123,7 +123,8 @@ class MeasuredChoice:
         self._attention: dict[int, Probe] = {}
         self._busy_start: float | None = None
         self._passes = 0  # backward passes finished so far
-        self._pass_start: float | None = None  # host clock at the measured pass's first forward
+        self._pass_start: float | None = None  # host clock at the timed pass's first forward
+        # (the measured recompute pass, then the pass that checks the choice)
         self.disk: tuple[DiskTime, DiskTime] | None = None
         """The disk's (written, read) over the measured pass (boundary states on nvme)."""
         self._recompute_s = 0.0  # the measured recompute pass's wall time

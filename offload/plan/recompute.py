@@ -190,6 +190,9 @@ def calibrated(costs: Sequence[BlockCost], link: Link, bounds: Bounds) -> Bounds
     return replace(bounds, slack_s=max(bounds.measured_s - model.step_s, 0.0))
 
 
+Terms = tuple[float, float, float]  # one phase's (compute, link, disk) seconds
+
+
 @dataclass(frozen=True, slots=True)
 class Estimate:
     """The model's figures for one choice."""
@@ -205,6 +208,8 @@ class Estimate:
     """A phase waits for the link rather than compute (or the disk)."""
     disk_bound: bool = False
     """A phase waits for the disk rather than compute or the link."""
+    terms: tuple[Terms, Terms] = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+    """(forward, backward): each phase's compute, link and disk seconds (the phase is the longest)."""
 
     @property
     def bound(self) -> str:
@@ -240,10 +245,9 @@ def _estimate(fwd_compute: float, bwd_compute: float, moved: int, link: Link, b:
     gpu = forward + backward + b.other_s
     link_bound = any(lk > c and lk >= d for c, lk, d in phases)
     disk_bound = any(d > c and d > lk for c, lk, d in phases)
-    return Estimate(max(gpu, b.cpu_s) + b.slack_s, forward, backward, gpu, b.cpu_s, link_bound, disk_bound)
-
-
-Terms = tuple[float, float, float]  # one phase's (compute, link, disk) seconds
+    return Estimate(
+        max(gpu, b.cpu_s) + b.slack_s, forward, backward, gpu, b.cpu_s, link_bound, disk_bound, phases
+    )
 
 
 def _terms(fwd_compute: float, bwd_compute: float, moved: int, link: Link, b: Bounds) -> tuple[Terms, Terms]:
@@ -399,7 +403,7 @@ def fixed(
         base.bound,
         slack_s=bounds.slack_s,
         kept_bound=kept.bound if any(k is not Keep.RECOMPUTE for k in keep) else "",
-        phases=phases(costs, link, keep, bounds),
+        phases=phases(base, kept, bounds),
     )
 
 
@@ -426,7 +430,7 @@ def choose(
         0,
         base.bound,
         slack_s=bounds.slack_s,
-        phases=phases(costs, link, [Keep.RECOMPUTE] * n, bounds),
+        phases=phases(base, base, bounds),
     )
     best: tuple[tuple[float, int, int], _Split] | None = None  # the best split keeping something
     for key, split in _splits(costs, link, bounds, host_bytes, device_bytes, window):
@@ -444,23 +448,21 @@ def choose(
         offloaded_bytes=_moved(costs, keep),
         device_bytes=_held(costs, keep, window),
         kept_bound=kept.bound,
-        phases=phases(costs, link, keep, bounds),
+        phases=phases(base, kept, bounds),
     )
     if choice.gain < min_gain:
         return replace(nothing, reason=_why_not(choice, base, bounds, min_gain))
     return choice
 
 
-def phases(costs: Sequence[BlockCost], link: Link, keep: Sequence[Keep], bounds: Bounds) -> dict[str, float]:
-    """The terms of the model, seconds: for recomputing every block (``recompute_``) and for
-    keep (``kept_``), each phase's compute, link and disk time; and the GPU time outside the
-    blocks, the CPU optimizer's time and the slack (the measured step's unexplained part)."""
+def phases(base: Estimate, kept: Estimate, bounds: Bounds) -> dict[str, float]:
+    """The terms of the model, seconds: of base (recomputing every block, ``recompute_``) and of
+    kept (the choice, ``kept_``), each phase's compute, link and disk time; and the GPU time
+    outside the blocks, the CPU optimizer's time and the slack (the measured step's unexplained
+    part)."""
     out = {"other_s": bounds.other_s, "cpu_s": bounds.cpu_s, "slack_s": bounds.slack_s}
-    fwd_compute = sum(c.forward_s for c in costs)
-    for name, k in (("recompute", [Keep.RECOMPUTE] * len(costs)), ("kept", keep)):
-        bwd_compute = sum(c.backward_s + _recomputed(c, kk) for c, kk in zip(costs, k))
-        terms = _terms(fwd_compute, bwd_compute, host_bytes(costs, k), link, bounds)
-        for phase, values in zip(("forward", "backward"), terms):
+    for name, e in (("recompute", base), ("kept", kept)):
+        for phase, values in zip(("forward", "backward"), e.terms):
             for term, value in zip(("compute", "link", "disk"), values):
                 out[f"{name}_{phase}_{term}_s"] = value
     return out

@@ -239,14 +239,18 @@ class _KeepLog:
         self.measure, self.log, self.told = measure, log, ""
 
     def tell(self) -> None:
-        d = None if self.measure is None else self.measure.decision
+        d = self._decision
         if d is not None and d.describe() != self.told:
             self.told = d.describe()
             self.log(f"offload_saved auto: {self.told}")
 
     def decision(self) -> dict[str, Any] | None:
-        d = None if self.measure is None else self.measure.decision
+        d = self._decision
         return None if d is None else d.to_json()
+
+    @property
+    def _decision(self) -> Any:
+        return None if self.measure is None else self.measure.decision
 
 
 def _start(
