@@ -50,6 +50,7 @@ from offload.checkpoint.recycle import Recycler
 from offload.checkpoint.retention import Retention, doomed, prune
 from offload.checkpoint.staging import FileStream, Staging, Tally
 from offload.engine.runtime import Runtime
+from offload.utils.priority import lower_thread_priority
 
 __all__ = ["RecordPlan", "SaveJob", "Span", "plan_record", "write_order"]
 
@@ -94,6 +95,7 @@ class SaveJob:
     ring_s: float = 0.0
 
     def run(self) -> None:
+        lower_thread_priority()  # the writer gives way to training (offload.utils.priority)
         start = time.perf_counter()
         try:
             if self.group is None:

@@ -41,11 +41,12 @@ from offload._version import __version__
 from offload.memory import PinnedPool
 from offload.memory.arena import Lease
 from offload.utils import crc
+from offload.utils.priority import lower_thread_priority
 
 CHUNK_BYTES = 64 << 20  # bytes per staging chunk (and per write request)
 ALIGN = 4096  # O_DIRECT's alignment; chunk sizes are multiples of it
 CRC_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
-CRC_SLICE = 16 << 20  # bytes summed by one crc32 call at most
+CRC_SLICE = 64 << 20  # bytes summed by one crc32 call at most (a chunk: few wake-ups, each ~20 ms)
 COPY_THREADS = CRC_THREADS  # threads copying host bytes into staging (the writer thread is one)
 COPY_SLICE = 8 << 20  # bytes per thread at least: smaller copies stay on the writer thread
 
@@ -134,9 +135,14 @@ class Staging:
         self.engine = oio.Engine()
         self.pool = PinnedPool(chunk_bytes * chunks, arena_bytes=chunk_bytes, pin=pin, name="checkpoint")
         self.pool.attach_io(self.engine)  # registered buffers where io_uring takes them
-        self.crc = ThreadPoolExecutor(CRC_THREADS, thread_name_prefix="offload-crc32")
+        # Background threads (offload.utils.priority): they give way to training's.
+        self.crc = ThreadPoolExecutor(
+            CRC_THREADS, thread_name_prefix="offload-crc32", initializer=lower_thread_priority
+        )
         self.copier = (
-            ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="offload-ckpt-copy")
+            ThreadPoolExecutor(
+                COPY_THREADS - 1, thread_name_prefix="offload-ckpt-copy", initializer=lower_thread_priority
+            )
             if COPY_THREADS > 1
             else None
         )

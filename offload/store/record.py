@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from offload.model.layout import ALIGN, FlatLayout
+from offload.utils.widen import add_widened
 
 if TYPE_CHECKING:
     from offload.store.tiers.grad_sums import GradSumTier
@@ -114,7 +115,7 @@ class BlockRecord:
         if self.grad_count == 1:
             self.grad_acc.copy_(self.grad)
         else:
-            self.grad_acc.add_(self.grad)
+            add_widened(self.grad_acc, self.grad)
 
     def take_grad(self) -> Callable[[], torch.Tensor] | None:
         """Decides now, for optimizer.step(), which fp32 gradient this record's update will use,
@@ -132,7 +133,7 @@ class BlockRecord:
 
         def summed() -> torch.Tensor:
             if pending[0]:
-                acc.add_(grad)
+                add_widened(acc, grad)
                 pending[0] = False
             return acc
 
