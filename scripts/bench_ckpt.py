@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     import torch
 
+    from offload.checkpoint.writer import drain
+
     cuda = torch.cuda.is_available() and not a.cpu
     batch, seq = (
         a.batch or DEFAULTS["cuda" if cuda else "cpu"][0],
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = [step() for _ in range(a.steps)]
     ours = run_saves(a, model, opt, step, staging)
     shutil.rmtree(a.dir / "offload", ignore_errors=True)
+    drain(model.runtime, release=True)  # DCP stages its own copy of the state: free our ring first
     if not a.no_dcp:  # ours first, in case the comparison does not finish (a time limit)
         write(
             a.out,

@@ -83,3 +83,20 @@ def test_the_writer_thread_gives_way(tmp_path, monkeypatch):
         model.runtime.close()
     assert seen == [expected()]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == thread_nice()
+
+
+def test_drain_release_frees_the_staging_ring_and_the_next_save_makes_one(tmp_path):
+    import offload
+    from offload.checkpoint import writer
+    from offload.checkpoint.integrity import verify
+
+    model, opt = offload.wrap(tiny("llama", layers=2), device="cpu", dtype="float32")
+    try:
+        first = offload.save(model, opt, tmp_path / "ck", step=1)
+        writer.drain(model.runtime, release=True)  # waits for the save, then frees its ring
+        assert first.done() and writer._SAVERS[model.runtime].staging is None
+        second = offload.save(model, opt, tmp_path / "ck", step=2).wait()
+        assert writer._SAVERS[model.runtime].staging is not None
+        assert verify(second) == []
+    finally:
+        model.runtime.close()

@@ -99,11 +99,16 @@ def _saver(rt: Runtime) -> _Saver:
     return _SAVERS.setdefault(rt, _Saver())
 
 
-def drain(rt: Runtime) -> None:
-    """Waits for rt's save in flight, if any (load() calls it before changing records)."""
+def drain(rt: Runtime, release: bool = False) -> None:
+    """Waits for rt's save in flight, if any (load() calls it before changing records).
+    release: then also frees the staging ring its saves reuse (pinned host memory, as large as
+    staging_bytes asked); the next save makes a new one."""
     saver = _SAVERS.get(rt)
     if saver is not None:
         saver.wait_idle()
+        if release and saver.staging is not None:
+            saver.staging.close()
+            saver.staging = None
 
 
 def _drain_all() -> None:
