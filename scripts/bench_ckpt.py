@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for _ in range(a.warmup):
         step()
-    plain = [step() for _ in range(a.steps)]
+    plain = [step() for _ in range(a.steps if a.plain is None else a.plain)]
     ours = run_saves(a, model, opt, step, staging)
     shutil.rmtree(a.dir / "offload", ignore_errors=True)
     drain(model.runtime, release=True)  # DCP stages its own copy of the state: free our ring first
@@ -141,6 +141,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", default="3b", choices=["tiny", "1b", "3b"])
     ap.add_argument("--layers", type=int, default=None, help="fewer (or more) blocks than the size has")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps without, then with, checkpoints")
+    ap.add_argument("--plain", type=int, default=None, help="steps without checkpoints first (default: --steps)")
     ap.add_argument("--save-every", type=int, default=1, help="save after every this many steps (default 1)")
     ap.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     ap.add_argument(
@@ -160,6 +161,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.accumulate < 1 or a.save_every < 1 or a.steps <= a.save_every:
         ap.error("--accumulate and --save-every must be >= 1, and --steps more than --save-every")
+    if a.plain is not None and a.plain < 1:
+        ap.error("--plain must be >= 1")
     a.disk_bytes = int((a.disk_gib or (0.25 if a.size == "tiny" else 4)) * 2**30) // 4096 * 4096
     return a
 
@@ -519,10 +522,16 @@ def summarize(
     for s in ours["idle"] + ours["stats"]:
         s["over_disk"] = s["GBps"] / disk[f"{s['way']}_GBps"]
         s["stall_pct"] = 100 * s["stall_s"] / base
+    # A step is *writing* when a save made at the end of the step before it is being written
+    # during it; the others (the plain steps and those after no save) are *quiet*. Writing steps
+    # against quiet ones, both taken in the same stretch of the run, is the save's cost.
+    after_save = [False, *ours["saved"][:-1]]
     steps = [
-        {"step": i + 1, "s": t, "save": saved, "over_plain_pct": 100 * (t - base) / base}
-        for i, (t, saved) in enumerate(zip(ours["step_s"], ours["saved"]))
+        {"step": i + 1, "s": t, "save": saved, "writing": w, "over_plain_pct": 100 * (t - base) / base}
+        for i, (t, saved, w) in enumerate(zip(ours["step_s"], ours["saved"], after_save))
     ]
+    quiet = plain + [t["s"] for t in steps if not t["writing"]]
+    writing = [t["s"] for t in steps if t["writing"]]
     timed = steps[a.save_every - 1 :]  # from the first save on
     stats = ours["stats"]
     gbps = statistics.median(s["GBps"] for s in stats)
@@ -547,6 +556,12 @@ def summarize(
         "step_s": base,
         "step_s_with_save": statistics.mean(t["s"] for t in timed),
         "stall_pct": 100 * (statistics.mean(t["s"] for t in timed) - base) / base,
+        "step_s_quiet": quiet,
+        "step_s_writing": writing,
+        "stall_pct_writing": 100 * (statistics.mean(writing) - statistics.mean(quiet)) / statistics.mean(quiet),
+        "stall_pct_writing_median": 100
+        * (statistics.median(writing) - statistics.median(quiet))
+        / statistics.median(quiet),
         "stall_s_per_step": sum(s["stall_s"] for s in stats) / len(timed),
         "stall_pct_stats": 100 * sum(s["stall_s"] for s in stats) / len(timed) / base,
         "flush_GBps": gbps,
@@ -581,6 +596,9 @@ def render(r: dict[str, Any]) -> str:
         f"{'no checkpoint':<22} {r['step_s']:>8.3f}",
         f"{'offload.save every ' + str(r['save_every']):<22} {r['step_s_with_save']:>8.3f} {r['stall_s_per_step']:>8.3f} "
         f"{r['stall_pct']:>8.1f} {r['flush_GBps']:>7.2f} {r['flush_over_disk']:>6.2f}  ({r['disk_way']})",
+        f"{'  steps writing':<22} {statistics.mean(r['step_s_writing']):>8.3f} {'':>8} {r['stall_pct_writing']:>8.1f}"
+        f"  against {len(r['step_s_quiet'])} quiet steps, {statistics.mean(r['step_s_quiet']):.3f} s "
+        f"(medians: {r['stall_pct_writing_median']:+.1f}%)",
     ]
     dc = r.get("dcp")
     if dc:
@@ -596,7 +614,8 @@ def render(r: dict[str, Any]) -> str:
             f"{s['prune_s']:>8.2f} {s['way']}"
         )
     lines.append(
-        "step s: mean from the first save on. stall %: its excess over the steps without saves; stall s: "
+        "step s: mean from the first save on. stall %: its excess over the steps without saves (steps "
+        "writing: the steps a save is written during, against the quiet ones: plain, or after no save); stall s: "
         "offload = save() calls + optimizer held by the capture fence, summed over the saves / steps (the "
         "JSON has per-step excess and stall_pct_stats); dcp = the async_save call. GB/s: bytes / writer "
         "time (offload, median per save), bytes / time to the future's result (dcp); /disk: against the "

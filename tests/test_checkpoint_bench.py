@@ -26,7 +26,7 @@ def bench(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_bench_ckpt_tiny_on_cpu(tmp_path: Path) -> None:
     """The default (prune before), with accumulation, a ring for every host record and a trace."""
     out, trace = tmp_path / "bench.json", tmp_path / "trace.json"
-    argv = ["--steps", "3", "--warmup", "1", "--disk-gib", "0.0625", "--accumulate", "2"]
+    argv = ["--steps", "3", "--plain", "2", "--warmup", "1", "--disk-gib", "0.0625", "--accumulate", "2"]
     argv += ["--staging-gib", "host", "--dir", str(tmp_path / "d"), "--out", str(out), "--trace", str(trace)]
     proc = bench(*argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,6 +39,9 @@ def test_bench_ckpt_tiny_on_cpu(tmp_path: Path) -> None:
     assert report["disk_way"] == "overwrite" and report["disk_write_GBps"] == report["disk"]["overwrite_GBps"]
     assert {"fresh_GBps", "overwrite_GBps", "how"} <= set(report["disk"])
     assert len(report["steps"]) == 3 and {"s", "save", "over_plain_pct"} <= set(report["steps"][0])
+    assert len(report["plain_steps"]) == 2 and [t["writing"] for t in report["steps"]] == [False, True, True]
+    assert len(report["step_s_quiet"]) == 3 and len(report["step_s_writing"]) == 2  # 2 plain + step 1
+    assert "steps writing" in proc.stdout and {"stall_pct_writing", "stall_pct_writing_median"} <= set(report)
     assert {"stall_pct", "stall_pct_stats", "flush_over_disk"} <= set(report) and report["dcp"]["written"] > 0
     assert report["checkpoint_GB"] > 0.9 * report["state_GB"]  # master, m and v of every parameter
     assert report["staging_GB"] > 0 and {"crc32_GBps_1", "copy_GBps_1"} <= set(report["cpu"])
@@ -67,3 +70,5 @@ def test_bench_ckpt_refusals(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "staging ring does not fit" in proc.stderr
     proc = bench("--steps", "2", "--save-every", "2", "--dir", str(tmp_path))
     assert proc.returncode == 2 and "--steps more than --save-every" in proc.stderr
+    proc = bench("--plain", "0", "--dir", str(tmp_path))
+    assert proc.returncode == 2 and "--plain must be >= 1" in proc.stderr
