@@ -141,7 +141,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", default="3b", choices=["tiny", "1b", "3b"])
     ap.add_argument("--layers", type=int, default=None, help="fewer (or more) blocks than the size has")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps without, then with, checkpoints")
-    ap.add_argument("--plain", type=int, default=None, help="steps without checkpoints first (default: --steps)")
+    ap.add_argument(
+        "--plain", type=int, default=None, help="steps without checkpoints first (default: --steps)"
+    )
     ap.add_argument("--save-every", type=int, default=1, help="save after every this many steps (default 1)")
     ap.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     ap.add_argument(
@@ -558,7 +560,9 @@ def summarize(
         "stall_pct": 100 * (statistics.mean(t["s"] for t in timed) - base) / base,
         "step_s_quiet": quiet,
         "step_s_writing": writing,
-        "stall_pct_writing": 100 * (statistics.mean(writing) - statistics.mean(quiet)) / statistics.mean(quiet),
+        "stall_pct_writing": 100
+        * (statistics.mean(writing) - statistics.mean(quiet))
+        / statistics.mean(quiet),
         "stall_pct_writing_median": 100
         * (statistics.median(writing) - statistics.median(quiet))
         / statistics.median(quiet),
