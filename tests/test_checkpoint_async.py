@@ -129,8 +129,9 @@ class FakeRuntime:
 
 
 def test_writer_takes_the_record_the_worker_waits_for() -> None:
-    """next_ready: the record the worker waits for first, else the first ready in the writer's
-    order; it waits while none is ready and raises when the update it waits for failed."""
+    """next_ready: the record the worker waits for first, else the first in the writer's order
+    once the updates from before the save have all run (a copy does not race them); it waits
+    until then and raises when the update it waits for failed."""
     from offload.engine.trace import Tracer
 
     tracer = Tracer(None, torch.device("cpu"))
@@ -138,8 +139,10 @@ def test_writer_takes_the_record_the_worker_waits_for() -> None:
     fence = capture.CaptureFence(recs, tracer)
     fence.install(FakeRuntime(), recs)  # type: ignore[arg-type]
     order = [recs[3], recs[2], recs[1], recs[0]]  # the writer's guess: last block first
-    assert fence.next_ready(order) is recs[3]  # nobody waits: the first ready
+    assert fence.next_ready(order, wait=False) is None  # blocks 0 and 1 are still being updated
+    assert fence.next_ready(order[:2]) is recs[3]  # of these two, nothing runs: the first
     fence.finished(recs[0], ok=True)  # block 0's update from before the save has run
+    assert fence.next_ready(order, wait=False) is None  # block 1's still runs
     held = threading.Thread(target=fence.hold, args=(recs[0],))  # its next one waits for the save
     held.start()
     while fence._waiting is None:
