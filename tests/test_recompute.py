@@ -48,7 +48,7 @@ def test_a_slow_link_recomputes_every_block() -> None:
     c = choose(blocks(8), Link(1 * GB, 1 * GB), device_bytes=0)  # 0.1 s to move 10 ms of compute
     assert c.keep == (R,) * 8
     assert c.describe().startswith("recompute every block")
-    assert c.reason == ""  # nothing could be kept faster: nothing to explain
+    assert c.reason.startswith("no keep fits the room left (device 0.00 GiB")  # the window needs room
 
 
 def test_pcie_limited_offloads_until_the_link_is_as_busy_as_compute() -> None:
@@ -309,3 +309,24 @@ def test_a_choice_lists_the_terms_of_its_estimate() -> None:
     assert c.to_json()["phases"] == p
     nothing = choose(costs, link, device_bytes=window, host_bytes=0, bounds=bounds)
     assert nothing.keep == (R,) * 4 and nothing.phases["kept_backward_compute_s"] == 12.0
+
+
+def test_when_no_keep_fits_it_says_what_one_would_need() -> None:
+    """128K on the GPU machine: the device had no room left for even one keep, and the choice said
+    only "bound by the disk"; now it gives the room and the smallest keep's needs."""
+    costs = blocks(4, att=0.006, att_bytes=10**7)
+    c = choose(costs, Link(10 * GB, 10 * GB), host_bytes=0, device_bytes=10**6)
+    assert c.keep == (R,) * 4 and not c.blocks
+    gib = 1 << 30
+    assert c.reason.startswith(
+        "no keep fits the room left (device 0.00 GiB, host 0.00 GiB); one block's keep needs: "
+    )
+    assert f"attention {10**7 / gib:.2f} GiB of device" in c.reason
+    assert (
+        f"attention_host {SAVED_HELD * 10**7 / gib:.2f} GiB of device, {10**7 / gib:.2f} GiB of host"
+        in c.reason
+    )
+    assert f"host {SAVED_HELD * GB / 10 / gib:.2f} GiB of device, {GB / 10 / gib:.2f} GiB of host" in c.reason
+    assert c.describe().endswith(c.reason) and c.to_json()["reason"] == c.reason
+    plain = choose(blocks(2), Link(10 * GB, 10 * GB), device_bytes=10**6)  # no attention keeps at all
+    assert "attention" not in plain.reason and "host unlimited" in plain.reason

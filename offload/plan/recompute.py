@@ -437,7 +437,7 @@ def choose(
         if split.keeps and (best is None or key < best[0]):
             best = key, split
     if best is None:
-        return nothing
+        return replace(nothing, reason=_none_fits(costs, host_bytes, device_bytes, window))
     split = best[1]
     keep = split.keep(costs)
     kept = estimate(costs, link, keep, bounds)
@@ -466,6 +466,31 @@ def phases(base: Estimate, kept: Estimate, bounds: Bounds) -> dict[str, float]:
             for term, value in zip(("compute", "link", "disk"), values):
                 out[f"{name}_{phase}_{term}_s"] = value
     return out
+
+
+def _none_fits(costs: Sequence[BlockCost], host: int | None, device: int | None, window: int) -> str:
+    """Why no block keeps anything though gains were not weighed: what the smallest keep of each
+    kind would need against the room there is."""
+    if not costs:
+        return "no blocks"
+    gib = 1 << 30
+    needs = []
+    for kind in (Keep.ATTENTION, Keep.ATTENTION_HOST, Keep.DEVICE, Keep.HOST):
+        if kind.attention and not any(c.attention_bytes for c in costs):
+            continue
+        i = min(
+            (j for j, c in enumerate(costs) if not kind.attention or c.attention_bytes),
+            key=lambda j: costs[j].attention_bytes if kind.attention else costs[j].saved_bytes,
+        )
+        keep = [Keep.RECOMPUTE] * len(costs)
+        keep[i] = kind
+        need = f"{kind} {device_bytes(costs, keep, window) / gib:.2f} GiB of device"
+        needs.append(need + (f", {host_bytes(costs, keep) / gib:.2f} GiB of host" if kind.on_host else ""))
+    room = ", ".join(
+        f"{name} {'unlimited' if b is None else f'{b / gib:.2f} GiB'}"
+        for name, b in (("device", device), ("host", host))
+    )
+    return f"no keep fits the room left ({room}); one block's keep needs: {'; '.join(needs)}"
 
 
 def _why_not(choice: Choice, base: Estimate, bounds: Bounds, min_gain: float) -> str:
