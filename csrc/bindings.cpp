@@ -8,6 +8,7 @@
 
 #include "core/adamw.h"
 #include "core/arena.h"
+#include "core/crc32.h"
 #include "core/engine.h"
 #include "core/erasure.h"
 #include "core/errors.h"
@@ -153,6 +154,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("param_ptr"), py::arg("exp_avg_ptr"), py::arg("exp_avg_sq_ptr"), py::arg("grad_ptr"),
       py::arg("grad_is_bf16"), py::arg("wire_ptr"), py::arg("n"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
       py::arg("eps"), py::arg("weight_decay"), py::arg("step"), py::arg("grad_scale"), py::arg("threads"), Release());
+
+  // ---- crc32 (zlib's), and a copy that sums what it copies (the checkpoint's staging).
+  m.def(
+      "crc32",
+      [](uintptr_t addr, size_t nbytes, uint32_t crc) {
+        return crc32_update(crc, reinterpret_cast<const uint8_t*>(addr), nbytes);
+      },
+      py::arg("addr"), py::arg("nbytes"), py::arg("crc") = 0, Release());
+  m.def(
+      "copy_crc32",
+      [](uintptr_t dst, uintptr_t src, size_t nbytes, uint32_t crc) {
+        return copy_crc32(reinterpret_cast<uint8_t*>(dst), reinterpret_cast<const uint8_t*>(src), nbytes, crc);
+      },
+      py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("crc") = 0, Release());
 
   // ---- Erasure codec (offload.snapshot.codec): buffers arrive as addresses, 0 for a lost chunk.
   m.def("ec_isas", []() {

@@ -21,6 +21,7 @@ from offload import io as oio
 from offload.checkpoint import staging as staging_mod
 from offload.checkpoint.format import read_header
 from offload.checkpoint.staging import FileStream, Staging, chunk_size, safetensors_header
+from offload.utils import crc
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8]
 
@@ -102,10 +103,25 @@ def test_copy_split_over_threads(n: int, threads: int, slice_bytes: int) -> None
         try:
             src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
             dst = np.zeros(n + 3, dtype=np.uint8)
-            ring.copy(dst[1 : n + 1], src)
+            sums = ring.copy(dst[1 : n + 1], src)
             assert np.array_equal(dst[1 : n + 1], src) and dst[0] == dst[n + 1] == dst[n + 2] == 0
+            assert sum(k for _, k in sums) == n and crc.join(sums) == zlib.crc32(src)  # summed as copied
         finally:
             ring.close()
+
+
+def test_copy_of_strided_bytes_copies_and_sums_them() -> None:
+    """A source that is not contiguous takes numpy's copy and zlib's crc32: same bytes, same sum."""
+    ring = Staging(4096, 1, pin=False)
+    try:
+        src = np.arange(600, dtype=np.uint8)[::3]
+        dst = np.zeros(200, dtype=np.uint8)
+        assert ring.copy(dst, src) == [(zlib.crc32(np.ascontiguousarray(src)), 200)]
+        assert np.array_equal(dst, src)
+        with pytest.raises(ValueError):
+            ring.copy(np.zeros(5, dtype=np.uint8), np.zeros(6, dtype=np.uint8))
+    finally:
+        ring.close()
 
 
 def test_file_through_copy_threads_and_crc_slices(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

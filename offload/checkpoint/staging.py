@@ -10,11 +10,13 @@ holds every host record lets capture run at memory speed, and then the copy itse
 optimizer may wait for: host bytes are copied on COPY_THREADS threads (numpy releases the GIL),
 the writer thread taking one part.
 
-Each tensor's crc32 is summed over the staged bytes, the very bytes that are written, on a few
-threads (zlib releases the GIL): every slice of CRC_SLICE bytes on its own, the slices' sums
-combined in order when the file is done (``offload.utils.crc``), so neither the writer thread nor
-one tensor's pieces waiting for each other cap the throughput (zlib.crc32 sums 2-4 GB/s on one
-core).
+Each tensor's crc32 is summed over the staged bytes, the very bytes that are written. Host bytes
+are summed as they are copied (``offload._C.copy_crc32``: a block is copied, then summed while it
+is still in cache, so the chunk is not read from memory a second time, and no Python runs between
+the blocks); bytes from the device, once they landed, on a few threads (zlib releases the GIL):
+every slice of CRC_SLICE bytes on its own. The pieces' sums are combined in order when the file
+is done (``offload.utils.crc``), so neither the writer thread nor one tensor's pieces waiting for
+each other cap the throughput.
 
 Files are written whole and never read back: the safetensors header (8-byte little-endian
 length, JSON, padded with spaces to 8 bytes) is computed up front from the shapes.
@@ -36,6 +38,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from offload import _C
 from offload import io as oio
 from offload._version import __version__
 from offload.memory import PinnedPool
@@ -51,6 +54,7 @@ COPY_THREADS = CRC_THREADS  # threads copying host bytes into staging (the write
 COPY_SLICE = 8 << 20  # bytes per thread at least: smaller copies stay on the writer thread
 
 Pending = Union[oio.IoFuture, "Future[int]"]  # what reads a chunk: its write, its crc32 sums
+Summed = Union[int, "Future[int]"]  # a piece's crc32: summed while copied, or on a crc32 thread
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -166,21 +170,23 @@ class Staging:
             raise
         return lease
 
-    def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
-        """dst[:] = src (host bytes), split over the copy threads when large enough; returns when
-        all of it is copied."""
-        parts = min(COPY_THREADS, src.size // COPY_SLICE)
+    def copy(self, dst: np.ndarray, src: np.ndarray) -> list[tuple[int, int]]:
+        """dst[:] = src (host bytes, flat uint8), split over the copy threads when large enough;
+        returns when all of it is copied, with the crc32 and length of each part, in order."""
+
+        def part(i: int, n: int) -> tuple[int, int]:
+            return _C.copy_crc32(dst.ctypes.data + i, src.ctypes.data + i, n), n
+
+        if not (dst.flags.c_contiguous and src.flags.c_contiguous) or dst.size != src.size:
+            np.copyto(dst, src)  # raises for a size mismatch, as a plain copy would
+            return [(zlib.crc32(dst), dst.size)]
+        size = src.size
+        parts = min(COPY_THREADS, size // COPY_SLICE)
         if parts < 2 or self.copier is None:
-            np.copyto(dst, src)
-            return
-        step = -(-src.size // parts)
-        rest = [
-            self.copier.submit(np.copyto, dst[i : i + step], src[i : i + step])
-            for i in range(step, src.size, step)
-        ]
-        np.copyto(dst[:step], src[:step])
-        for f in rest:
-            f.result()
+            return [part(0, size)]
+        step = -(-size // parts)
+        rest = [self.copier.submit(part, i, min(step, size - i)) for i in range(step, size, step)]
+        return [part(0, step)] + [f.result() for f in rest]
 
     def give(self, lease: Lease, pending: list[Pending]) -> None:
         """Puts a chunk back with what is still reading it (its write, its crc32 sums)."""
@@ -238,10 +244,10 @@ class FileStream:
         self.file = file
         self.stream = stream
         self.bytes = 0
-        self._crc: dict[str, list[tuple[Future[int], int]]] = {}  # per tensor: (crc32, length) per slice
+        self._crc: dict[str, list[tuple[Summed, int]]] = {}  # per tensor: (crc32, length) per piece
         self._chunk: Lease | None = None
         self._used = 0
-        self._pieces: list[tuple[str | None, int, int]] = []  # (key, begin, end) in the chunk
+        self._pieces: list[tuple[str | None, int, int]] = []  # (key, begin, end) in the chunk, to sum
 
     def put(self, key: str | None, data: torch.Tensor) -> None:
         """Appends data (a flat uint8 tensor, CPU or CUDA) to the file; key: the tensor whose
@@ -260,9 +266,12 @@ class FileStream:
                 with torch.cuda.stream(self.stream):  # waited for in _write
                     dst.copy_(data[at : at + k], non_blocking=True)
             else:  # our own threads: torch's copy would take every core from the optimizer
-                self.staging.copy(dst.numpy(), data[at : at + k].numpy())
+                sums = self.staging.copy(dst.numpy(), data[at : at + k].numpy())
+                if key is not None:
+                    self._crc[key].extend(sums)
             self.staging.tally.copy_s += time.perf_counter() - t
-            self._pieces.append((key, self._used, self._used + k))
+            if data.is_cuda:  # summed once it landed (_write)
+                self._pieces.append((key, self._used, self._used + k))
             self._used += k
             at += k
             if self._used == self.staging.chunk_bytes:
@@ -275,7 +284,10 @@ class FileStream:
 
     def crcs(self) -> dict[str, int]:
         """Each tensor's crc32 (waits for the sums still running)."""
-        return {k: crc.join([(f.result(), n) for f, n in parts]) for k, parts in self._crc.items()}
+        return {
+            k: crc.join([(c if isinstance(c, int) else c.result(), n) for c, n in parts])
+            for k, parts in self._crc.items()
+        }
 
     def _write(self) -> None:
         chunk = self._chunk
