@@ -163,6 +163,12 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("addr"), py::arg("nbytes"), py::arg("crc") = 0, Release());
   m.def(
+      "crc32_portable",
+      [](uintptr_t addr, size_t nbytes, uint32_t crc) {
+        return crc32_portable(crc, reinterpret_cast<const uint8_t*>(addr), nbytes);
+      },
+      py::arg("addr"), py::arg("nbytes"), py::arg("crc") = 0, Release());
+  m.def(
       "copy_crc32",
       [](uintptr_t dst, uintptr_t src, size_t nbytes, uint32_t crc) {
         return copy_crc32(reinterpret_cast<uint8_t*>(dst), reinterpret_cast<const uint8_t*>(src), nbytes, crc);

@@ -1,4 +1,5 @@
-"""offload._C.crc32 and copy_crc32: zlib's crc32, bit for bit, and a copy that sums what it copies."""
+"""offload._C.crc32 and copy_crc32: zlib's crc32, bit for bit (the PCLMUL folding where the CPU has
+it, and the portable tables), and a copy that sums what it copies."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def test_crc32_is_zlibs(n: int, offset: int, seed: int) -> None:
     data = buf[offset:]
     assert _C.crc32(data.ctypes.data, n, seed) == zlib.crc32(data, seed)
     assert _C.crc32(data.ctypes.data, n) == zlib.crc32(data)
+    assert _C.crc32_portable(data.ctypes.data, n, seed) == zlib.crc32(data, seed)  # no PCLMUL
 
 
 @settings(max_examples=40, deadline=None)
@@ -37,7 +39,11 @@ def test_copy_crc32_copies_and_sums(n: int, src_off: int, dst_off: int, seed: in
 def test_known_values() -> None:
     """The CRC-32 check value, and the empty input."""
     check = np.frombuffer(b"123456789", dtype=np.uint8)
-    assert _C.crc32(check.ctypes.data, 9) == 0xCBF43926
+    assert _C.crc32(check.ctypes.data, 9) == _C.crc32_portable(check.ctypes.data, 9) == 0xCBF43926
+    big = np.random.default_rng(5).integers(0, 256, 5 << 20, dtype=np.uint8)  # the folding's long loop
+    assert (
+        _C.crc32(big.ctypes.data, big.size) == _C.crc32_portable(big.ctypes.data, big.size) == zlib.crc32(big)
+    )
     assert _C.crc32(0, 0) == 0 and _C.crc32(0, 0, 0xDEADBEEF) == 0xDEADBEEF
 
 

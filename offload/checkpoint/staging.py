@@ -13,8 +13,9 @@ the writer thread taking one part.
 Each tensor's crc32 is summed over the staged bytes, the very bytes that are written. Host bytes
 are summed as they are copied (``offload._C.copy_crc32``: a block is copied, then summed while it
 is still in cache, so the chunk is not read from memory a second time, and no Python runs between
-the blocks); bytes from the device, once they landed, on a few threads (zlib releases the GIL):
-every slice of CRC_SLICE bytes on its own. The pieces' sums are combined in order when the file
+the blocks); bytes from the device, once they landed, on a few threads (``offload._C.crc32``,
+without the GIL): every slice of CRC_SLICE bytes on its own. Both fold with PCLMULQDQ where the
+CPU has it (about 10 GB/s a core against zlib's 3). The pieces' sums are combined in order when the file
 is done (``offload.utils.crc``), so neither the writer thread nor one tensor's pieces waiting for
 each other cap the throughput.
 
@@ -305,7 +306,7 @@ class FileStream:
                 continue
             for at in range(b, e, CRC_SLICE):
                 n = min(CRC_SLICE, e - at)
-                summed = self.staging.crc.submit(zlib.crc32, buf[at : at + n].data)
+                summed = self.staging.crc.submit(_C.crc32, buf.ctypes.data + at, n)
                 self._crc[key].append((summed, n))
                 pending.append(summed)
         self.staging.give(chunk, pending)
