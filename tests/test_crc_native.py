@@ -52,3 +52,29 @@ def test_bad_arguments_are_refused() -> None:
         _C.crc32(0, -1)  # a negative length
     with pytest.raises(TypeError):
         _C.copy_crc32(0, 0, 4, -1)  # a negative crc
+
+
+@pytest.mark.parametrize("n", [0, 100, 4095, 4096, 100_003])
+def test_update_is_zlibs_with_the_core_and_without(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """offload.utils.crc.update: the native sum from NATIVE_MIN bytes, zlib's below and where the
+    core is not built; any buffer (bytes, a read-only slice of a memoryview, a numpy array)."""
+    from offload.utils import crc
+
+    raw = np.random.default_rng(n).integers(0, 256, n + 5, dtype=np.uint8).tobytes()
+    for data in (raw[5:], memoryview(raw)[5:], np.frombuffer(raw, dtype=np.uint8)[5:]):
+        assert crc.update(data) == zlib.crc32(raw[5:])
+        assert crc.update(data, 77) == zlib.crc32(raw[5:], 77)
+    calls: list[int] = []
+    real = crc._native
+    monkeypatch.setattr(crc, "_native", None)  # a tree without the built core
+    assert crc.update(raw[5:], 3) == zlib.crc32(raw[5:], 3)
+
+    class Spy:
+        @staticmethod
+        def crc32(addr: int, nbytes: int, value: int) -> int:
+            calls.append(nbytes)
+            return real.crc32(addr, nbytes, value)
+
+    monkeypatch.setattr(crc, "_native", Spy)
+    assert crc.update(raw[5:]) == zlib.crc32(raw[5:])
+    assert calls == ([n] if n >= crc.NATIVE_MIN else [])

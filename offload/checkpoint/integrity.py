@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from offload.checkpoint.format import (
     tensor_key,
 )
 from offload.checkpoint.pieces import Piece, is_sharded, pieces, tiling_problem
+from offload.utils import crc as crc_mod
 
 CHUNK = 16 << 20  # bytes read at a time when summing a tensor
 
@@ -118,6 +118,6 @@ def _crc32(f: Any, offset: int, nbytes: int) -> int:
         chunk = f.read(min(CHUNK, left))
         if not chunk:
             break
-        crc = zlib.crc32(chunk, crc)
+        crc = crc_mod.update(chunk, crc)
         left -= len(chunk)
     return crc

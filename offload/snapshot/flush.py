@@ -20,13 +20,13 @@ import contextlib
 import os
 import re
 import uuid
-import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from offload.snapshot import segment
 from offload.snapshot.segment import Header
+from offload.utils import crc
 
 _DIR = re.compile(r"^snap_(\d+)$")
 _FILE = re.compile(r"^rank_(\d+)\.snap$")
@@ -60,7 +60,7 @@ def write(buf: Any, h: Header, root: Path) -> Path:
             f.seek(segment.HEADER_BYTES)
             for i, want in enumerate(h.crcs):
                 lo, hi = segment.data_range(h.k, h.chunk, i)
-                if zlib.crc32(view[lo:hi]) != want:
+                if crc.update(view[lo:hi]) != want:
                     raise FlushError(
                         f"the snapshot of step {h.step} (rank {h.rank}) changed while it was flushed: "
                         "a newer one is being written; flush again"
@@ -86,7 +86,7 @@ def read(path: Path) -> tuple[Header, bytearray]:
     if len(data) != h.k * h.chunk:
         raise FlushError(f"{path} is truncated: {len(data)} bytes of data, the header says {h.k * h.chunk}")
     for i, want in enumerate(h.crcs):
-        if zlib.crc32(memoryview(data)[i * h.chunk : (i + 1) * h.chunk]) != want:
+        if crc.update(memoryview(data)[i * h.chunk : (i + 1) * h.chunk]) != want:
             raise FlushError(f"{path}: data chunk {i} fails its crc32")
     return h, data
 

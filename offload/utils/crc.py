@@ -7,7 +7,8 @@ order. Python's zlib has no ``crc32_combine``; ``combine`` computes it from the 
 CRC: the crc32 of ``a + b`` is crc32(a) times x^(8 len(b)) modulo the CRC-32 polynomial in GF(2),
 plus crc32(b), with the bits reflected as zlib keeps them (bit 31 is x^0). x^(8 n) is cached per
 length (most slices have one of a few). Bit for bit ``zlib.crc32`` of the whole; no torch here
-(the snapshot keeper reads checksums too).
+(the snapshot keeper reads checksums too). ``update`` sums one buffer on one thread with the
+native core's crc32 (PCLMULQDQ folding, about 3x zlib) where it is built, else with zlib.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
+
+import numpy as np
+
+try:
+    from offload import _C as _native
+except ImportError:  # a source tree whose native core is not built: zlib's code does it all
+    _native = None
 
 PIECE = 64 << 20
 """Bytes each thread of ``crc32`` sums at a time."""
@@ -72,13 +80,28 @@ def _pool() -> ThreadPoolExecutor:
         return _executor
 
 
+NATIVE_MIN = 4096
+"""Bytes from which ``update`` calls the native core (below, zlib's call costs less)."""
+
+
+def update(data: Any, value: int = 0) -> int:
+    """zlib.crc32(data, value) on one thread, by the native core where it is built
+    (``offload._C.crc32``: PCLMULQDQ folding where the CPU has it, about 3x zlib; without the GIL).
+    data: a C-contiguous buffer."""
+    view = memoryview(data).cast("B")
+    if _native is None or len(view) < NATIVE_MIN:
+        return zlib.crc32(view, value)
+    arr = np.frombuffer(view, dtype=np.uint8)
+    return int(_native.crc32(arr.ctypes.data, arr.size, value))
+
+
 def crc32(data: Any, value: int = 0) -> int:
-    """zlib.crc32(data, value), summed in ``PIECE``s on a few threads when data is large (zlib
-    lets go of the GIL)."""
+    """zlib.crc32(data, value), summed in ``PIECE``s on a few threads when data is large (the
+    native core and zlib let go of the GIL)."""
     view = memoryview(data).cast("B")
     n = len(view)
     if n <= 2 * PIECE:
-        return zlib.crc32(view, value)
+        return update(view, value)
     bounds = list(range(0, n, PIECE))
-    sums = list(_pool().map(lambda lo: zlib.crc32(view[lo : lo + PIECE]), bounds))
+    sums = list(_pool().map(lambda lo: update(view[lo : lo + PIECE]), bounds))
     return combine(value, join([(s, min(PIECE, n - lo)) for lo, s in zip(bounds, sums)]), n)
