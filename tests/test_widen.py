@@ -77,11 +77,13 @@ def test_a_shape_mismatch_raises_as_the_plain_add_does():
 
 
 def test_bf16_accumulation_trains_as_with_the_mixed_add(monkeypatch):
-    """Through offload.wrap in bfloat16 with 3 micro-batches a step: the folds (and the last
-    micro-batch's add) give the same weights as the plain acc.add_(grad) did."""
+    """Through offload.wrap in bfloat16 with 3 micro-batches a step: the folds (on the training
+    thread for the second micro-batch, on the fold thread as each later one lands) give the same
+    weights as the plain acc.add_(grad) did, and the same as folding everything synchronously."""
     import copy
 
     import offload
+    from offload.engine import executor
     from offload.store import record
     from tests.models import batches, run_steps, tiny
 
@@ -94,17 +96,39 @@ def test_bf16_accumulation_trains_as_with_the_mixed_add(monkeypatch):
         wrapped.runtime.close()
         return state
 
-    widened: list[torch.dtype] = []
-    real = record.add_widened
-    monkeypatch.setattr(
-        record, "add_widened", lambda acc, grad: (widened.append(grad.dtype), real(acc, grad))[1]
-    )
+    widened: list[tuple[str, torch.dtype]] = []
+    for mod in (record, executor):
+        real = mod.add_widened
+        monkeypatch.setattr(
+            mod,
+            "add_widened",
+            lambda acc, grad, real=real, name=mod.__name__: (
+                widened.append((name, grad.dtype)),
+                real(acc, grad),
+            )[1],
+        )
     ours = train()
-    assert widened and set(widened) == {torch.bfloat16}  # the folds took the widening path
-    monkeypatch.setattr(record, "add_widened", lambda acc, grad: acc.add_(grad))
+    assert {d for _, d in widened} == {torch.bfloat16}  # the folds took the widening path
+    assert {n for n, _ in widened} == {executor.__name__}  # micro-batches 2 and 3, as they landed
+    for mod in (record, executor):
+        monkeypatch.setattr(mod, "add_widened", lambda acc, grad: acc.add_(grad))
     plain = train()
     assert ours.keys() == plain.keys()
     assert all(torch.equal(ours[k], plain[k]) for k in ours)
     assert any(
         not torch.equal(ours[k], ref.state_dict()[k].to(ours[k].dtype)) for k in ours if k in ref.state_dict()
     )
+    # Without the fold thread (every fold on the training thread, the last one in take_grad).
+    monkeypatch.setattr(executor.Executor, "_folder", lambda self: Inline())
+    assert all(torch.equal(a, b) for a, b in zip(train().values(), ours.values()))
+
+
+class Inline:
+    """An executor that runs what it is given at once (the folds synchronous)."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        f: Future = Future()
+        f.set_result(fn(*args))
+        return f

@@ -151,3 +151,24 @@ def test_train_eval_modes_reach_the_streamed_blocks() -> None:
     with torch.no_grad():
         c = wrapped(input_ids=ids).logits
     assert not torch.equal(a, c)  # and on again
+
+
+def test_gradients_keep_summing_over_a_step_without_zero_grad() -> None:
+    """torch's semantics: without zero_grad() the next backward adds onto .grad. Three
+    micro-batches, step(), two more, step(): the second update sees all five, as in plain
+    PyTorch, bit for bit (the later folds run on the fold thread as each gradient lands)."""
+    ref = tiny("llama")
+    mine, data = copy.deepcopy(ref), batches(5)
+    opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.0, fused=True)
+    wrapped, ours = offload.wrap(
+        mine, device="cpu", dtype="float32", optimizer={"lr": 3e-3, "weight_decay": 0.0}
+    )
+    for model, optimizer in ((ref, opt), (wrapped, ours)):
+        for group in (data[:3], data[3:]):
+            for ids in group:
+                (model(input_ids=ids, labels=ids).loss / 3).backward()
+            optimizer.step()  # no zero_grad() in between
+    state = offload.state_dict(wrapped)
+    wrapped.runtime.close()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(state[key], value), key

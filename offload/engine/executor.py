@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from offload.engine.dist import Collective
 from offload.engine.slots import WeightSlots
 from offload.engine.trace import Tracer
 from offload.store.record import BlockRecord
+from offload.utils.widen import add_widened
 
 Bindings = list[list[tuple[nn.Module, str]]]  # per ParamSlot: the (module, attribute) pairs it fills
 
@@ -73,6 +75,7 @@ class Executor:
         self.grad_parts = [torch.empty(part, dtype=dtype, device=device.torch) for _ in range(2)]
         self.staging_free: list[Any] = [None, None]
         self.next_staging = 0
+        self._fold_pool: ThreadPoolExecutor | None = None
         # Per-block squared gradient norms computed on the device (see grad_norms_sq()).
         self.norm_sq: list[torch.Tensor | None] = [None] * len(blocks)
         # Called with each block record once its gradient copy to host is queued (the optimizer
@@ -219,10 +222,14 @@ class Executor:
             return
         dev = self.device
         if rec.grad_count >= 1:
-            # Another micro-batch: the previous copy into rec.grad must land before it is folded
-            # into the fp32 sum and then overwritten.
-            dev.sync_event(rec.d2h_done)
-            rec.fold_grad()
+            # Another micro-batch: the previous gradient in rec.grad must be in the fp32 sum
+            # before this one's copy overwrites it: folded as it landed (the third micro-batch
+            # on), else now, once its copy landed.
+            if rec.settle_fold():
+                rec.folded = False  # after a step() without zero_grad(): sums go on from here
+            else:
+                dev.sync_event(rec.d2h_done)
+                rec.fold_grad()
         g = self.next_staging
         self.next_staging ^= 1
         compute = dev.compute_stream()
@@ -241,8 +248,34 @@ class Executor:
             rec.d2h_done = dev.event(dev.d2h)
         self.staging_free[g] = rec.d2h_done
         rec.grad_count += 1
+        if rec.grad_count >= 2 and rec.grad_acc is not None:
+            # Accumulating: add this gradient into the sum as soon as it lands, on the fold
+            # thread, while the training thread goes on queueing work for the device.
+            rec.fold_pending = self._folder().submit(self._fold_landed, rec, rec.d2h_done)
         if self.on_grad is not None:
             self.on_grad(rec)
+
+    def _folder(self) -> ThreadPoolExecutor:
+        """One thread: a record's folds run in order (each waits for the one before it)."""
+        if self._fold_pool is None:
+            self._fold_pool = ThreadPoolExecutor(1, thread_name_prefix="offload-fold")
+        return self._fold_pool
+
+    def _fold_landed(self, rec: BlockRecord, landed: Any) -> None:
+        """Fold thread: once the copy into rec.grad has landed, rec.grad_acc += rec.grad."""
+        self.device.sync_event(landed)
+        assert rec.grad_acc is not None
+        with self.tracer.span("fold", "host", block=rec.index):
+            add_widened(rec.grad_acc, rec.grad)
+
+    def close(self) -> None:
+        """Waits for the folds in flight and stops the fold thread."""
+        for rec in self.blocks:
+            with contextlib.suppress(BaseException):
+                rec.settle_fold()
+        if self._fold_pool is not None:
+            self._fold_pool.shutdown()
+            self._fold_pool = None
 
     def _reduce_grad(self, index: int, g: int) -> torch.Tensor:
         """Multi-rank, on the d2h stream: the sum over ranks of this rank's shard of staging

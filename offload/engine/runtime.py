@@ -366,6 +366,7 @@ class Runtime:
     def close(self) -> None:
         """Finishes the queued updates, then frees the state tiers (their files, on nvme)."""
         self.updater.close()
+        self.executor.close()
         self.close_tiers()
         self.activations.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,10 @@ class BlockRecord:
     grad_acc_tier: GradSumTier | None = None
     grad_count: int = 0  # backward passes since zero_grad()
     folded: bool = False  # grad_acc already holds the last micro-batch too
+    # The last micro-batch's gradient being added into grad_acc as it lands, off the training
+    # thread (Executor.send_grad, from the second micro-batch on): it reads grad, so it is
+    # waited for (settle_fold) before grad is overwritten, read, or the sums start over.
+    fold_pending: Future[None] | None = None
     queued: bool = False  # its update for this step was queued during backward
     on_device: bool = False  # all its state lives on the compute device (placement.device_blocks)
     # Layout slots of parameters with requires_grad=False: no gradient, never updated (as torch
@@ -91,8 +96,18 @@ class BlockRecord:
         self.update_ranges = _ranges_without(self.layout, slots, self.shard)
 
     def zero_grad(self) -> None:
+        self.settle_fold()
         self.grad_count = 0
         self.folded = False
+
+    def settle_fold(self) -> bool:
+        """Waits for the fold in flight, if any (raises its error); True if there was one: then
+        grad_acc holds the last micro-batch too."""
+        pending, self.fold_pending = self.fold_pending, None
+        if pending is None:
+            return False
+        pending.result()
+        return True
 
     def fold_grad(self) -> None:
         """Before another micro-batch's gradient overwrites ``grad``: add it into the fp32 sum.
@@ -128,10 +143,13 @@ class BlockRecord:
             return lambda: grad if grad.dtype == torch.float32 else grad.float()
         acc = self.grad_acc
         assert acc is not None
-        pending = [not self.folded]  # the last micro-batch is still to be added, once
+        eager = self.fold_pending  # adding the last micro-batch already: waited for, not repeated
+        pending = [not self.folded and eager is None]  # the last micro-batch is still to be added, once
         self.folded = True  # a second step() without zero_grad() must not add it twice
 
         def summed() -> torch.Tensor:
+            if eager is not None:
+                eager.result()
             if pending[0]:
                 add_widened(acc, grad)
                 pending[0] = False
