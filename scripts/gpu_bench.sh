@@ -29,9 +29,10 @@ case "$PHASE" in
   ckpt3b)  # issue 6: a save every step of a 40-micro-batch step (~25 s), each written over the last (ACC=1 EVERY=32
            # STEPS=96: spaced). About 400 s on the H100 at STEPS=3 (the DCP comparison included): one call each.
     rm -rf /tmp/ckpt-bench
-    # PLAIN: steps without saves first (default STEPS); DCP=0: no DCP comparison; TRACE=1: a timeline
+    # PLAIN: steps without saves first (default STEPS); DCP=0: no DCP comparison; TRACE=1: a timeline;
+    # STAGING: the ring, GiB or host (default) or state; "default": offload's own (two records)
     python3 scripts/bench_ckpt.py --size 3b --steps "${STEPS:-3}" --plain "${PLAIN:-${STEPS:-3}}" --warmup "${WARMUP:-1}" --accumulate "${ACC:-40}" \
-      --save-every "${EVERY:-1}" --staging-gib host --prune "${PRUNE:-before}" --dir /tmp/ckpt-bench \
+      --save-every "${EVERY:-1}" $([ "${STAGING:-host}" != default ] && echo --staging-gib "${STAGING:-host}") --prune "${PRUNE:-before}" --dir /tmp/ckpt-bench \
       $([ "${DCP:-1}" = 0 ] && echo --no-dcp) $([ "${TRACE:-0}" = 1 ] && echo --trace "$OUT/trace_ckpt.json") \
       --out "$OUT/ckpt_3b_acc${ACC:-40}_every${EVERY:-1}.json" 2>&1 | show 30 ;;
   act7b)  # issue 5: recompute against auto's per-block keeps, and the boundary states on the host
