@@ -29,7 +29,6 @@ import json
 import os
 import struct
 import time
-import zlib
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -180,7 +179,7 @@ class Staging:
 
         if not (dst.flags.c_contiguous and src.flags.c_contiguous) or dst.size != src.size:
             np.copyto(dst, src)  # raises for a size mismatch, as a plain copy would
-            return [(zlib.crc32(np.ascontiguousarray(dst).data), dst.size)]
+            return [(crc.update(np.ascontiguousarray(dst)), dst.size)]
         size = src.size
         parts = min(COPY_THREADS, size // COPY_SLICE)
         if parts < 2 or self.copier is None:

@@ -223,13 +223,8 @@ class Executor:
         dev = self.device
         if rec.grad_count >= 1:
             # Another micro-batch: the previous gradient in rec.grad must be in the fp32 sum
-            # before this one's copy overwrites it: folded as it landed (the third micro-batch
-            # on), else now, once its copy landed.
-            if rec.settle_fold():
-                rec.folded = False  # after a step() without zero_grad(): sums go on from here
-            else:
-                dev.sync_event(rec.d2h_done)
-                rec.fold_grad()
+            # before this one's copy overwrites it.
+            rec.fold_previous(lambda: dev.sync_event(rec.d2h_done))
         g = self.next_staging
         self.next_staging ^= 1
         compute = dev.compute_stream()

@@ -109,6 +109,16 @@ class BlockRecord:
         pending.result()
         return True
 
+    def fold_previous(self, landed: Callable[[], None]) -> None:
+        """Before another micro-batch's gradient overwrites ``grad`` (a streamed block): the
+        previous one is in the fp32 sum. Folded as it landed (the fold thread, from the second
+        micro-batch on): waited for; else folded now, once ``landed()`` says its copy landed."""
+        if self.settle_fold():
+            self.folded = False  # after a step() without zero_grad(): sums go on from here
+            return
+        landed()
+        self.fold_grad()
+
     def fold_grad(self) -> None:
         """Before another micro-batch's gradient overwrites ``grad``: add it into the fp32 sum.
 
