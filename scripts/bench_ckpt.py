@@ -152,6 +152,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/offload-ckpt-bench"), help="checkpoints go here")
     ap.add_argument("--device-blocks", type=int, default=None, help="default: 12 on CUDA, 1 on the CPU")
+    ap.add_argument(
+        "--gradients",
+        default="host",
+        choices=["host", "gpu"],
+        help="placement.gradients: where the micro-batches' fp32 sums are made (default host)",
+    )
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--staging-gib", default=None, help="GiB, 'host' or 'state' (default: 2 records)")
@@ -190,12 +196,13 @@ def wrap(a: argparse.Namespace, model: Any, cuda: bool, nparams: int) -> tuple[A
         init="random",
         device="cuda" if cuda else "cpu",
         dtype="bfloat16" if cuda else "float32",
-        placement={"device_blocks": blocks},
+        placement={"device_blocks": blocks, "gradients": a.gradients},
         optimizer={"lr": 1e-5, "overlap_backward": a.accumulate == 1},
         trace=a.trace,
     )
     print(
         f"{a.size}: {nparams / 1e9:.2f}B params, device_blocks={blocks}, accumulate {a.accumulate}, "
+        f"gradient sums on {a.gradients}, "
         f"wrap {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
@@ -557,6 +564,7 @@ def summarize(
         "size": a.size,
         "save_every": a.save_every,
         "accumulate": a.accumulate,
+        "gradients": a.gradients,
         "prune": a.prune,
         "params_B": nparams / 1e9,
         "batch": batch,

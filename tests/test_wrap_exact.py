@@ -95,6 +95,16 @@ def test_matches_with_state_on_the_device(placement: dict) -> None:
     assert_same_training("qwen2", accum=2, wd=0.1, clip=0.5, placement=placement)
 
 
+@pytest.mark.parametrize(
+    ("accum", "placement"),
+    [(3, {"gradients": "gpu"}), (1, {"gradients": "gpu"}), (2, {"gradients": "gpu", "device_blocks": 1})],
+)
+def test_matches_with_gradient_sums_on_the_device(accum: int, placement: dict) -> None:
+    """placement.gradients gpu: the streamed blocks' micro-batches add into fp32 sums on the
+    compute device (here the CPU) and only the sum crosses to host; clipping measures it there."""
+    assert_same_training("llama", accum=accum, wd=0.1, clip=0.5, placement=placement)
+
+
 def test_matches_with_clipping_only() -> None:
     assert_same_training("llama", clip=0.05)
 
@@ -153,21 +163,29 @@ def test_train_eval_modes_reach_the_streamed_blocks() -> None:
     assert not torch.equal(a, c)  # and on again
 
 
-def test_gradients_keep_summing_over_a_step_without_zero_grad() -> None:
+@pytest.mark.parametrize("gradients", ["host", "gpu"])
+def test_gradients_keep_summing_over_a_step_without_zero_grad(gradients: str) -> None:
     """torch's semantics: without zero_grad() the next backward adds onto .grad. Three
-    micro-batches, step(), two more, step(): the second update sees all five, as in plain
-    PyTorch, bit for bit (the later folds run on the fold thread as each gradient lands)."""
+    micro-batches, step(), two more, step(), then step() again with no backward: each update sees
+    every micro-batch so far, as in plain PyTorch, bit for bit (host: the later folds run on the
+    fold thread as each gradient lands; gpu: the device's sums go on, and are sent again only
+    after another addition)."""
     ref = tiny("llama")
     mine, data = copy.deepcopy(ref), batches(5)
     opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.0, fused=True)
     wrapped, ours = offload.wrap(
-        mine, device="cpu", dtype="float32", optimizer={"lr": 3e-3, "weight_decay": 0.0}
+        mine,
+        device="cpu",
+        dtype="float32",
+        optimizer={"lr": 3e-3, "weight_decay": 0.0},
+        placement={"gradients": gradients},
     )
     for model, optimizer in ((ref, opt), (wrapped, ours)):
         for group in (data[:3], data[3:]):
             for ids in group:
                 (model(input_ids=ids, labels=ids).loss / 3).backward()
             optimizer.step()  # no zero_grad() in between
+        optimizer.step()  # the same gradients once more
     state = offload.state_dict(wrapped)
     wrapped.runtime.close()
     for key, value in ref.state_dict().items():

@@ -221,7 +221,7 @@ class Executor:
             self._keep_grad(rec, grads)
             return
         dev = self.device
-        if rec.grad_count >= 1:
+        if rec.grad_count >= 1 and not rec.sums_on_device:
             # Another micro-batch: the previous gradient in rec.grad must be in the fp32 sum
             # before this one's copy overwrites it.
             rec.fold_previous(lambda: dev.sync_event(rec.d2h_done))
@@ -237,18 +237,63 @@ class Executor:
         with dev.stream(dev.d2h):
             # The copy to host must not start before the gradients are in the staging buffer.
             dev.wait(dev.d2h, ready)
-            with self.tracer.device_span("d2h", dev.d2h, block=index):
-                out = self.staging[g] if self.group is None else self._reduce_grad(index, g)
-                rec.grad.copy_(out, non_blocking=True)
+            if rec.sums_on_device:
+                with self.tracer.device_span("sum", dev.d2h, block=index):
+                    out = self.staging[g] if self.group is None else self._reduce_grad(index, g)
+                    self._add_to_sum(rec, out)
+            else:
+                with self.tracer.device_span("d2h", dev.d2h, block=index):
+                    out = self.staging[g] if self.group is None else self._reduce_grad(index, g)
+                    rec.grad.copy_(out, non_blocking=True)
             rec.d2h_done = dev.event(dev.d2h)
         self.staging_free[g] = rec.d2h_done
         rec.grad_count += 1
-        if rec.grad_count >= 2 and rec.grad_acc is not None:
+        if rec.grad_count >= 2 and rec.grad_acc is not None and not rec.sums_on_device:
             # Accumulating: add this gradient into the sum as soon as it lands, on the fold
             # thread, while the training thread goes on queueing work for the device.
             rec.fold_pending = self._folder().submit(self._fold_landed, rec, rec.d2h_done)
         if self.on_grad is not None:
             self.on_grad(rec)
+
+    def _add_to_sum(self, rec: BlockRecord, out: torch.Tensor) -> None:
+        """On the d2h stream: the gradient in out (compute dtype) into rec's fp32 sum on the
+        device. The first backward since zero_grad() starts the sum; later ones add in the order
+        autograd accumulates .grad, widened exactly as the host's folds are, so the sum is bit for
+        bit the one the host would have made."""
+        if rec.dev_sum is None:
+            rec.dev_sum = torch.empty(rec.numel, dtype=torch.float32, device=self.device.torch)
+        if rec.grad_count == 0:
+            rec.dev_sum.copy_(out)
+        else:
+            rec.dev_sum.add_(out)
+        rec.sum_sent = False
+
+    def send_sums(self, records: list[BlockRecord]) -> None:
+        """optimizer.step(): the device sums of these records to their host gradients (fp32), in
+        the order given, on the d2h stream after the additions. Each record's d2h_done marks its
+        own copy, so its update waits for that one only (landed()); a sum sent already and not
+        added to since is not sent again (its update may be reading grad)."""
+        dev = self.device
+        with dev.stream(dev.d2h):
+            for rec in records:
+                if not rec.sums_on_device or rec.grad_count == 0 or rec.sum_sent:
+                    continue
+                assert rec.dev_sum is not None
+                with self.tracer.device_span("d2h", dev.d2h, block=rec.index):
+                    rec.grad.copy_(rec.dev_sum, non_blocking=True)
+                rec.d2h_done = dev.event(dev.d2h)
+                rec.sum_sent = True
+
+    def landed(self, rec: BlockRecord) -> Callable[[], None]:
+        """Waits (on the host) for the copy to host rec.d2h_done marks now."""
+        event = rec.d2h_done
+        return lambda: self.device.sync_event(event)
+
+    def device_sum(self, rec: BlockRecord) -> torch.Tensor:
+        """rec's sum on the device, with the compute stream ordered after its additions."""
+        assert rec.dev_sum is not None
+        self.device.wait(self.device.compute_stream(), rec.d2h_done)
+        return rec.dev_sum
 
     def _folder(self) -> ThreadPoolExecutor:
         """One thread: a record's folds run in order (each waits for the one before it)."""
@@ -312,9 +357,11 @@ class Executor:
         self.norm_sq[index] = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
 
     def finish_backward(self) -> None:
-        """Waits until every gradient copy to host has landed (called by optimizer.step())."""
+        """Waits until every gradient copy to host has landed (called by optimizer.step()). A sum
+        kept on the device is waited for by its own update instead (send_sums, landed)."""
         for rec in self.blocks:
-            self.device.sync_event(rec.d2h_done)
+            if not rec.sums_on_device:
+                self.device.sync_event(rec.d2h_done)
 
     def grad_norms_sq(self, sharded: bool | None = None) -> list[torch.Tensor]:
         """Per-block squared gradient norms computed on the device, valid when every block saw

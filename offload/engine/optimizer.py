@@ -64,10 +64,14 @@ class OffloadAdamW(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = closure() if closure is not None else None
         rt = self.runtime
+        records = [rec for rec in rt.records() if not rec.queued]
+        # Sums kept on the device (placement.gradients gpu) start their copies to host first, in
+        # the order the updates run: each update waits for its own block's.
+        rt.executor.send_sums(records)
         with rt.tracer.span("wait_grads", "host"):
             rt.executor.finish_backward()
             rt.gather_resident_grads()
-        work = [(rec, rec.take_grad()) for rec in rt.records() if not rec.queued]
+        work = [(rec, rec.take_grad(rt.executor.landed(rec))) for rec in records]
         coef = self._clip_coef(work)
         hparams = self._hparams()
         rt.updater.reorder()  # what backward queued and has not run yet: in forward order now
@@ -85,8 +89,9 @@ class OffloadAdamW(torch.optim.Optimizer):
                 "ran again before optimizer.step(); turn overlap_backward off to accumulate gradients"
             )
         rec.queued = True
+        self.runtime.executor.send_sums([rec])  # with its sum on the device: the sum is final
         event = rec.d2h_done
-        update = self._update(rec, rec.take_grad(), None, self._hparams())
+        update = self._update(rec, rec.take_grad(self.runtime.executor.landed(rec)), None, self._hparams())
         if rec.on_device:
             self._schedule(rec, update)
             return
@@ -129,6 +134,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         one_pass = (
             not rec.on_device
             and rec.wire.dtype == torch.bfloat16
+            and rec.grad.dtype == torch.bfloat16  # not an fp32 sum from the device
             and rec.wire.data_ptr() != rec.master.data_ptr()
         )
         summed = rec.grad_count > 1 or rec.folded  # decided now: zero_grad() may reset them before run()
@@ -234,10 +240,12 @@ class OffloadAdamW(torch.optim.Optimizer):
         # Per-parameter norms in the model's parameter order, then the norm of those: the order
         # clip_grad_norm_ sums in.
         norms: dict[tuple[int, int], torch.Tensor] = {}
+        executor = self.runtime.executor
         for rec, grad_fn in work:
             if grad_fn is None:
                 continue
-            grad = grad_fn()
+            # A sum kept on the device is measured there (the same fp32 values as its host copy).
+            grad = executor.device_sum(rec) if rec.sums_on_device else grad_fn()
             for k, n in enumerate(torch._foreach_norm(rec.layout.views(grad))):
                 if k not in rec.frozen:  # torch's norm leaves out parameters without a gradient
                     norms[(id(rec), k)] = n.cpu()

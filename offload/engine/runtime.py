@@ -66,6 +66,7 @@ class Runtime:
         self.state_tier: StateTier = HostTier()
         self.memory_tier = HostTier()
         self.grad_sums: GradSumTier | None = None
+        self.sums_on_device = False  # placement.gradients gpu (set by build())
 
     # ---- construction --------------------------------------------------------------------------
 
@@ -100,7 +101,10 @@ class Runtime:
         res_on_device = rt.plan.residents_on_device
         pooled_residents = [res_layout.numel] if resident and not res_on_device else []
         block_numel = layout.numel if rt.group is None else rt.group.shard(layout.numel).numel
-        rt._make_pool([block_numel] * streamed + pooled_residents)
+        # placement.gradients gpu: the streamed blocks sum their gradients on the device, and
+        # their host gradient is the fp32 sum's landing place.
+        rt.sums_on_device = rt.plan.placement["gradients"] is Tier.GPU
+        rt._make_pool([block_numel] * streamed, pooled_residents)
         rt.spilled = rt.plan.spilled
         try:
             if rt.spilled:
@@ -143,13 +147,16 @@ class Runtime:
             return self.memory_tier
         return self.state_tier
 
-    def _make_pool(self, numels: list[int]) -> None:
+    def _make_pool(self, blocks: list[int], residents: list[int]) -> None:
         """A pinned pool that holds exactly the store's DMA buffers: per record the wire copy
-        (the master itself in fp32) and the gradient. Each lease gets an arena of its own exact
-        page-rounded size, so nothing is lost to packing leases into fixed-size arenas."""
+        (the master itself in fp32) and the gradient (a streamed block's in fp32 with its sum on
+        the device). Each lease gets an arena of its own exact page-rounded size, so nothing is
+        lost to packing leases into fixed-size arenas."""
         page = 4096
         item = torch.finfo(self.dtype).bits // 8
-        sizes = [n * item for n in numels for _ in range(2)]  # wire (or master) + grad
+        grad_item = 4 if self.sums_on_device else item
+        sizes = [n * size for n in blocks for size in (item, grad_item)]  # wire (or master) + grad
+        sizes += [n * item for n in residents for _ in range(2)]
         # At least a page: a run whose every block and resident stays on the device streams nothing.
         capacity = max(page, sum(-(-max(s, 1) // page) * page for s in sizes))
         self.pool = PinnedPool(capacity, arena_bytes=page, pin=self.device.cuda, name="store")
@@ -217,7 +224,8 @@ class Runtime:
             master.copy_(full[shard.lo : shard.hi])
         if wire is not master:
             wire.copy_(master)
-        grad = self._lease(n, self.dtype, "grad", leases)
+        sums_on_device = self.sums_on_device and index >= 0
+        grad = self._lease(n, torch.float32 if sums_on_device else self.dtype, "grad", leases)
         grad.zero_()
         return BlockRecord(
             index=index,
@@ -231,6 +239,7 @@ class Runtime:
             step=torch.zeros((), dtype=torch.float32),
             leases=leases,
             shard=None if shard is None else (shard.lo, shard.hi),
+            sums_on_device=sums_on_device,
         )
 
     def _device_record(

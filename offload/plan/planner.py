@@ -89,6 +89,7 @@ def make_plan(
         activations=Tier.GPU,
         snapshot=snapshot,
         loss_chunk=loss_chunk,
+        sums_on_device=cfg.placement.gradients is Tier.GPU,
     )
     need = _needs(shape, local, on_cpu)
     base = base.but(activations=_activations_tier(cfg, base, need, budgets, notes))
@@ -182,15 +183,15 @@ def _device_blocks(
 
 def _placement(cfg: Config, shape: ModelShape, s: Settings, notes: list[str]) -> dict[str, Tier]:
     """The tier of each kind of the spilled blocks' state (host when nothing spills); gradients
-    names where their gradient sums are (the gradients themselves always land in host RAM)."""
+    names where their gradient sums are: gpu for every streamed block's with sums_on_device, else
+    the spilled blocks' (the gradients themselves always land in host RAM)."""
     spilled = bool(s.spilled(shape.blocks))
     if cfg.placement.master is Tier.GPU:
         notes.append("master gpu is not built: the runtime keeps it on host")
-    if cfg.placement.gradients is Tier.GPU:
-        notes.append("gradients gpu is not built: the runtime keeps them on host")
+    sums = Tier.GPU if s.sums_on_device else s.grad_sums if spilled else Tier.HOST
     return {
         "master": s.master if spilled else Tier.HOST,
-        "gradients": s.grad_sums if spilled else Tier.HOST,
+        "gradients": sums,
         "optimizer_state": s.optimizer if spilled else Tier.HOST,
         "activations": s.activations,
     }

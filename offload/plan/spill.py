@@ -171,7 +171,7 @@ def spill_fixes(
         moves = []
         if s.master is Tier.HOST and s.item != 4:
             moves.append(("masters", "master", spilling(s, s.optimizer, k, Tier.CXL, s.grad_sums)))
-        if s.grad_sums is Tier.HOST and s.grad_accum > 1:
+        if s.grad_sums is Tier.HOST and s.grad_accum > 1 and not s.sums_on_device:
             moves.append(("gradient sums", "gradients", spilling(s, s.optimizer, k, s.master, Tier.CXL)))
         for what, field, alt in moves:
             if fits_all(need(alt), budgets):

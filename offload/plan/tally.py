@@ -84,6 +84,9 @@ class Settings:
     grad_sums: Tier = Tier.HOST
     """Where the spilled blocks' fp32 gradient sums live (counted when grad_accum > 1):
     Tier.HOST or Tier.CXL."""
+    sums_on_device: bool = False
+    """placement.gradients gpu: every streamed block's fp32 gradient sum is on the device (made by
+    its first backward), and its host gradient is fp32, where the sum lands once a step."""
     snapshot: float = 0.0
     """The node's snapshot keeper holds this many times the rank's master, m and v (buffers *
     (k + m) / k, offload.snapshot.config.memory_factor); 0: no snapshots."""
@@ -154,25 +157,29 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
     n, rn = shape.block_numel, shape.resident_numel
     part = shard_numel(n, s.world)  # a streamed record's elements on this rank
     spill = s.spilled(shape.blocks)
+    grad_item = 4 if s.sums_on_device else s.item
     for i in range(n_dev, shape.blocks):
         if i in spill:
-            _host_record(t, part, s, s.optimizer, s.master)
+            _host_record(t, part, s, s.optimizer, s.master, grad_item)
         else:
-            _host_record(t, part, s, Tier.HOST, Tier.HOST)
+            _host_record(t, part, s, Tier.HOST, Tier.HOST, grad_item)
     res_dev = bool(rn) and s.residents_on_device
     if rn and res_dev:
         _device_record(t, rn, s)
     elif rn:
-        _host_record(t, rn, s, Tier.HOST, Tier.HOST)  # host residents' state always stays in RAM
+        _host_record(t, rn, s, Tier.HOST, Tier.HOST, s.item)  # host residents' state always stays in RAM
     for _ in range(n_dev):
         _device_record(t, n, s)
+    if s.sums_on_device:  # Executor._add_to_sum: made by each streamed block's first backward
+        t.add("grad_accum", Tier.GPU, 4 * streamed * part)
     if s.grad_accum > 1:  # an fp32 sum per block record, made on its first accumulation
         # (the residents' gradients accumulate in their .grad on the device: device_buffers)
-        kept = streamed - len(spill) if s.grad_sums is not Tier.HOST else streamed
-        t.add("grad_accum", Tier.HOST, 4 * kept * part)
+        if not s.sums_on_device:
+            kept = streamed - len(spill) if s.grad_sums is not Tier.HOST else streamed
+            t.add("grad_accum", Tier.HOST, 4 * kept * part)
+            if s.grad_sums is Tier.CXL:  # CxlGradSums: a page-rounded lease per spilled block
+                t.add("grad_accum", Tier.CXL, len(spill) * _page(4 * part))
         t.add("grad_accum", Tier.GPU, 4 * n_dev * n)
-        if s.grad_sums is Tier.CXL:  # CxlGradSums: a page-rounded lease per spilled block
-            t.add("grad_accum", Tier.CXL, len(spill) * _page(4 * part))
     hidden = shape.hidden_size or 0
     _activations(t, shape.blocks, s.batch_size * s.seq_len * hidden * s.item, s)
     t.add("working", Tier.GPU, working_bytes(shape, s))
@@ -195,9 +202,10 @@ def tally(shape: ModelShape, s: Settings) -> Tally:
     return t
 
 
-def _host_record(t: Tally, numel: int, s: Settings, optimizer: Tier, master: Tier) -> None:
-    """Runtime._host_record: pageable fp32 master, wire and gradient in the pinned pool; in
-    float32 the master is itself the pool buffer the device copies from (no separate wire).
+def _host_record(t: Tally, numel: int, s: Settings, optimizer: Tier, master: Tier, grad_item: int) -> None:
+    """Runtime._host_record: pageable fp32 master, wire and gradient (grad_item bytes an element:
+    fp32 with sums_on_device) in the pinned pool; in float32 the master is itself the pool buffer
+    the device copies from (no separate wire).
     A spilled master is in the block's nvme file instead, before m and v, or in a page-rounded
     lease on a CXL node (CxlMasterTier)."""
     if master is Tier.NVME:
@@ -208,15 +216,15 @@ def _host_record(t: Tally, numel: int, s: Settings, optimizer: Tier, master: Tie
         t.add("master", Tier.HOST, 4 * numel)
     if s.item != 4:
         t.add("wire", Tier.HOST, numel * s.item)
-    t.add("gradients", Tier.HOST, numel * s.item)
+    t.add("gradients", Tier.HOST, numel * grad_item)
     if optimizer is Tier.NVME:
         t.add("optimizer", Tier.NVME, 2 * nvme_half_bytes(numel))
     elif optimizer is Tier.CXL:  # CxlTier: m and v each in a page-rounded lease on a CXL node
         t.add("optimizer", Tier.CXL, 2 * _page(4 * numel))
     else:
         t.add("optimizer", Tier.HOST, 8 * numel)
-    t.pinned += 2 * _page(numel * s.item)
-    t.pooled += 2 * numel * s.item
+    t.pinned += _page(numel * s.item) + _page(numel * grad_item)
+    t.pooled += numel * (s.item + grad_item)
 
 
 def _device_record(t: Tally, numel: int, s: Settings) -> None:

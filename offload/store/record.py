@@ -31,13 +31,21 @@ class BlockRecord:
     exp_avg: torch.Tensor | None
     exp_avg_sq: torch.Tensor | None
     wire: torch.Tensor  # compute dtype, pinned: what is copied to the device (aliases master in fp32)
-    grad: torch.Tensor  # compute dtype, pinned: where the device's gradients land
+    # Pinned: where the device's gradients land. Compute dtype, one micro-batch's; float32 with
+    # sums_on_device, where it receives the whole sum once a step (Executor.send_sums).
+    grad: torch.Tensor
     step: torch.Tensor  # Adam step count (a float tensor, as torch's fused kernel wants)
     grad_acc: torch.Tensor | None = None  # fp32 sum over micro-batches, made when accumulating
     # Where grad_acc is made (placement.gradients cxl, for a spilled block); None: next to grad,
     # in the record's own memory.
     grad_acc_tier: GradSumTier | None = None
     grad_count: int = 0  # backward passes since zero_grad()
+    # placement.gradients gpu (a streamed block): micro-batches add into dev_sum, an fp32 sum on
+    # the compute device (made by the first backward), and only the sum crosses to host, into
+    # grad, when optimizer.step() asks for it. Nothing is folded on the host then.
+    sums_on_device: bool = False
+    dev_sum: torch.Tensor | None = None
+    sum_sent: bool = False  # dev_sum has been copied into grad since its last addition
     folded: bool = False  # grad_acc already holds the last micro-batch too
     # The last micro-batch's gradient being added into grad_acc as it lands, off the training
     # thread (Executor.send_grad, from the second micro-batch on): it reads grad, so it is
@@ -142,13 +150,22 @@ class BlockRecord:
         else:
             add_widened(self.grad_acc, self.grad)
 
-    def take_grad(self) -> Callable[[], torch.Tensor] | None:
+    def take_grad(self, landed: Callable[[], None] | None = None) -> Callable[[], torch.Tensor] | None:
         """Decides now, for optimizer.step(), which fp32 gradient this record's update will use,
         and returns a function that produces it (run later by the optimizer's worker, after a
-        zero_grad() may already have reset the counters). None when there was no backward."""
+        zero_grad() may already have reset the counters). None when there was no backward.
+        With sums_on_device the sum's copy into grad is queued already; ``landed()`` waits for it."""
         if self.grad_count == 0:
             return None
         grad = self.grad
+        if self.sums_on_device:
+            assert landed is not None, "a sum on the device needs its copy to host waited for"
+
+            def sent() -> torch.Tensor:
+                landed()
+                return grad
+
+            return sent
         if self.grad_count == 1 and not self.folded:
             return lambda: grad if grad.dtype == torch.float32 else grad.float()
         acc = self.grad_acc

@@ -38,10 +38,11 @@ def make_state_tier(optimizer: Tier, master: Tier, cfg: Config, numel: int) -> S
 
 
 def make_grad_sums(gradients: Tier, cfg: Config) -> GradSumTier | None:
-    """The tier of the spilled blocks' gradient sums; None: next to their gradients (host)."""
+    """The tier of the spilled blocks' gradient sums; None: next to their gradients (host), or
+    on the compute device (gpu: the executor keeps them, BlockRecord.dev_sum)."""
     if gradients is Tier.CXL:
         return CxlGradSums(cfg.cxl_nodes)
-    if gradients is Tier.HOST:
+    if gradients in (Tier.HOST, Tier.GPU):
         return None
     raise ValueError(f"no gradient-sum tier for {gradients}")
 

@@ -1,0 +1,154 @@
+"""placement.gradients gpu: the streamed blocks' micro-batches add into fp32 sums on the compute
+device, and only the sum crosses to host, once a step (Executor.send_sums). The exactness tests
+against plain PyTorch are in test_wrap_exact.py; these compare against the host's sums, check
+the plan's bytes, and run on CUDA where there is one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import offload
+from offload.config import Tier, load_config
+from offload.plan import make_plan
+from tests.models import Stack, batches, run_steps, tiny
+
+
+def train(model: torch.nn.Module, gradients: str, accum: int, device: str = "cpu", **optimizer: object):
+    wrapped, opt = offload.wrap(
+        model,
+        device=device,
+        dtype="bfloat16",
+        optimizer={"lr": 3e-3, "weight_decay": 0.1, **optimizer},
+        placement={"gradients": gradients},
+    )
+    data = batches(3 * accum)
+    if device != "cpu":
+        data = [d.to(device) for d in data]
+    losses = run_steps(wrapped, opt, 3, accum, lambda step, micro: data[step * accum + micro])
+    state = offload.state_dict(wrapped)
+    wrapped.runtime.close()
+    return losses, state
+
+
+@pytest.mark.parametrize(("accum", "clip"), [(3, 0.5), (3, None), (1, 0.5)])
+def test_bf16_sums_equal_the_hosts(accum: int, clip: float | None) -> None:
+    """In bf16 the device's fp32 sum of bf16 gradients is bit for bit the host's (each addition
+    widens exactly, in the same order), and so is the clipping norm taken from it."""
+    ref = tiny("llama")
+    host = train(copy.deepcopy(ref), "host", accum, max_grad_norm=clip)
+    gpu = train(copy.deepcopy(ref), "gpu", accum, max_grad_norm=clip)
+    assert host[0] == gpu[0]
+    for key, value in host[1].items():
+        assert torch.equal(gpu[1][key], value), key
+
+
+def test_overlap_backward_sends_each_sum_as_its_backward_ends() -> None:
+    """overlap_backward (one backward per step): each block's update is queued during backward,
+    its sum sent to host first; the result is the host path's."""
+    ref = tiny("llama")
+    host = train(copy.deepcopy(ref), "host", 1, overlap_backward=True)
+    gpu = train(copy.deepcopy(ref), "gpu", 1, overlap_backward=True)
+    assert host[0] == gpu[0]
+    for key, value in host[1].items():
+        assert torch.equal(gpu[1][key], value), key
+
+
+def test_overlap_backward_refuses_a_second_backward() -> None:
+    model, _opt = offload.wrap(
+        tiny("llama"), device="cpu", optimizer={"overlap_backward": True}, placement={"gradients": "gpu"}
+    )
+    ids = batches(1)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match="turn overlap_backward off to accumulate"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.runtime.close()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("device_blocks", [0, 2])
+def test_plan_counts_the_sums_on_the_device(dtype: str, device_blocks: int) -> None:
+    """The plan's bytes are what wrap allocates: an fp32 sum per streamed block in the gpu column
+    (made by its first backward), none on the host, and fp32 host gradients in the pinned pool."""
+    model = tiny("llama", layers=4)
+    placement = {"gradients": "gpu", "device_blocks": device_blocks}
+    cfg = load_config(None, device="cpu", dtype=dtype, placement=placement)
+    plan = make_plan(model, cfg, batch_size=2, seq_len=16, grad_accum=2)
+    host_plan = make_plan(
+        model,
+        load_config(None, device="cpu", dtype=dtype, placement={"device_blocks": device_blocks}),
+        batch_size=2,
+        seq_len=16,
+        grad_accum=2,
+    )
+    wrapped, opt = offload.wrap(model, cfg)
+    rt = wrapped.runtime
+    try:
+        assert plan.placement["gradients"] is Tier.GPU
+        streamed = [r for r in rt.blocks if not r.on_device]
+        assert len(streamed) == 4 - device_blocks
+        assert all(r.sums_on_device and r.grad.dtype == torch.float32 for r in streamed)
+        assert not rt.resident.sums_on_device  # the residents' gradients take their own way
+        assert plan.pinned_bytes == rt.pool.config.capacity
+        assert plan.store_bytes(Tier.HOST) == sum(r.state_bytes() for r in rt.records() if not r.on_device)
+        run_steps(wrapped, opt, 1, 2, lambda step, micro: batches(2)[micro])
+        sums = sum(r.dev_sum.numel() * 4 for r in streamed)
+        on_device_sums = sum(r.grad_acc.numel() * 4 for r in rt.blocks if r.on_device)
+        assert plan.get("grad_accum", Tier.GPU) == sums + on_device_sums
+        assert plan.get("grad_accum", Tier.HOST) == 0
+        assert all(r.grad_acc is None for r in streamed)  # nothing folded on the host
+        # Against the host's sums: 4 bytes a parameter moved to the device, and in bf16 the host
+        # gradient grows from 2 to 4 bytes, in place of the 4-byte host sum.
+        host_sums = host_plan.get("grad_accum", Tier.HOST)
+        assert host_sums == sums
+        grown = (2 if dtype == "bfloat16" else 0) * sums // 4
+        assert plan.get("gradients", Tier.HOST) == host_plan.get("gradients", Tier.HOST) + grown
+    finally:
+        rt.close()
+
+
+def test_plan_says_where_the_sums_are() -> None:
+    cfg = load_config(None, device="cpu", placement={"gradients": "gpu"})
+    plan = make_plan(tiny("llama"), cfg, batch_size=1, seq_len=8, grad_accum=4)
+    assert not any("gradients gpu" in note for note in plan.notes)  # built now: no "not built" note
+    assert "gradients gpu" in plan.table()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("accum", [1, 4])
+def test_cuda_sums_equal_the_hosts(accum: int) -> None:
+    """On CUDA: the sums are made on the device from the staging buffer on the d2h stream, sent
+    to host at step() and waited for by each update; the weights after three steps are the
+    host-summing run's, bit for bit, with deterministic kernels."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        ref = Stack(d=1024, layers=6)
+        results = []
+        for gradients in ("host", "gpu"):
+            model, opt = offload.wrap(
+                copy.deepcopy(ref),
+                device="cuda",
+                dtype="bfloat16",
+                optimizer={"lr": 1e-3, "max_grad_norm": 1.0},
+                placement={"gradients": gradients},
+            )
+            torch.manual_seed(0)
+            xs = [
+                (torch.randn(16, 8, device="cuda"), torch.randn(16, device="cuda")) for _ in range(3 * accum)
+            ]
+            for step in range(3):
+                for micro in range(accum):
+                    (model(*xs[step * accum + micro]) / accum).backward()
+                opt.step()
+                opt.zero_grad()
+            if gradients == "gpu":
+                assert all(r.dev_sum is not None and r.dev_sum.is_cuda for r in model.runtime.blocks)
+            results.append(offload.state_dict(model))
+            model.runtime.close()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for key, value in results[0].items():
+        assert torch.equal(results[1][key], value), key
