@@ -6,12 +6,14 @@ the plan's bytes, and run on CUDA where there is one."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
 import offload
 from offload.config import Tier, load_config
+from offload.engine.trace import LANES
 from offload.plan import make_plan
 from tests.models import Stack, batches, run_steps, tiny
 
@@ -152,3 +154,15 @@ def test_cuda_sums_equal_the_hosts(accum: int) -> None:
         torch.use_deterministic_algorithms(False)
     for key, value in results[0].items():
         assert torch.equal(results[1][key], value), key
+
+
+def test_trace_shows_the_additions_on_the_d2h_lane(tmp_path) -> None:
+    path = tmp_path / "trace.json"
+    model, opt = offload.wrap(tiny("llama"), device="cpu", placement={"gradients": "gpu"}, trace=str(path))
+    run_steps(model, opt, 1, 2, lambda step, micro: batches(2)[micro])
+    model.runtime.tracer.write(str(path))
+    model.runtime.close()
+    events = json.loads(path.read_text())["traceEvents"]
+    sums = [e for e in events if e.get("name") == "sum"]
+    assert len(sums) == 2 * len(model.runtime.blocks)  # one per block and micro-batch
+    assert {e["tid"] for e in sums} == {LANES["d2h"]}

@@ -58,7 +58,7 @@ class Tracer:
         """Times device work queued on stream inside the block (host time on the CPU)."""
         if not self.enabled:
             return _NULL
-        lane = {"forward": "compute", "recompute+backward": "compute"}.get(name, name)
+        lane = {"forward": "compute", "recompute+backward": "compute", "sum": "d2h"}.get(name, name)
         if not self.cuda:
             return self._host_span(name, lane, args)
         return self._event_span(name, lane, stream, args)
