@@ -169,3 +169,22 @@ def test_two_ranks_with_m_v_and_gradient_sums_on_cxl(tmp_path: Path) -> None:
         },
     }
     assert_matches(2, spec, tmp_path / "run")
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_two_ranks_with_gradient_sums_on_the_device(overlap: bool, tmp_path: Path) -> None:
+    """placement.gradients gpu: each rank sums its reduce-scattered shard of every micro-batch's
+    gradient on the compute device (here the CPU) and sends the sum to host at step() (with
+    overlap_backward, as each block's backward ends); the numbers stay those of one rank, and the
+    plan predicts each rank's host store and pinned pool (fp32 gradient shards)."""
+    spec = {
+        "family": "llama",
+        "batch": 4,
+        "steps": 3,
+        "accum": 1 if overlap else 3,
+        "wrap": {
+            "optimizer": {"lr": 3e-3, "max_grad_norm": None if overlap else 0.5, "overlap_backward": overlap},
+            "placement": {"gradients": "gpu"},
+        },
+    }
+    assert_matches(2, spec, tmp_path / "run")
