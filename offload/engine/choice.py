@@ -220,15 +220,25 @@ class MeasuredChoice:
         if not self.recording or index in self._saved:
             yield
             return
-        keep, seen = self.weights(), {}
+        keep = self.weights()
+        # Autograd keeps the pack hook with every tensor it saved through it, until the graph is
+        # freed: the tensors seen go through a box emptied when the body ends, so the hook does
+        # not hold them past the body. Backward frees each saved tensor once it is used; held
+        # here, a block's whole graph stayed until its backward ended, and the measuring pass
+        # peaked higher than recomputing does (an MLP-wide tensor on the CPU; on the H100 the
+        # 6.7B shape's peak at 128K was 5.9 GiB over the recompute's, which left no room to keep).
+        box: list[dict[tuple, torch.Tensor] | None] = [{}]
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.device == self.device.torch and storage_key(t) not in keep:
+            seen = box[0]
+            if seen is not None and t.device == self.device.torch and storage_key(t) not in keep:
                 seen[(storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)] = t
             return t
 
         with saved_tensors_hooks(pack, lambda t: t):
             yield
+        seen, box[0] = box[0], None
+        assert seen is not None
         self._saved[index] = Packing(list(seen.values())).nbytes
 
     def add_boundary(self, index: int, nbytes: int) -> None:
