@@ -30,10 +30,10 @@ case "$PHASE" in
            # STEPS=96: spaced). About 400 s on the H100 at STEPS=3 (the DCP comparison included): one call each.
     rm -rf /tmp/ckpt-bench
     # PLAIN: steps without saves first (default STEPS); DCP=0: no DCP comparison; TRACE=1: a timeline;
-    # STAGING: the ring, GiB or host (default) or state; "default": offload's own (two records);
-    # GRADIENTS=gpu: the micro-batches' fp32 sums on the device (placement.gradients)
+    # STAGING: the ring, GiB, host or state; "default" (the default): offload's own (two records);
+    # GRADIENTS: where the micro-batches' fp32 sums are made, gpu (the default) or host
     python3 scripts/bench_ckpt.py --size 3b --steps "${STEPS:-3}" --plain "${PLAIN:-${STEPS:-3}}" --warmup "${WARMUP:-1}" --accumulate "${ACC:-40}" \
-      --save-every "${EVERY:-1}" --gradients "${GRADIENTS:-host}" $([ "${STAGING:-host}" != default ] && echo --staging-gib "${STAGING:-host}") --prune "${PRUNE:-before}" --dir /tmp/ckpt-bench \
+      --save-every "${EVERY:-1}" --gradients "${GRADIENTS:-gpu}" $([ "${STAGING:-default}" != default ] && echo --staging-gib "${STAGING:-default}") --prune "${PRUNE:-before}" --dir /tmp/ckpt-bench \
       $([ "${DCP:-1}" = 0 ] && echo --no-dcp) $([ "${TRACE:-0}" = 1 ] && echo --trace "$OUT/trace_ckpt.json") \
       --out "$OUT/ckpt_3b_acc${ACC:-40}_every${EVERY:-1}.json" 2>&1 | show 30 ;;
   act7b)  # issue 5: recompute against auto's per-block keeps, and the boundary states on the host
