@@ -180,3 +180,36 @@ def test_trace_shows_the_additions_on_the_d2h_lane(tmp_path) -> None:
     sums = [e for e in events if e.get("name") == "sum"]
     assert len(sums) == 2 * len(model.runtime.blocks)  # one per block and micro-batch
     assert {e["tid"] for e in sums} == {LANES["d2h"]}
+
+
+@pytest.mark.parametrize(
+    ("accum", "gpu_gib", "gradients", "noted"),
+    [(8, 80, "host", True), (1, 80, "host", False), (8, 80, "gpu", False), (8, None, "host", False)],
+)
+def test_plan_suggests_the_sums_on_the_device_where_they_fit(
+    accum: int, gpu_gib: int | None, gradients: str, noted: bool
+) -> None:
+    """Accumulating with the sums on the host, and room on the device for them: the plan says
+    so (not without accumulation, not when they are there already, not without a gpu budget)."""
+    budgets = {"gpu_bytes": None if gpu_gib is None else gpu_gib * 2**30}
+    cfg = load_config(None, device="cuda", budgets=budgets, placement={"gradients": gradients})
+    plan = make_plan(tiny("llama"), cfg, batch_size=1, seq_len=8, grad_accum=accum)
+    assert any(n.startswith("gradients gpu would fit") for n in plan.notes) == noted
+
+
+def test_plan_suggests_the_sums_only_where_the_device_holds_them() -> None:
+    """The device's budget less its margin holds the plan exactly: no room for the sums, no
+    note; with room for exactly the sums (4 bytes a streamed parameter), the note."""
+    model = tiny("llama")
+
+    def plan(gpu_bytes: int | None):
+        cfg = load_config(
+            None, device="cuda", budgets={"gpu_bytes": gpu_bytes}, placement={"device_blocks": 1}
+        )
+        return make_plan(model, cfg, batch_size=1, seq_len=8, grad_accum=8)
+
+    exact = plan(None).needed[Tier.GPU] + (2 << 30)  # DEVICE_MARGIN_BYTES
+    sums = 4 * 2 * plan(None).shape.block_numel  # the two streamed blocks'
+    assert not any(n.startswith("gradients gpu would fit") for n in plan(exact).notes)
+    assert not any(n.startswith("gradients gpu would fit") for n in plan(exact + sums - 1).notes)
+    assert any(n.startswith("gradients gpu would fit") for n in plan(exact + sums).notes)

@@ -101,6 +101,7 @@ def make_plan(
         )
     settings = choose_spill(shape, cfg, settings, need, budgets[Tier.HOST], notes, budgets[Tier.CXL])
     placement = _placement(cfg, shape, settings, notes)
+    _suggest_device_sums(cfg, settings, need, budgets[Tier.GPU], on_cpu, notes)
     if on_cpu:
         notes.append(
             "the compute device is the CPU: the gpu column lives in host RAM and counts there "
@@ -179,6 +180,30 @@ def _device_blocks(
                 return s.but(device_blocks=k, device_residents=res)
     notes.append("device_blocks auto: 0 (not even the streaming buffers fit the gpu budget less its margin)")
     return s.but(device_blocks=0, device_residents=False if residents is None else residents)
+
+
+def _suggest_device_sums(
+    cfg: Config, s: Settings, need: Needs, budget: int | None, on_cpu: bool, notes: list[str]
+) -> None:
+    """A note when micro-batches are accumulated with their sums on the host and the device has
+    room for them beside the rest (the gpu budget less DEVICE_MARGIN_BYTES, as device_blocks auto
+    counts): placement.gradients gpu takes the per-micro-batch copies and folds off the host."""
+    if (
+        on_cpu
+        or budget is None
+        or s.grad_accum < 2
+        or s.sums_on_device
+        or cfg.placement.gradients is not Tier.HOST
+    ):
+        return
+    before, after = need(s)[Tier.GPU], need(s.but(sums_on_device=True))[Tier.GPU]
+    if after <= budget - DEVICE_MARGIN_BYTES:
+        notes.append(
+            f"gradients gpu would fit ({format_bytes(after - before)} more of device): each "
+            "micro-batch's gradient would be added into its fp32 sum on the device instead of "
+            "copied to host and folded there, leaving host memory bandwidth to the optimizer and "
+            "checkpoints (docs/config.md)"
+        )
 
 
 def _placement(cfg: Config, shape: ModelShape, s: Settings, notes: list[str]) -> dict[str, Tier]:
