@@ -409,7 +409,10 @@ class PlacementConfig:
     cxl: the sums in memory bound to the cxl_nodes. nvme is refused: a sum is read and written
     back once per micro-batch on backward's critical path. auto: host, unless m and v (and with
     master auto the masters) of every streamed block on cxl still leave the host over budget
-    while micro-batches are accumulated: then the spilled blocks' sums go to cxl too."""
+    while micro-batches are accumulated: then the spilled blocks' sums go to cxl too. gpu:
+    every streamed block's sum on the compute device, the micro-batches added there, the sum
+    copied to host once a step; auto picks it first when a plan that knows grad_accum > 1 finds
+    room for the sums on the device."""
     activations: Tier = Tier.GPU
     """Block-boundary hidden states kept for the backward pass: gpu keeps them on the device;
     host copies them to pinned host memory during forward and back during backward, a few

@@ -213,3 +213,33 @@ def test_plan_suggests_the_sums_only_where_the_device_holds_them() -> None:
     assert not any(n.startswith("gradients gpu would fit") for n in plan(exact).notes)
     assert not any(n.startswith("gradients gpu would fit") for n in plan(exact + sums - 1).notes)
     assert any(n.startswith("gradients gpu would fit") for n in plan(exact + sums).notes)
+
+
+@pytest.mark.parametrize(
+    ("accum", "room", "chosen"), [(8, True, Tier.GPU), (8, False, Tier.HOST), (1, True, Tier.HOST)]
+)
+def test_gradients_auto_puts_accumulated_sums_on_the_device_where_they_fit(
+    accum: int, room: bool, chosen: Tier
+) -> None:
+    """gradients auto: gpu when micro-batches are accumulated and the sums fit beside the rest
+    (after the device blocks took theirs), counted in the plan's gpu column; else the host."""
+    model = tiny("llama")
+
+    def plan(gpu_bytes: int | None):
+        cfg = load_config(
+            None,
+            device="cuda",
+            budgets={"gpu_bytes": gpu_bytes},
+            placement={"gradients": "auto", "device_blocks": 1},
+        )
+        return make_plan(model, cfg, batch_size=1, seq_len=8, grad_accum=accum)
+
+    without = plan(None)
+    sums = 4 * 2 * without.shape.block_numel  # the two streamed blocks'
+    made = plan(without.needed[Tier.GPU] + (2 << 30) + (sums if room else sums - 1))
+    assert made.placement["gradients"] is chosen
+    on_device = chosen is Tier.GPU
+    assert made.get("grad_accum", Tier.GPU) == (sums if on_device else 0) + (
+        4 * made.shape.block_numel if accum > 1 else 0
+    )
+    assert any(n.startswith("gradients auto: gpu") for n in made.notes) == on_device

@@ -89,7 +89,7 @@ def make_plan(
         activations=Tier.GPU,
         snapshot=snapshot,
         loss_chunk=loss_chunk,
-        sums_on_device=cfg.placement.gradients is Tier.GPU,
+        sums_on_device=cfg.placement.gradients is Tier.GPU,  # auto: _device_sums
     )
     need = _needs(shape, local, on_cpu)
     base = base.but(activations=_activations_tier(cfg, base, need, budgets, notes))
@@ -99,9 +99,9 @@ def make_plan(
         settings, recompute = _recompute(
             model, shape, cfg, settings, need, budgets, rates, detect, blocks, notes
         )
+    settings = _device_sums(cfg, settings, need, budgets[Tier.GPU], on_cpu, notes)
     settings = choose_spill(shape, cfg, settings, need, budgets[Tier.HOST], notes, budgets[Tier.CXL])
     placement = _placement(cfg, shape, settings, notes)
-    _suggest_device_sums(cfg, settings, need, budgets[Tier.GPU], on_cpu, notes)
     if on_cpu:
         notes.append(
             "the compute device is the CPU: the gpu column lives in host RAM and counts there "
@@ -182,28 +182,41 @@ def _device_blocks(
     return s.but(device_blocks=0, device_residents=False if residents is None else residents)
 
 
-def _suggest_device_sums(
+def _device_sums(
     cfg: Config, s: Settings, need: Needs, budget: int | None, on_cpu: bool, notes: list[str]
-) -> None:
-    """A note when micro-batches are accumulated with their sums on the host and the device has
-    room for them beside the rest (the gpu budget less DEVICE_MARGIN_BYTES, as device_blocks auto
-    counts): placement.gradients gpu takes the per-micro-batch copies and folds off the host."""
+) -> Settings:
+    """Where accumulated gradient sums go, after the device blocks have taken their room and before
+    the host's budget is fitted: gpu (Settings.sums_on_device) when asked for, or for gradients
+    auto when micro-batches are accumulated and the sums fit on the device beside the rest (the
+    gpu budget less DEVICE_MARGIN_BYTES, as device_blocks auto counts). With gradients host and
+    room for them, a note says so. Elsewhere (auto without the room, or on the CPU) auto goes on
+    to choose_spill: host, or cxl for the spilled blocks."""
+    asked = cfg.placement.gradients
     if (
-        on_cpu
+        asked is Tier.GPU
+        or on_cpu
         or budget is None
         or s.grad_accum < 2
-        or s.sums_on_device
-        or cfg.placement.gradients is not Tier.HOST
+        or asked not in (Tier.AUTO, Tier.HOST)
     ):
-        return
+        return s
     before, after = need(s)[Tier.GPU], need(s.but(sums_on_device=True))[Tier.GPU]
-    if after <= budget - DEVICE_MARGIN_BYTES:
+    if after > budget - DEVICE_MARGIN_BYTES:
+        return s
+    took = format_bytes(after - before)
+    if asked is Tier.AUTO:
         notes.append(
-            f"gradients gpu would fit ({format_bytes(after - before)} more of device): each "
-            "micro-batch's gradient would be added into its fp32 sum on the device instead of "
-            "copied to host and folded there, leaving host memory bandwidth to the optimizer and "
-            "checkpoints (docs/config.md)"
+            f"gradients auto: gpu (the sums over {s.grad_accum} micro-batches fit on the device, {took}): "
+            "each gradient is added into its sum there instead of copied to host and folded"
         )
+        return s.but(sums_on_device=True)
+    notes.append(
+        f"gradients gpu would fit ({took} more of device): each "
+        "micro-batch's gradient would be added into its fp32 sum on the device instead of "
+        "copied to host and folded there, leaving host memory bandwidth to the optimizer and "
+        "checkpoints (docs/config.md)"
+    )
+    return s
 
 
 def _placement(cfg: Config, shape: ModelShape, s: Settings, notes: list[str]) -> dict[str, Tier]:

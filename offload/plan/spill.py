@@ -76,7 +76,7 @@ def choose_spill(
         # written every micro-batch, so they go last)
         cxl_masters = [Tier.HOST, Tier.CXL] if p.master is Tier.AUTO and s.item != 4 else [Tier.HOST]
         combos = [(m, sums) for m in cxl_masters]
-        if p.gradients is Tier.AUTO and s.grad_accum > 1:
+        if p.gradients is Tier.AUTO and s.grad_accum > 1 and not s.sums_on_device:
             combos.append((cxl_masters[-1], Tier.CXL))
         on_cxl = [spilling(s, Tier.CXL, k, m, g) for m, g in combos for k in range(1, streamed + 1)]
         chosen = next(
