@@ -237,13 +237,11 @@ class Executor:
         with dev.stream(dev.d2h):
             # The copy to host must not start before the gradients are in the staging buffer.
             dev.wait(dev.d2h, ready)
-            if rec.sums_on_device:
-                with self.tracer.device_span("sum", dev.d2h, block=index):
-                    out = self.staging[g] if self.group is None else self._reduce_grad(index, g)
+            with self.tracer.device_span("sum" if rec.sums_on_device else "d2h", dev.d2h, block=index):
+                out = self.staging[g] if self.group is None else self._reduce_grad(index, g)
+                if rec.sums_on_device:
                     self._add_to_sum(rec, out)
-            else:
-                with self.tracer.device_span("d2h", dev.d2h, block=index):
-                    out = self.staging[g] if self.group is None else self._reduce_grad(index, g)
+                else:
                     rec.grad.copy_(out, non_blocking=True)
             rec.d2h_done = dev.event(dev.d2h)
         self.staging_free[g] = rec.d2h_done
@@ -265,7 +263,7 @@ class Executor:
         if rec.grad_count == 0:
             rec.dev_sum.copy_(out)
         else:
-            rec.dev_sum.add_(out)
+            add_widened(rec.dev_sum, out)  # a plain add_ on CUDA; the fast one on a CPU device
         rec.sum_sent = False
 
     def send_sums(self, records: list[BlockRecord]) -> None:

@@ -192,13 +192,7 @@ def _device_sums(
     room for them, a note says so. Elsewhere (auto without the room, or on the CPU) auto goes on
     to choose_spill: host, or cxl for the spilled blocks."""
     asked = cfg.placement.gradients
-    if (
-        asked is Tier.GPU
-        or on_cpu
-        or budget is None
-        or s.grad_accum < 2
-        or asked not in (Tier.AUTO, Tier.HOST)
-    ):
+    if asked not in (Tier.AUTO, Tier.HOST) or on_cpu or budget is None or s.grad_accum < 2:
         return s
     before, after = need(s)[Tier.GPU], need(s.but(sums_on_device=True))[Tier.GPU]
     if after > budget - DEVICE_MARGIN_BYTES:
