@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's benchmark session (see README "Results"): build, then one phase per call so
 # each stays inside the device tool's 10-minute command limit. Results land in $OUT.
-#   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more|nvme3b|big|snap3b|ckpt3b|act7b|act128k|dist7b|dist13b
+#   bash scripts/gpu_bench.sh io|gpu-tests|train3b|train-more|nvme3b|big|snap3b|ckpt3b|attn|act7b|act128k|dist7b|dist13b
 #   (train3b: DEVICE_BLOCKS=12, RUN=1; act7b, act128k: DEVICE_BLOCKS=10 or auto, the plan's;
 #   dist7b and dist13b need 2 GPUs: kind nvidia-h200-x2)
 # DeepSpeed's wheels and libaio come from .bench/deps (../shared/baselines/fetch_deps.sh).
@@ -36,6 +36,8 @@ case "$PHASE" in
       --save-every "${EVERY:-1}" --gradients "${GRADIENTS:-gpu}" $([ "${STAGING:-default}" != default ] && echo --staging-gib "${STAGING:-default}") --prune "${PRUNE:-before}" --dir /tmp/ckpt-bench \
       $([ "${DCP:-1}" = 0 ] && echo --no-dcp) $([ "${TRACE:-0}" = 1 ] && echo --trace "$OUT/trace_ckpt.json") \
       --out "$OUT/ckpt_3b_acc${ACC:-40}_every${EVERY:-1}.json" 2>&1 | show 30 ;;
+  attn)  # attention's forward and backward by kernel, and through offload's kept call
+    python3 scripts/bench_attention.py --seqs "${SEQS:-32768,131072}" --out "$OUT/attention.json" 2>&1 | show 12 ;;
   act7b)  # issue 5: recompute against auto's per-block keeps, and the boundary states on the host
     python3 scripts/bench_activations.py --size 7b --device-blocks "${DEVICE_BLOCKS:-10}" --seqs "${SEQS:-2048,8192,16384,32768}" \
       --placements "${PLACEMENTS:-recompute,auto,host,auto-host}" --steps 3 --out "$OUT/activations_7b.json" 2>&1 | show 24 ;;

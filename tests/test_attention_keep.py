@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import offload
 from offload.engine import function
-from offload.engine.attention import Capture, Probe, Replay
+from offload.engine.attention import CUDNN, Capture, Probe, Replay
 from offload.plan.activations import count_block
 from tests.models import batches, tiny
 
@@ -134,3 +134,67 @@ def test_a_masked_model_counts_no_attention_to_keep() -> None:
         count_block(tiny("llama", layers=2), "float32", 2, 16).attention
         == 2 * 4 * 16 * 12 * 4 + 2 * 4 * 16 * 4
     )
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_on_cuda_a_kept_call_runs_the_dispatchers_kernel_bitwise(causal: bool) -> None:
+    """On CUDA the kept call runs the kernel the dispatcher picks (cuDNN on Hopper, else flash),
+    so its output and gradients are bitwise those of SDPA; a host round trip keeps the kernel.
+    Without the causal mask cuDNN's own backward is not deterministic in the queries' gradient
+    (two plain runs differ, as measured on the H100): that one agrees to rounding."""
+    from offload.engine.attention import AttentionKeep
+    from offload.engine.device import Device
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(1, 8, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)
+    )
+    choice = int(torch._fused_sdp_choice(q, k, v, None, 0.0, causal))
+    with torch.no_grad(), Capture() as capture:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    (kept,) = capture.records
+    assert kept is not None and kept.kernel == choice
+    keep = AttentionKeep(Device("cuda"), 1)
+    records = keep.get(keep.put(0, capture.records, host=True))
+    assert records[0] is not None and records[0].kernel == choice
+    grad = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=g)
+    for recs in (capture.records, records):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with Replay(recs, 0):
+            again = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+        assert torch.equal(again, out)
+        got = torch.autograd.grad(again, leaves, grad)
+        plain = [t.clone().requires_grad_() for t in (q, k, v)]
+        want = torch.autograd.grad(F.scaled_dot_product_attention(*plain, is_causal=causal), plain, grad)
+        for i, (a, b) in enumerate(zip(got, want)):
+            if causal or i or choice != CUDNN:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    keep.close()
+
+
+@cuda
+def test_on_cuda_grouped_queries_are_kept_and_backpropagate_to_rounding() -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(1, 2, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    with torch.no_grad(), Capture() as capture:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert capture.records[0] is not None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with Replay(capture.records, 0):
+        again = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(again, out)
+    grad = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=g)
+    got = torch.autograd.grad(again, leaves, grad)
+    plain = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(
+        F.scaled_dot_product_attention(*plain, is_causal=True, enable_gqa=True), plain, grad
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -16,12 +16,14 @@ values, which are cheap to recompute. So for the blocks that keep their attentio
 
 The recomputed queries, keys and values are bitwise those of the forward (the recompute is
 exact), and the kernel and its arguments are the ones the dispatcher uses, so gradients are
-bitwise those of a plain recompute (``tests/test_attention_keep.py``; where the dispatcher would
-have picked cuDNN, below, they agree to the two kernels' rounding). A call is kept only when its
-kernel is flash attention (CUDA, or the CPU's flash kernel; on CUDA also where the dispatcher
-would pick cuDNN attention and flash can run the call) with no mask and no dropout, and on CUDA a
-head size that needs no padding; any other call is recomputed as usual (a ``None`` in the
-block's records), and :class:`Probe` says in the measuring step which blocks can keep.
+bitwise those of a plain recompute (``tests/test_attention_keep.py``). A call is kept only when
+its kernel is flash attention (CUDA, or the CPU's flash kernel) or cuDNN attention (where the
+dispatcher picks it: Hopper), with no mask and no dropout, and on CUDA a head size that needs no
+padding; grouped queries where the dispatcher picks cuDNN run flash (to the two kernels'
+rounding). Any other call is recomputed as usual (a ``None`` in the block's records), and
+:class:`Probe` says in the measuring step which blocks can keep. The kept call runs the kernel
+the dispatcher picked rather than another that could run it: their speeds differ, most in
+backward at long sequences, and the keep's gain is measured against the dispatcher's kernel.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from offload.engine.activations import HostKept, KeptStore, Stored
 from offload.engine.device import Device
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
-_FLASH, _CUDNN = 1, 3  # torch.nn.attention.SDPBackend's values, as torch._fused_sdp_choice returns them
+FLASH, CUDNN = 1, 3  # torch.nn.attention.SDPBackend's values, as torch._fused_sdp_choice returns them
 
 
 def _flash_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, gqa: bool) -> bool:
@@ -70,34 +72,45 @@ class _Options:
         )
         return given["query"], given["key"], given["value"], opts
 
-    def keepable(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether the dispatcher would run flash attention here, with nothing to pad."""
+    def kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int | None:
+        """The fused kernel the dispatcher would run here (FLASH or CUDNN), None where the call
+        cannot be kept: a mask, dropout, a head size to pad, or another kernel."""
         if self.mask is not None or self.dropout_p != 0.0 or q.dim() != 4:
-            return False
+            return None
         if q.is_cuda and q.shape[-1] % 8:
-            return False  # the CUDA path would pad the head size: not the kernel called below
+            return None  # the CUDA path would pad the head size: not the kernel called below
         choice = int(
             torch._fused_sdp_choice(
                 q, k, v, None, 0.0, self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa
             )
         )
-        if choice == _FLASH:
-            return True
-        # Where a torch version prefers cuDNN attention (Hopper), flash runs the call as well,
-        # unless it was disabled (sdpa_kernel, enable_flash_sdp), which can_use_flash_attention
-        # checks too.
-        return choice == _CUDNN and q.is_cuda and _flash_can_run(q, k, v, self.is_causal, self.enable_gqa)
+        if choice == FLASH or (choice == CUDNN and q.is_cuda and not self.enable_gqa):
+            return choice
+        # Grouped queries where the dispatcher picks cuDNN: its kernel is not called directly
+        # here (how the dispatcher feeds it the grouped keys is its own), so flash runs the call
+        # where it can (enable_flash_sdp and sdpa_kernel are checked too), to its rounding.
+        if choice == CUDNN and q.is_cuda and _flash_can_run(q, k, v, self.is_causal, self.enable_gqa):
+            return FLASH
+        return None
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: int
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[Any]]:
-        """(output, tensors the backward needs besides q, k, v and the output, other values)."""
+        """(output, tensors the backward needs besides q, k, v and the output, other values),
+        from the kernel's forward called as the dispatcher calls it."""
+        if kernel == CUDNN:
+            out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
+                torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    q, k, v, None, True, 0.0, self.is_causal, False, scale=self.scale
+                )
+            )
+            # Sizes, and tensors that are empty or undefined without dropout and nesting.
+            return out, [lse], [cum_q, cum_k, max_q, max_k, seed, offset]
         if q.is_cuda:
             out, lse, *rest = torch.ops.aten._scaled_dot_product_flash_attention(
                 q, k, v, 0.0, self.is_causal, False, scale=self.scale
             )
-            # cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused: sizes, and tensors that are
-            # empty or undefined (None) without dropout and nesting; they stay as they are.
+            # cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused: as for cuDNN above.
             return out, [lse], rest[:6]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, self.is_causal, scale=self.scale
@@ -108,14 +121,19 @@ class _Options:
         self, grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: Kept
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The kernel's backward, called as autograd's derivative of the forward above calls it."""
+        (lse,) = kept.tensors
+        if kept.kernel == CUDNN:
+            cum_q, cum_k, max_q, max_k, seed, offset = kept.values
+            return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                grad, q, k, v, kept.out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0,
+                self.is_causal, scale=self.scale,
+            )  # fmt: skip
         if q.is_cuda:
-            (lse,) = kept.tensors
             cum_q, cum_k, max_q, max_k, seed, offset = kept.values
             return torch.ops.aten._scaled_dot_product_flash_attention_backward(
                 grad, q, k, v, kept.out, lse, cum_q, cum_k, max_q, max_k, 0.0, self.is_causal, seed,
                 offset, scale=self.scale,
             )  # fmt: skip
-        (lse,) = kept.tensors
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, kept.out, lse, 0.0, self.is_causal, scale=self.scale
         )
@@ -123,12 +141,14 @@ class _Options:
 
 @dataclass(slots=True, eq=False)
 class Kept:
-    """One kept attention call: its output, the log-sum-exp, and the kernel's other values (on
-    CUDA its sizes and the small or undefined tensors it returns; they never leave the device)."""
+    """One kept attention call: its output, the log-sum-exp, the kernel's other values (on CUDA
+    its sizes and the small or undefined tensors it returns; they never leave the device), and
+    which kernel ran it (FLASH or CUDNN)."""
 
     out: torch.Tensor
     tensors: list[torch.Tensor]
     values: list[Any]
+    kernel: int = FLASH
 
     @property
     def nbytes(self) -> int:
@@ -148,11 +168,12 @@ class Capture(TorchFunctionMode):
         if func is not SDPA:
             return func(*args, **kwargs)
         q, k, v, opts = _Options.parse(*args, **kwargs)
-        if not opts.keepable(q, k, v):
+        kernel = opts.kernel(q, k, v)
+        if kernel is None:
             self.records.append(None)
             return func(*args, **kwargs)
-        out, tensors, values = opts.forward(q, k, v)
-        self.records.append(Kept(out, tensors, values))
+        out, tensors, values = opts.forward(q, k, v, kernel)
+        self.records.append(Kept(out, tensors, values, kernel))
         return out
 
 
@@ -229,7 +250,7 @@ class Probe(TorchFunctionMode):
             return func(*args, **kwargs)
         q, k, v, opts = _Options.parse(*args, **kwargs)
         self.calls += 1
-        self.keepable = self.keepable and opts.keepable(q, k, v)
+        self.keepable = self.keepable and opts.kernel(q, k, v) is not None
         start = self._mark()
         out = func(*args, **kwargs)
         self.spans.append((start, self._mark()))
@@ -258,8 +279,8 @@ class KeptGroup:
     records: list[Kept | None]
     """On the device (empty once put in a store)."""
     stored: Stored | None = None
-    values: list[tuple[int, list[Any]] | None] = field(default_factory=list)
-    """Stored: per call, None (not kept) or (tensors it put, its kernel's other values)."""
+    values: list[tuple[int, list[Any], int] | None] = field(default_factory=list)
+    """Stored: per call, None (not kept) or (tensors it put, its kernel's other values, kernel)."""
 
 
 class AttentionKeep(HostKept):
@@ -280,7 +301,7 @@ class AttentionKeep(HostKept):
         if not host:
             return KeptGroup(records)
         tensors = [t for r in records if r is not None for t in (r.out, *r.tensors)]
-        values = [None if r is None else (1 + len(r.tensors), r.values) for r in records]
+        values = [None if r is None else (1 + len(r.tensors), r.values, r.kernel) for r in records]
         return KeptGroup([], self.store.put(index, tensors), values)
 
     def get(self, group: KeptGroup) -> list[Kept | None]:
@@ -295,5 +316,5 @@ class AttentionKeep(HostKept):
                 out.append(None)
                 continue
             mine = [next(tensors) for _ in range(v[0])]
-            out.append(Kept(mine[0], mine[1:], v[1]))
+            out.append(Kept(mine[0], mine[1:], v[1], v[2]))
         return out
