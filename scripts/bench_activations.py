@@ -149,7 +149,7 @@ def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) ->
         failed = True  # freed by the next run's clean_slate, once this traceback is gone
     if failed:
         del x
-        return {**head, "result": "OOM", "steps": times, **_peaks(cuda), **_choice(acts)}
+        return {**head, "result": "OOM", "steps": times, **_peaks(cuda), **_choice(acts), **_staging(acts)}
     model.runtime.wait_updates()
     # Steady steps: after the first (warm-up) one; for auto, after the step that decided (it
     # measures the link and waits for the optimizer once).
@@ -169,6 +169,7 @@ def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) ->
         **_peaks(cuda),
         "offload_saved": placement["offload_saved"] if not auto else "auto",
         **_choice(acts),
+        **_staging(acts),
     }
 
 
@@ -186,6 +187,12 @@ def _peaks(cuda: bool) -> dict[str, float | None]:
         "alloc_retries": stats.get("num_alloc_retries", 0),
         "device_mallocs": stats.get("num_device_alloc", 0),
     }
+
+
+def _staging(acts: Any) -> dict[str, Any]:
+    """How the NVMe store's staging leases grew (nvme boundary states; else nothing)."""
+    growth = getattr(acts.boundary, "growth", None)
+    return {} if growth is None else {"staging": acts.boundary.staging, "staging_growth": growth}
 
 
 def _choice(acts: Any) -> dict[str, Any]:
@@ -249,6 +256,9 @@ def table(results: list[dict[str, Any]], seqs: list[int], names: list[str]) -> s
                 lines.append(
                     f"  its own recompute step {base:.3f} s, then {kept:.3f} s: {1 - kept / base:.1%} faster"
                 )
+    for r in results:
+        for note in r.get("staging_growth", []):
+            lines.append(f"{r['placement']} @ {r['seq']}: {note}")
     if any("choice" in r for r in results):
         lines.append(
             "(per block: D device graph, H host graph, A attention on device, a on host, R recompute)"

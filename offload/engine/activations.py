@@ -29,7 +29,7 @@ import contextlib
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -485,9 +485,16 @@ class HostKept:
         self._host.close()
 
 
-def make_store(tier: Tier, device: Device, blocks: int, nvme_dirs: Sequence[str] = ()) -> ActivationStore:
+def make_store(
+    tier: Tier,
+    device: Device,
+    blocks: int,
+    nvme_dirs: Sequence[str] = (),
+    room: Callable[[], int] | None = None,
+) -> ActivationStore:
     """The store for a boundary-state tier (``placement.activations`` as the plan resolved it;
-    auto given here keeps them on the device)."""
+    auto given here keeps them on the device); room the host bytes nvme's staging may still
+    grow into (None: it does not grow)."""
     if tier in (Tier.GPU, Tier.AUTO):
         return DeviceStore()
     if tier is Tier.HOST:
@@ -495,5 +502,5 @@ def make_store(tier: Tier, device: Device, blocks: int, nvme_dirs: Sequence[str]
     if tier is Tier.NVME:
         from offload.engine.activations_nvme import NvmeStore  # it builds on this module
 
-        return NvmeStore(device, blocks, nvme_dirs)
+        return NvmeStore(device, blocks, nvme_dirs, room=room)
     raise ConfigError("placement.activations", str(tier), "not built for activations: use gpu, host or nvme")

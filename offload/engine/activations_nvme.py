@@ -8,10 +8,20 @@ call and submits the writes whose copies are done (a write is forced only when i
 needed). Backward: the groups wanted next are read back into staging leases ``depth`` ahead and
 copied to the device once read. A group still in its staging lease is never read back.
 
-Host memory holds ``staging`` groups (default 4: two being written or read ahead, one in use,
+Host memory holds ``staging`` groups (at first 4: two being written or read ahead, one in use,
 one spare); when all are out, the oldest written group's lease is reclaimed, after a host wait
 for its write, which is exactly the disk's shortfall. A failed write (a full disk) raises from the
-call that waits for it. Each directory holds one file per run, in a subdirectory removed at
+call that waits for it.
+
+Where the disk writes slower than the forward computes, the forward waits at every put once the
+leases are out. Given ``room`` (the host bytes the store may still take), it grows the leases
+when a forward ends (at the first backward fetch) by what that forward waited: a forward of n
+groups in t seconds that waited w of them for the disk runs at the disk's pace, and leases for
+n * w / t groups let it run at its own (the disk gets through a group in t / n, compute in
+(t - w) / n; the forward stays ahead when the leases cover n * (1 - compute / disk) groups).
+The groups still in their leases when backward begins are never read back, so the reads shrink
+by as many. The leases grow at most to one per group of a forward (and the read-ahead), within
+``room``; ``growth`` says what grew and why. Each directory holds one file per run, in a subdirectory removed at
 ``close()`` (or when the store is garbage-collected, or at exit).
 
 ``clock`` (a :class:`DiskClock`) times the disk's transfers while someone asks it to
@@ -21,6 +31,7 @@ call that waits for it. Each directory holds one file per run, in a subdirectory
 from __future__ import annotations
 
 import collections
+import math
 import shutil
 import threading
 import time
@@ -39,6 +50,8 @@ from offload.store.tiers.dirs import check_dir, run_dir
 
 ALIGN = 4096
 STAGING = 4
+WAIT_SHARE = 0.01
+"""A forward that waited for the disk less than this share of its time does not grow the leases."""
 
 
 def _padded(nbytes: int) -> int:
@@ -179,6 +192,7 @@ class NvmeStore(OffloadingStore):
         depth: int = DEPTH,
         staging: int = STAGING,
         min_bytes: int = 0,
+        room: Callable[[], int] | None = None,
     ) -> None:
         if staging < depth + 2:
             raise ValueError(f"staging = {staging}: needs at least depth + 2 = {depth + 2} leases")
@@ -187,6 +201,11 @@ class NvmeStore(OffloadingStore):
         super().__init__(device, blocks, depth, min_bytes)
         self.dirs = [run_dir(d, "act-") for d in dirs]
         self.staging = staging
+        self.room = room
+        self.growth: list[str] = []
+        """Each time the leases grew: from how many to how many, and the forward's wait."""
+        self._forward: list[float] | None = None  # this forward's [start, seconds waited, puts]
+        self._lease_bytes = 0  # the largest staging lease so far
         self._engine = oio.Engine()
         self._files = [_File(oio.open(d / "activations.bin", "x", engine=self._engine)) for d in self.dirs]
         self._puts = 0
@@ -211,7 +230,11 @@ class NvmeStore(OffloadingStore):
     def _copy_out(self, st: Stored) -> None:
         assert st.packing is not None
         self._pump()
+        if self._forward is None:
+            self._forward = [time.perf_counter(), 0.0, 0]
+        self._forward[2] += 1
         nbytes = _padded(st.packing.nbytes)
+        self._lease_bytes = max(self._lease_bytes, nbytes)
         lease = self._stage(nbytes)
         st.home.lease = lease
         event = self._copy_to_host(st, lease)
@@ -240,6 +263,10 @@ class NvmeStore(OffloadingStore):
 
     def _fetch(self, st: Stored, wait: bool) -> None:
         self._pump()
+        if self._forward is not None:
+            start, waited, puts = self._forward
+            self._grow(start, waited, int(puts), time.perf_counter())
+            self._forward = None
         if st.back is not None:  # already on its way to the device
             return
         home = st.home
@@ -274,7 +301,10 @@ class NvmeStore(OffloadingStore):
             victim = self._evictable()
             if victim is None:
                 raise RuntimeError(f"all {self.staging} activation staging leases hold groups in use")
+            waited = time.perf_counter()
             victim.out.wait()  # host wait: the lease is reused only once its write is done
+            if self._forward is not None:
+                self._forward[1] += time.perf_counter() - waited
             assert victim.home.lease is not None
             victim.home.busy.remove(victim.out)
             self._release(victim.home.lease)
@@ -282,6 +312,28 @@ class NvmeStore(OffloadingStore):
         lease = self._lease(nbytes)
         self._leased += 1
         return lease
+
+    def _grow(self, start: float, waited: float, puts: int, end: float) -> None:
+        """After a forward of puts groups from start to end that waited waited seconds for the
+        disk: leases for the groups it would have needed to run ahead (module docstring)."""
+        took = end - start
+        if self.room is None or took <= 0 or waited < WAIT_SHARE * took or not self._lease_bytes:
+            return
+        need = math.ceil(puts * waited / took)
+        # The first growth sizes from the wait at the starting leases; a later one (the estimate
+        # fell short) adds to what there is.
+        want = self.staging + need if self.growth else max(self.staging + 1, need + 1)
+        want = min(want, puts + self.depth)
+        fits = self.staging + max(self.room(), 0) // self._lease_bytes
+        grown = min(want, fits)
+        if grown <= self.staging:
+            return
+        self.growth.append(
+            f"staging {self.staging} -> {grown} leases of {self._lease_bytes / 2**30:.2f} GiB: the forward "
+            f"waited {waited:.2f} s of {took:.2f} s for the disk"
+            + ("" if grown == want else f" (the host room fits {grown}, not {want})")
+        )
+        self.staging = grown
 
     def _evictable(self) -> Stored | None:
         for ref in self._live:

@@ -305,13 +305,10 @@ class MeasuredChoice:
         """(device bytes, host bytes) the kept tensors may take. Device, on CUDA:
         :func:`device_room` of what the driver and the caching allocator report now; on the
         CPU, where the device is host memory, budgets.gpu_bytes less the plan's other gpu bytes
-        (device_need), else the host's free memory less HOST_MARGIN_BYTES. Host: its free memory less HOST_MARGIN_BYTES (pinned memory
-        cannot be swapped out), and no more than budgets.host_bytes less what the process holds
-        now."""
+        (device_need), else the host's free memory less HOST_MARGIN_BYTES. Host:
+        :func:`host_room`."""
         free = max(psutil.virtual_memory().available - HOST_MARGIN_BYTES, 0)
-        host = free
-        if self.budgets.host_bytes is not None:
-            host = max(min(free, self.budgets.host_bytes - psutil.Process().memory_info().rss), 0)
+        host = host_room(self.budgets)
         if not self.device.cuda:
             gpu = self.budgets.gpu_bytes
             return (free if gpu is None else max(gpu - self.device_need, 0)), host
@@ -327,6 +324,16 @@ class MeasuredChoice:
         h2d, d2h = measure_link(self.device.torch)
         link = self.traffic.link(h2d, d2h, measure_duplex(self.device.torch))
         return choose(costs, link, host_bytes, device_bytes, bounds)
+
+
+def host_room(budgets: BudgetsConfig) -> int:
+    """Host bytes kept tensors or staging may still take: the host's free memory less
+    HOST_MARGIN_BYTES (pinned memory cannot be swapped out), and no more than budgets.host_bytes
+    less what the process holds now."""
+    free = max(psutil.virtual_memory().available - HOST_MARGIN_BYTES, 0)
+    if budgets.host_bytes is None:
+        return free
+    return max(min(free, budgets.host_bytes - psutil.Process().memory_info().rss), 0)
 
 
 def device_room(total: int, free: int, reserved: int, peak: int, budget: int | None = None) -> int:

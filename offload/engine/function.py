@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from offload.config import Config, Tier
 from offload.engine.activations import ActivationStore, DeviceStore, make_store
 from offload.engine.attention import AttentionKeep, Capture, Replay
-from offload.engine.choice import Chooser, MeasuredChoice, Traffic, make_choice
+from offload.engine.choice import Chooser, MeasuredChoice, Traffic, host_room, make_choice
 from offload.engine.executor import Executor
 from offload.engine.saved import SavedTensors, weight_keys
 from offload.engine.updater import Updater
@@ -97,7 +97,8 @@ def make_activations(
     boundary states' tier, the plan's (None: placement.activations). Sets (or clears) the
     executor's timer."""
     p, device, blocks = cfg.placement, executor.device, len(executor.blocks)
-    boundary = make_store(activations or p.activations, device, blocks, cfg.nvme_dirs)
+    room = lambda: host_room(cfg.budgets)  # noqa: E731
+    boundary = make_store(activations or p.activations, device, blocks, cfg.nvme_dirs, room)
     streamed = len(executor.streamed) * executor.slots.buffers[0].nbytes
     traffic = Traffic(weight_bytes=streamed, grad_bytes=streamed, disk=getattr(boundary, "clock", None))
     keys = lambda: weight_keys(executor)  # noqa: E731
