@@ -14,13 +14,17 @@ for its write, which is exactly the disk's shortfall. A failed write (a full dis
 call that waits for it.
 
 Where the disk writes slower than the forward computes, the forward waits at every put once the
-leases are out. Given ``room`` (the host bytes the store may still take), it grows the leases
-when a forward ends (at the first backward fetch) by what that forward waited: a forward of n
-groups in t seconds that waited w of them for the disk runs at the disk's pace, and leases for
-n * w / t groups let it run at its own (the disk gets through a group in t / n, compute in
-(t - w) / n; the forward stays ahead when the leases cover n * (1 - compute / disk) groups).
-The groups still in their leases when backward begins are never read back, so the reads shrink
-by as many. The leases grow at most to one per group of a forward (and the read-ahead), within
+leases are out; more leases let it run further ahead, and the groups still in their leases when
+backward begins are never read back. Under ``offload_saved: auto`` the cost model decides how
+many (offload.plan.recompute.choose_staged: they draw on the host memory keeps would take) and
+calls :meth:`NvmeStore.grow_to`. Otherwise, given ``room`` (the host bytes the store may still
+take), the store grows them itself when a forward ends (at the first backward fetch), from what
+that forward waited: a forward of n groups in t seconds that waited w of them for the disk would
+run at its own pace with about n * w / t groups leased (the disk writes a group in t / n,
+compute makes one in (t - w) / n, and the forward stays ahead with n * (1 - compute / disk) in
+leases). The host clock runs ahead of the device, so (t - w) / n understates compute and that
+count overstates the need: each growth adds half of it, and a forward that still waits adds
+again. The leases grow at most to one per group of a forward (and the read-ahead), within
 ``room``; ``growth`` says what grew and why. Each directory holds one file per run, in a subdirectory removed at
 ``close()`` (or when the store is garbage-collected, or at exit).
 
@@ -319,21 +323,26 @@ class NvmeStore(OffloadingStore):
         took = end - start
         if self.room is None or took <= 0 or waited < WAIT_SHARE * took or not self._lease_bytes:
             return
-        need = math.ceil(puts * waited / took)
-        # The first growth sizes from the wait at the starting leases; a later one (the estimate
-        # fell short) adds to what there is.
-        want = self.staging + need if self.growth else max(self.staging + 1, need + 1)
-        want = min(want, puts + self.depth)
+        want = min(self.staging + math.ceil(puts * waited / took / 2), puts + self.depth)
         fits = self.staging + max(self.room(), 0) // self._lease_bytes
         grown = min(want, fits)
-        if grown <= self.staging:
-            return
-        self.growth.append(
-            f"staging {self.staging} -> {grown} leases of {self._lease_bytes / 2**30:.2f} GiB: the forward "
-            f"waited {waited:.2f} s of {took:.2f} s for the disk"
-            + ("" if grown == want else f" (the host room fits {grown}, not {want})")
-        )
-        self.staging = grown
+        why = f"the forward waited {waited:.2f} s of {took:.2f} s for the disk"
+        self.grow_to(grown, why + ("" if grown == want else f" (the host room fits {grown}, not {want})"))
+
+    @property
+    def lease_bytes(self) -> int:
+        """The largest staging lease so far (one group, padded); 0 before the first put."""
+        return self._lease_bytes
+
+    def grow_to(self, leases: int, why: str) -> None:
+        """At least leases staging leases from now on; growth records it with why."""
+        with self._lock:
+            if leases <= self.staging:
+                return
+            self.growth.append(
+                f"staging {self.staging} -> {leases} leases of {self._lease_bytes / 2**30:.2f} GiB: {why}"
+            )
+            self.staging = leases
 
     def _evictable(self) -> Stored | None:
         for ref in self._live:

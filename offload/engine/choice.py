@@ -50,10 +50,20 @@ from offload.engine.attention import Probe
 from offload.engine.device import Device
 from offload.engine.packing import Packing, storage_key
 from offload.plan.measure import measure_duplex, measure_link
-from offload.plan.recompute import BlockCost, Bounds, Choice, Keep, Link, choose, keep_margin
+from offload.plan.recompute import (
+    BlockCost,
+    Bounds,
+    Choice,
+    Keep,
+    Link,
+    Staging,
+    choose,
+    choose_staged,
+    keep_margin,
+)
 
 if TYPE_CHECKING:
-    from offload.engine.activations_nvme import DiskClock, DiskTime
+    from offload.engine.activations_nvme import DiskClock, DiskTime, NvmeStore
 
 Spec = Literal["never", "auto", "always"] | list[int] | dict[str, list[int]]
 Chooser = Callable[[int], Keep]
@@ -72,11 +82,18 @@ class Traffic:
     """What else crosses the host link per step, besides kept tensors (for the cost model), and
     the clock of the disk the boundary states go to (nvme; None: another tier)."""
 
-    def __init__(self, weight_bytes: int, grad_bytes: int, disk: DiskClock | None = None) -> None:
+    def __init__(
+        self,
+        weight_bytes: int,
+        grad_bytes: int,
+        disk: DiskClock | None = None,
+        staging: NvmeStore | None = None,
+    ) -> None:
         self.weight_bytes = weight_bytes  # uploaded once in forward, once in backward
         self.grad_bytes = grad_bytes  # copied to host in backward
         self.boundary: dict[int, int] = {}  # per block: boundary bytes out in forward, back in backward
         self.disk = disk
+        self.staging = staging  # the NVMe store, whose staging leases the choice may grow
 
     @property
     def boundary_bytes(self) -> int:
@@ -323,7 +340,27 @@ class MeasuredChoice:
         device_bytes, host_bytes = self.room()
         h2d, d2h = measure_link(self.device.torch)
         link = self.traffic.link(h2d, d2h, measure_duplex(self.device.torch))
-        return choose(costs, link, host_bytes, device_bytes, bounds)
+        staging = self._staging()
+        if staging is None:
+            return choose(costs, link, host_bytes, device_bytes, bounds)
+        choice, extra = choose_staged(costs, link, host_bytes, device_bytes, bounds, staging)
+        if extra:
+            assert self.traffic.staging is not None
+            self.traffic.staging.grow_to(staging.leases + extra, "chosen with the keeps (offload_saved auto)")
+        return choice
+
+    def _staging(self) -> Staging | None:
+        """The NVMe store's staging leases and the disk's time per group, as measured (None:
+        the boundary states are not on nvme, or nothing was written)."""
+        store = self.traffic.staging
+        if store is None or self.disk is None or not store.lease_bytes or not self.disk[0].nbytes:
+            return None
+        written, read = self.disk
+        per = store.lease_bytes
+        write_s = written.seconds * per / written.nbytes
+        read_s = read.seconds * per / read.nbytes if read.nbytes else write_s
+        groups = len(self.traffic.boundary)
+        return Staging(store.staging, per, groups, write_s, read_s, most=groups + store.depth)
 
 
 def host_room(budgets: BudgetsConfig) -> int:

@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 
 from offload.config import Config, Tier
 from offload.engine.activations import ActivationStore, DeviceStore, make_store
+from offload.engine.activations_nvme import NvmeStore
 from offload.engine.attention import AttentionKeep, Capture, Replay
 from offload.engine.choice import Chooser, MeasuredChoice, Traffic, host_room, make_choice
 from offload.engine.executor import Executor
@@ -97,10 +98,12 @@ def make_activations(
     boundary states' tier, the plan's (None: placement.activations). Sets (or clears) the
     executor's timer."""
     p, device, blocks = cfg.placement, executor.device, len(executor.blocks)
-    room = lambda: host_room(cfg.budgets)  # noqa: E731
+    # NVMe staging grows by itself unless auto's cost model sizes it with the keeps.
+    room = None if p.offload_saved == "auto" else (lambda: host_room(cfg.budgets))
     boundary = make_store(activations or p.activations, device, blocks, cfg.nvme_dirs, room)
     streamed = len(executor.streamed) * executor.slots.buffers[0].nbytes
-    traffic = Traffic(weight_bytes=streamed, grad_bytes=streamed, disk=getattr(boundary, "clock", None))
+    nvme = boundary if isinstance(boundary, NvmeStore) else None
+    traffic = Traffic(streamed, streamed, None if nvme is None else nvme.clock, staging=nvme)
     keys = lambda: weight_keys(executor)  # noqa: E731
     busy = None if updater is None else (lambda: updater.busy_s)
     choose = make_choice(p.offload_saved, device, blocks, traffic, keys, cfg.budgets, busy, device_need)
