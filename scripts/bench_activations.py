@@ -140,11 +140,14 @@ def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) ->
     steps = a.steps + (AUTO_WARMUP if auto else 0)
     head = {"placement": name, "seq": seq, **start}
     failed = False
+    baseline = 0  # 1 where auto's choice grew the staging leases: a pass recomputes with them first
     try:
-        for _ in range(steps):
+        while len(times) < steps + baseline:
             t = time.perf_counter()
             loss_value = step(model, opt, x, a.loss_chunk)
             times.append(time.perf_counter() - t)
+            d = acts.measure.decision if acts.measure is not None else None
+            baseline = int(d is not None and bool(d.staging) and bool(d.blocks or d.reverted))
     except torch.cuda.OutOfMemoryError:
         failed = True  # freed by the next run's clean_slate, once this traceback is gone
     if failed:
@@ -153,12 +156,13 @@ def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) ->
     model.runtime.wait_updates()
     # Steady steps: after the first (warm-up) one; for auto, after the step that decided (it
     # measures the link and waits for the optimizer once).
-    skip = AUTO_WARMUP + 1 if auto else 1
+    skip = AUTO_WARMUP + 1 + baseline if auto else 1
     steady = times[skip:] or times[-1:]
     own = {}
     if auto and len(times) > AUTO_WARMUP:
-        # Its own baseline: the step auto measured while recomputing every block.
-        own = {"recompute_measured_s": times[AUTO_WARMUP - 1]}
+        # Its own baseline: the step auto measured while recomputing every block (with the
+        # leases its choice grew, where it grew them).
+        own = {"recompute_measured_s": times[AUTO_WARMUP - 1 + baseline]}
     return {
         **head,
         **own,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import types
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -129,37 +130,49 @@ def test_auto_measures_one_step_then_decides() -> None:
     model.runtime.close()
 
 
-def drive_auto(monkeypatch: pytest.MonkeyPatch, pass_seconds: list[float]) -> MeasuredChoice:
+DECIDED = Choice((Keep.RECOMPUTE, Keep.DEVICE), 0.8, 1.0, 0, 1 << 20, "GPU compute")
+
+
+def drive_auto(
+    monkeypatch: pytest.MonkeyPatch, pass_seconds: list[float], decided: Choice = DECIDED
+) -> tuple[MeasuredChoice, list[Keep]]:
     """A 2-block auto choice driven pass by pass on a clock that each pass advances by its
-    entry of pass_seconds; its decision (made at the third pass) keeps block 1 on the device."""
+    entry of pass_seconds; its decision (made at the third pass) keeps block 1 on the device.
+    Also returns what block 1 was told to keep in each pass."""
     clock = [0.0]
     monkeypatch.setattr(offload.engine.choice, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     m = MeasuredChoice(CPU, 2, Traffic(0, 0), set)
-    decided = Choice((Keep.RECOMPUTE, Keep.DEVICE), 0.8, 1.0, 0, 1 << 20, "GPU compute")
     monkeypatch.setattr(m, "_decide", lambda measured_s: decided)
+    told = []
     for seconds in pass_seconds:
-        m(0), m(1)
+        m(0)
+        told.append(m(1))
         m.done(1), m.done(0)
         clock[0] += seconds
     m(0)  # the next pass's start ends the last one
-    return m
+    return m, told
 
 
 def test_auto_measures_its_choice_and_keeps_it_when_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """Warm-up, the measured recompute (2 s), the choice's first pass (its allocations: 9 s), then
     its measured pass (1.5 s): faster, so the choice stands with the measured step beside the
     estimate."""
-    m = drive_auto(monkeypatch, [3.0, 2.0, 9.0, 1.5])
+    m, told = drive_auto(monkeypatch, [3.0, 2.0, 9.0, 1.5])
     d = m.decision
     assert d is not None and d.keep == (Keep.RECOMPUTE, Keep.DEVICE) and not d.reverted
+    assert told == [Keep.RECOMPUTE, Keep.RECOMPUTE, Keep.DEVICE, Keep.DEVICE]
     assert d.measured_step_s == pytest.approx(1.5) and not m.verifying
-    assert "est. step 0.800 s, measured 1.500 s against 1.000 s recomputing" in d.describe()
+    assert d.recompute_measured_s == pytest.approx(2.0)
+    assert (
+        "est. step 0.800 s against 1.000 s recomputing, 20% faster; "
+        "measured 1.500 s against 2.000 s recomputing, 25% faster;"
+    ) in d.describe()
     assert d.to_json()["measured_step_s"] == pytest.approx(1.5)
     assert m(1) is Keep.DEVICE
 
 
 def test_auto_goes_back_to_recomputing_when_its_choice_is_slower(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = drive_auto(monkeypatch, [3.0, 2.0, 9.0, 2.5])
+    m, _ = drive_auto(monkeypatch, [3.0, 2.0, 9.0, 2.5])
     d = m.decision
     assert d is not None and d.keep == (Keep.RECOMPUTE, Keep.RECOMPUTE)
     assert d.measured_step_s == pytest.approx(2.5) and not m.verifying
@@ -173,9 +186,42 @@ def test_auto_goes_back_to_recomputing_when_its_choice_is_slower(monkeypatch: py
 
 
 def test_auto_is_still_measuring_its_choice_after_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = drive_auto(monkeypatch, [3.0, 2.0, 9.0])
+    m, _ = drive_auto(monkeypatch, [3.0, 2.0, 9.0])
     assert m.verifying and m.decision is not None and m.decision.measured_step_s is None
     assert m(1) is Keep.DEVICE
+
+
+STAGED = replace(
+    DECIDED, staging="staging 4 -> 9 leases (5.0 GiB more): the forward runs 2.00 s further ahead"
+)
+
+
+def test_a_choice_that_grew_the_staging_is_compared_with_recomputing_on_the_new_leases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Warm-up, the measured recompute with the old leases (2 s), a pass recomputing with the
+    new ones (1.8 s), the choice's first pass, then its measured pass (1.5 s): compared with
+    1.8 s, not 2 s."""
+    m, told = drive_auto(monkeypatch, [3.0, 2.0, 1.8, 9.0, 1.5], STAGED)
+    d = m.decision
+    assert told == [Keep.RECOMPUTE] * 3 + [Keep.DEVICE] * 2
+    assert d is not None and not d.reverted and d.measured_step_s == pytest.approx(1.5)
+    assert d.recompute_measured_s == pytest.approx(1.8)
+    assert "measured 1.500 s against 1.800 s recomputing, 17% faster" in d.describe()
+    assert d.describe().endswith("; " + STAGED.staging)
+    assert d.to_json()["recompute_measured_s"] == pytest.approx(1.8)
+
+
+def test_a_choice_faster_than_the_old_leases_but_not_the_new_goes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1.9 s with the keeps: faster than the 2 s recomputing with the old leases, not than the
+    1.8 s with the new ones, which is what the keeps must beat."""
+    m, _ = drive_auto(monkeypatch, [3.0, 2.0, 1.8, 9.0, 1.9], STAGED)
+    d = m.decision
+    assert d is not None and d.keep == (Keep.RECOMPUTE, Keep.RECOMPUTE)
+    assert d.reverted.endswith("measured 1.900 s a pass against 1.800 s recomputing")
+    assert d.describe().endswith("; " + STAGED.staging)  # the leases stay
 
 
 def test_auto_measures_its_choice_in_a_run(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,7 +30,10 @@ A choice that keeps something is then measured as the recompute was: after one p
 (the first pays for the kept tensors' first allocations), the next pass's wall time becomes the
 decision's ``measured_step_s``. Where it is no faster than the measured recompute pass, auto
 goes back to recomputing every block and the decision says why (``reverted``): a model that
-misjudged the machine costs one pass, not the run.
+misjudged the machine costs one pass, not the run. Where the choice also grew the NVMe staging
+leases (offload.plan.recompute.choose_staged), the pass it was made from ran with fewer, so one
+more pass recomputes every block with the new leases first, and that pass is the one compared
+(the decision's ``recompute_measured_s``): the gain measured is the keeps', not the leases'.
 """
 
 from __future__ import annotations
@@ -146,6 +149,8 @@ class MeasuredChoice:
         """The disk's (written, read) over the measured pass (boundary states on nvme)."""
         self._recompute_s = 0.0  # the measured recompute pass's wall time
         self._decided = 0  # passes finished when the choice was made
+        self._baseline: float | None = None  # host clock at the start of the pass recomputing
+        # with the leases the choice grew (None: no such pass running)
 
     def __call__(self, index: int) -> Keep:
         if index == 0 and self.decision is None:
@@ -159,20 +164,32 @@ class MeasuredChoice:
                 self._recompute_s, self._decided = now - self._pass_start, self._passes
                 self._pass_start = None
                 self.decision = self._decide(self._recompute_s)
+                if self.decision.staging and self.decision.blocks:
+                    self._baseline = now  # this pass recomputes with the new leases, timed
+                else:
+                    self.decision = replace(self.decision, recompute_measured_s=self._recompute_s)
             elif self._passes == WARMUP_PASSES and self._pass_start is None:
                 self._pass_start = now
                 self._busy_start = None if self.optimizer_busy is None else self.optimizer_busy()
                 if self.traffic.disk is not None:
                     self.traffic.disk.start()
+        elif index == 0 and self._baseline is not None:
+            assert self.decision is not None
+            now = time.perf_counter()
+            self._recompute_s, self._decided = now - self._baseline, self._passes
+            self._baseline = None
+            self.decision = replace(self.decision, recompute_measured_s=self._recompute_s)
         elif index == 0 and self.verifying:
             self._verify(time.perf_counter())
-        return Keep.RECOMPUTE if self.decision is None else self.decision.keep[index]
+        if self.decision is None or self._baseline is not None:
+            return Keep.RECOMPUTE
+        return self.decision.keep[index]
 
     @property
     def verifying(self) -> bool:
         """A choice that keeps something is made and its step not measured yet."""
         d = self.decision
-        return d is not None and bool(d.blocks) and d.measured_step_s is None
+        return d is not None and bool(d.blocks) and d.measured_step_s is None and self._baseline is None
 
     def _verify(self, now: float) -> None:
         """At block 0's forward: times the pass after KEPT_WARMUP_PASSES with the choice, and
