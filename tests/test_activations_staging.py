@@ -109,6 +109,10 @@ def test_how_much_the_leases_grow(disk_dir: Path) -> None:
     store._lease_bytes = GROUP
     store._grow(0.0, 5.3, 32, 16.6)
     assert store.staging == STAGING + math.ceil(32 * 5.3 / 16.6 / 2) == 10
+    # Their memory is mapped at once (leased and given back), not in the passes that use them.
+    assert store.pool is not None
+    stats = store.pool.stats()
+    assert stats.reserved >= 10 * GROUP and stats.in_use == 0
     store._grow(0.0, 0.1, 32, 11.4)
     assert store.staging == 10  # under 1% of the forward
     store._grow(0.0, 0.5, 32, 11.8)
@@ -155,3 +159,30 @@ def test_auto_sizes_the_leases_with_its_keeps(disk_dir: Path) -> None:
             assert store.staging > STAGING and "the forward waited" in store.growth[0]
         model.runtime.close()
     assert runs["auto"] == runs["recompute"]
+
+
+def test_leases_the_host_cannot_hold_are_not_taken(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool gives out two leases, then is exhausted: the store grows no further than that, and
+    says so."""
+    from offload.memory.pool import PoolExhausted
+
+    store = make(disk_dir, room=1 << 40)
+    store._lease_bytes = GROUP
+    real, given = store._lease, []
+
+    def lease(nbytes: int):  # type: ignore[no-untyped-def]
+        if len(given) == 2:
+            raise PoolExhausted("no room")
+        given.append(real(nbytes))
+        return given[-1]
+
+    monkeypatch.setattr(store, "_lease", lease)
+    store.grow_to(10, "asked")
+    assert store.staging == STAGING and store.growth == []  # two mapped: fewer than there were
+    given.clear()
+    store.staging = 1
+    store.grow_to(10, "asked")
+    assert store.staging == 2
+    assert store.growth == ["staging 1 -> 2 leases of 0.00 GiB: asked (host memory held 2)"]
+    assert store.pool is not None and store.pool.stats().in_use == 0
+    store.close()

@@ -50,6 +50,7 @@ from offload.engine.activations import DEPTH, CudaWait, Home, OffloadingStore, S
 from offload.engine.device import Device
 from offload.memory import PinnedPool
 from offload.memory.arena import Lease
+from offload.memory.pool import PoolExhausted
 from offload.store.tiers.dirs import check_dir, run_dir
 
 ALIGN = 4096
@@ -335,8 +336,24 @@ class NvmeStore(OffloadingStore):
         return self._lease_bytes
 
     def grow_to(self, leases: int, why: str) -> None:
-        """At least leases staging leases from now on; growth records it with why."""
+        """At least leases staging leases from now on; growth records it with why. Their memory
+        is mapped and pinned now (leased once and given back to the pool, which keeps it), so
+        that the passes after pay nothing for it: pinning a GiB takes a good part of a second,
+        and a pass timed against another must not carry it."""
         with self._lock:
+            if leases <= self.staging:
+                return
+            got: list[Lease] = []
+            if self._lease_bytes:
+                try:
+                    while self._leased + len(got) < leases:
+                        got.append(self._lease(self._lease_bytes))
+                except PoolExhausted:
+                    leases = max(self._leased + len(got), self.staging)
+                    why += f" (host memory held {leases})"
+                finally:
+                    for lease in got:
+                        lease.release()
             if leases <= self.staging:
                 return
             self.growth.append(

@@ -165,7 +165,9 @@ class MeasuredChoice:
                 self._pass_start = None
                 self.decision = self._decide(self._recompute_s)
                 if self.decision.staging and self.decision.blocks:
-                    self._baseline = now  # this pass recomputes with the new leases, timed
+                    # This pass recomputes with the new leases (mapped by now), timed from here:
+                    # not the decision's own work.
+                    self._baseline = time.perf_counter()
                 else:
                     self.decision = replace(self.decision, recompute_measured_s=self._recompute_s)
             elif self._passes == WARMUP_PASSES and self._pass_start is None:
