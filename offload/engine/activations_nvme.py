@@ -25,8 +25,10 @@ compute makes one in (t - w) / n, and the forward stays ahead with n * (1 - comp
 leases). The host clock runs ahead of the device, so (t - w) / n understates compute and that
 count overstates the need: each growth adds half of it, and a forward that still waits adds
 again. The leases grow at most to one per group of a forward (and the read-ahead), within
-``room``; ``growth`` says what grew and why. Each directory holds one file per run, in a subdirectory removed at
-``close()`` (or when the store is garbage-collected, or at exit).
+``room``; ``growth`` says what grew and why.
+
+Each directory holds one file per run, in a subdirectory removed at ``close()`` (or when the
+store is garbage-collected, or at exit).
 
 ``clock`` (a :class:`DiskClock`) times the disk's transfers while someone asks it to
 (``offload_saved: auto`` over its measured pass): what the disk delivered, for the cost model.
