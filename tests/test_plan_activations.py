@@ -342,3 +342,34 @@ def test_cli_disk_rate(capsys: pytest.CaptureFixture[str]) -> None:
     for bad in ("0", "-2"):
         assert main([*args, "--disk-gbs", bad]) == 2
         assert f"--disk-gbs {float(bad)}: must be > 0" in capsys.readouterr().err
+
+
+def test_the_plan_sizes_nvme_staging_with_the_keeps_and_counts_it() -> None:
+    """Eight blocks whose boundary states the disk writes far slower than the forward computes:
+    auto takes the four staging leases more that a forward's groups can use, says so, and the
+    plan's host column counts them; on a fast disk it takes none."""
+    cfg = load_config(
+        device="cpu",
+        dtype="float32",
+        placement={"activations": "nvme", "offload_saved": "auto"},
+        nvme_dirs=["/tmp/x"],
+    )
+    padded = -(-PER_BLOCK // 4096) * 4096
+    slow = make_plan(tiny("llama", layers=8), cfg, batch_size=2, seq_len=16, rates=disk_at(1.0))
+    assert slow.recompute is not None and slow.recompute.extra_leases == 4
+    assert slow.get("activation_staging", Tier.HOST) == (ACTIVATION_STAGING + 4) * padded
+    assert "; staging 4 -> 8 leases (0.0 GiB more): the forward runs" in slow.table()
+    fast = make_plan(tiny("llama", layers=8), cfg, batch_size=2, seq_len=16, rates=disk_at(1e15))
+    assert fast.recompute is not None and fast.recompute.extra_leases == 0
+    assert fast.get("activation_staging", Tier.HOST) == ACTIVATION_STAGING * padded
+    # A host budget that holds the state but not one lease more: none are taken.
+    tight = {"host_bytes": slow.total(Tier.HOST) - 4 * padded + padded // 2}
+    cfg_tight = load_config(
+        device="cpu",
+        dtype="float32",
+        placement={"activations": "nvme", "offload_saved": "auto"},
+        nvme_dirs=["/tmp/x"],
+        budgets=tight,
+    )
+    held = make_plan(tiny("llama", layers=8), cfg_tight, batch_size=2, seq_len=16, rates=disk_at(1.0))
+    assert held.recompute is not None and held.recompute.extra_leases < 4

@@ -334,9 +334,9 @@ def test_when_no_keep_fits_it_says_what_one_would_need() -> None:
     assert "attention" not in plain.reason and "host unlimited" in plain.reason
 
 
-def staging(leases: int = 4) -> Staging:
-    """Eight groups of 0.1 GB; the disk writes one in 25 ms and reads one in 12.5 ms."""
-    return Staging(leases, GB // 10, 8, write_s=0.025, read_s=0.0125, most=10)
+def staging(leases: int = 2) -> Staging:
+    """Eight groups of 0.1 GB, two leases; the disk writes one in 25 ms and reads one in 12.5 ms."""
+    return Staging(leases, GB // 10, 8, write_s=0.025, read_s=0.0125, most=8)
 
 
 def test_staging_moves_writes_from_forward_to_backward() -> None:
@@ -346,7 +346,7 @@ def test_staging_moves_writes_from_forward_to_backward() -> None:
     st = staging()
     assert st.needed(0.08, 0.2) == 5
     assert st.needed(0.08, 0.05) == 0  # the disk keeps pace
-    assert staging(leases=8).needed(0.08, 0.2) == 2  # no more than a forward's groups and the read-ahead
+    assert staging(leases=6).needed(0.08, 0.2) == 2  # no more than a forward's groups
     b = st.bounds(Bounds(disk_forward_s=0.2, disk_backward_s=0.05), 5)
     assert b.disk_forward_s == pytest.approx(0.075)
     assert b.disk_backward_s == pytest.approx(0.125)  # no reads left, the moved writes
@@ -359,14 +359,14 @@ def test_staging_is_chosen_where_it_buys_more_than_keeps() -> None:
     (a backward 0.05 s shorter): the choice takes the leases and keeps nothing."""
     costs, link = blocks(8), Link(100 * GB, 100 * GB)
     bounds = Bounds(disk_forward_s=0.2, disk_backward_s=0.05)
-    c, extra = choose_staged(costs, link, None, WINDOW, bounds, staging())
-    assert extra == 5 and c.keep == (H,) * 8
+    c = choose_staged(costs, link, None, WINDOW, bounds, staging())
+    assert c.extra_leases == 5 and c.keep == (H,) * 8
     assert c.step_s == pytest.approx(0.08 + 0.16)
     assert c.recompute_step_s == pytest.approx(0.08 + 0.24)  # with the same leases
-    c, extra = choose_staged(costs, link, GB // 2, WINDOW, bounds, staging())
-    assert extra == 5 and c.keep == (R,) * 8
+    c = choose_staged(costs, link, GB // 2, WINDOW, bounds, staging())
+    assert c.extra_leases == 5 and c.keep == (R,) * 8
     assert c.step_s == pytest.approx(0.08 + 0.24)
-    assert c.staging.startswith("staging 4 -> 9 leases (0.5 GiB more): the forward runs ")
+    assert c.staging.startswith("staging 2 -> 7 leases (0.5 GiB more): the forward runs ")
     assert c.describe().endswith(c.staging) and c.to_json()["staging"] == c.staging
     # Without the leases the same room keeps five graphs, and the forward waits for the disk.
     plain = choose(costs, link, GB // 2, WINDOW, bounds)
@@ -376,8 +376,8 @@ def test_staging_is_chosen_where_it_buys_more_than_keeps() -> None:
 def test_no_staging_where_the_disk_keeps_pace() -> None:
     costs, link = blocks(8), Link(100 * GB, 100 * GB)
     bounds = Bounds(disk_forward_s=0.05, disk_backward_s=0.05)
-    c, extra = choose_staged(costs, link, GB // 2, WINDOW, bounds, staging())
-    assert extra == 0 and c == choose(costs, link, GB // 2, WINDOW, bounds) and c.staging == ""
+    c = choose_staged(costs, link, GB // 2, WINDOW, bounds, staging())
+    assert c.extra_leases == 0 and c == choose(costs, link, GB // 2, WINDOW, bounds) and c.staging == ""
 
 
 def test_staging_keeps_the_measured_steps_unexplained_time() -> None:
@@ -385,6 +385,6 @@ def test_staging_keeps_the_measured_steps_unexplained_time() -> None:
     outside the model, in the estimates with the leases too, not absorbed by them."""
     costs, link = blocks(8), Link(100 * GB, 100 * GB)
     bounds = Bounds(disk_forward_s=0.2, disk_backward_s=0.05, measured_s=0.5)
-    c, extra = choose_staged(costs, link, GB // 2, WINDOW, bounds, staging())
-    assert extra == 5 and c.slack_s == pytest.approx(0.06)
+    c = choose_staged(costs, link, GB // 2, WINDOW, bounds, staging())
+    assert c.extra_leases == 5 and c.slack_s == pytest.approx(0.06)
     assert c.recompute_step_s == pytest.approx(0.08 + 0.24 + 0.06)

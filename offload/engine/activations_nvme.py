@@ -24,7 +24,8 @@ run at its own pace with about n * w / t groups leased (the disk writes a group 
 compute makes one in (t - w) / n, and the forward stays ahead with n * (1 - compute / disk) in
 leases). The host clock runs ahead of the device, so (t - w) / n understates compute and that
 count overstates the need: each growth adds half of it, and a forward that still waits adds
-again. The leases grow at most to one per group of a forward (and the read-ahead), within
+again. The leases grow at most to one per group of a forward (with as many, backward reads
+nothing back and needs none for its read-ahead), within
 ``room``; ``growth`` says what grew and why.
 
 Each directory holds one file per run, in a subdirectory removed at ``close()`` (or when the
@@ -326,7 +327,7 @@ class NvmeStore(OffloadingStore):
         took = end - start
         if self.room is None or took <= 0 or waited < WAIT_SHARE * took or not self._lease_bytes:
             return
-        want = min(self.staging + math.ceil(puts * waited / took / 2), puts + self.depth)
+        want = min(self.staging + math.ceil(puts * waited / took / 2), puts)
         fits = self.staging + max(self.room(), 0) // self._lease_bytes
         grown = min(want, fits)
         why = f"the forward waited {waited:.2f} s of {took:.2f} s for the disk"

@@ -362,10 +362,12 @@ class MeasuredChoice:
         staging = self._staging()
         if staging is None:
             return choose(costs, link, host_bytes, device_bytes, bounds)
-        choice, extra = choose_staged(costs, link, host_bytes, device_bytes, bounds, staging)
-        if extra:
+        choice = choose_staged(costs, link, host_bytes, device_bytes, bounds, staging)
+        if choice.extra_leases:
             assert self.traffic.staging is not None
-            self.traffic.staging.grow_to(staging.leases + extra, "chosen with the keeps (offload_saved auto)")
+            self.traffic.staging.grow_to(
+                staging.leases + choice.extra_leases, "chosen with the keeps (offload_saved auto)"
+            )
         return choice
 
     def _staging(self) -> Staging | None:
@@ -379,7 +381,7 @@ class MeasuredChoice:
         write_s = written.seconds * per / written.nbytes
         read_s = read.seconds * per / read.nbytes if read.nbytes else write_s
         groups = len(self.traffic.boundary)
-        return Staging(store.staging, per, groups, write_s, read_s, most=groups + store.depth)
+        return Staging(store.staging, per, groups, write_s, read_s, most=groups)
 
 
 def host_room(budgets: BudgetsConfig) -> int:

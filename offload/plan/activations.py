@@ -37,9 +37,19 @@ from offload.config import Config, Tier
 from offload.engine.packing import Packing, storage_key
 from offload.model.discovery import discover
 from offload.plan.measure import Rates, measure_disk, measure_rates
-from offload.plan.recompute import BlockCost, Bounds, Choice, Keep, Link, choose, fixed
+from offload.plan.recompute import (
+    BlockCost,
+    Bounds,
+    Choice,
+    Keep,
+    Link,
+    Staging,
+    choose,
+    choose_staged,
+    fixed,
+)
 from offload.plan.shape import ModelShape
-from offload.plan.tally import NVME_ALIGN, Settings, shard_numel
+from offload.plan.tally import ACTIVATION_STAGING, NVME_ALIGN, Settings, shard_numel
 
 ASSUMED = Rates(
     h2d_bytes_s=25e9,
@@ -273,6 +283,9 @@ class Room:
     """The disk's time to write the boundary states in forward (activations nvme; else 0)."""
     disk_backward_s: float = 0.0
     """... to read them back in backward."""
+    staging: Staging | None = None
+    """The NVMe store's staging leases and the disk's time per group (activations nvme with the
+    disk's rates; else None): offload_saved auto sizes them with the keeps."""
 
 
 def choice_room(
@@ -305,6 +318,17 @@ def choice_room(
     )
     gpu, host = budgets[Tier.GPU], budgets[Tier.HOST]
     residents = 0 if s.residents_on_device else shape.resident_numel
+    staging = None
+    if on_disk and rates.disk_write_bytes_s and rates.disk_read_bytes_s:
+        lease = on_disk // shape.blocks
+        staging = Staging(
+            leases=min(shape.blocks, ACTIVATION_STAGING),
+            lease_bytes=lease,
+            groups=shape.blocks,
+            write_s=lease / rates.disk_write_bytes_s,
+            read_s=lease / rates.disk_read_bytes_s,
+            most=shape.blocks,
+        )
     return Room(
         device_bytes=None if gpu is None else max(gpu - margin - reserved_for(need[Tier.GPU]), 0),
         host_bytes=None if host is None else max(host - need[Tier.HOST], 0),
@@ -312,6 +336,7 @@ def choice_room(
         cpu_params=streamed_blocks * shard_numel(shape.block_numel, s.world) + residents,
         disk_forward_s=_seconds(on_disk, rates.disk_write_bytes_s),
         disk_backward_s=_seconds(on_disk, rates.disk_read_bytes_s),
+        staging=staging,
     )
 
 
@@ -348,6 +373,10 @@ def recompute_choice(
         cpu_s=cpu, other_s=head, disk_forward_s=room.disk_forward_s, disk_backward_s=room.disk_backward_s
     )
     spec = cfg.placement.offload_saved
+    if spec == "auto" and room.staging is not None:
+        return choose_staged(
+            costs, room.link, room.host_bytes, room.device_bytes, bounds, room.staging
+        ), counted
     if spec == "auto":
         return choose(costs, room.link, room.host_bytes, room.device_bytes, bounds), counted
     return fixed(costs, room.link, keep_of(spec, shape.blocks), bounds), counted

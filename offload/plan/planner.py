@@ -301,7 +301,12 @@ def _recompute(
             rates=rates,
             counted=counted,
         )
-        return t.but(saved_bytes=choice.offloaded_bytes, saved_device_bytes=choice.device_bytes), choice
+        kept = t.but(
+            saved_bytes=choice.offloaded_bytes,
+            saved_device_bytes=choice.device_bytes,
+            extra_leases=choice.extra_leases,
+        )
+        return kept, choice
 
     best, choice = choose_for(s)
     p = cfg.placement

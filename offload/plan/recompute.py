@@ -329,6 +329,8 @@ class Choice:
     staging: str = ""
     """How many more NVMe staging leases the choice takes, and why ("": none; both step
     estimates count them)."""
+    extra_leases: int = 0
+    """That many NVMe staging leases more (:func:`choose_staged`)."""
     recompute_measured_s: float | None = None
     """The pass recomputing every block that the choice's measured pass is compared with: the
     pass the choice was made from, or, where the choice grew the staging leases, one more pass
@@ -396,6 +398,7 @@ class Choice:
             "measured_step_s": self.measured_step_s,
             "reverted": self.reverted,
             "staging": self.staging,
+            "extra_leases": self.extra_leases,
             "recompute_measured_s": self.recompute_measured_s,
         }
 
@@ -493,7 +496,7 @@ class Staging:
     write_s: float
     read_s: float
     most: int
-    """The most leases there may be (a forward's groups and the read-ahead)."""
+    """The most leases there may be: a forward's groups (with as many, nothing is read back)."""
 
     def bounds(self, bounds: Bounds, extra: int) -> Bounds:
         """bounds with extra leases more: as many groups' writes move from forward to backward,
@@ -523,11 +526,11 @@ def choose_staged(
     staging: Staging,
     min_gain: float = MIN_GAIN,
     window: int = SAVED_HELD,
-) -> tuple[Choice, int]:
-    """(the choice, leases more) that minimise the step: :func:`choose` for each count of leases
-    more, from none to what the forward needs, within host_bytes with what they take. The
-    unexplained time of the measured step (taken with ``staging.leases``) is fixed first, so it
-    does not absorb what the leases change."""
+) -> Choice:
+    """The choice, with its leases more (``extra_leases``), that minimises the step: :func:`choose`
+    for each count of leases more, from none to what the forward needs, within host_bytes with
+    what they take. The unexplained time of the measured step (taken with ``staging.leases``) is
+    fixed first, so it does not absorb what the leases change."""
     bounds = calibrated(costs, link, bounds)
     fixed_bounds = replace(bounds, measured_s=None)
     need = staging.needed(sum(c.forward_s for c in costs), bounds.disk_forward_s)
@@ -542,16 +545,17 @@ def choose_staged(
             best = c, extra
     assert best is not None
     choice, extra = best
-    if extra:
-        choice = replace(
-            choice,
-            staging=(
-                f"staging {staging.leases} -> {staging.leases + extra} leases "
-                f"({extra * staging.lease_bytes / 2**30:.1f} GiB more): the forward runs "
-                f"{extra * staging.write_s:.2f} s further ahead of the disk"
-            ),
-        )
-    return choice, extra
+    if not extra:
+        return choice
+    return replace(
+        choice,
+        extra_leases=extra,
+        staging=(
+            f"staging {staging.leases} -> {staging.leases + extra} leases "
+            f"({extra * staging.lease_bytes / 2**30:.1f} GiB more): the forward runs "
+            f"{extra * staging.write_s:.2f} s further ahead of the disk"
+        ),
+    )
 
 
 def phases(base: Estimate, kept: Estimate, bounds: Bounds) -> dict[str, float]:

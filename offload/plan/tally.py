@@ -44,7 +44,7 @@ PAGE = 4096  # the store's pinned pool gives each buffer an arena of whole pages
 NVME_ALIGN = 4096  # NvmeTier pads m and v each to O_DIRECT's alignment
 NVME_STAGED_BLOCKS = 3  # NvmeTier's staging leases: read-ahead, current, write-behind
 ACTIVATION_WINDOW = 4  # boundary states on the device with host/nvme placement (activations.py)
-ACTIVATION_STAGING = 4  # NvmeStore's staging leases (activations_nvme.py)
+ACTIVATION_STAGING = 4  # NvmeStore's staging leases at first (activations_nvme.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,9 @@ class Settings:
     saved_device_bytes: int = 0
     """Device bytes of the blocks that keep them on the device, and of the window of host-kept
     groups on their way (offload.plan.recompute.device_bytes)."""
+    extra_leases: int = 0
+    """NVMe staging leases beyond ACTIVATION_STAGING that offload_saved auto takes so the forward
+    runs ahead of the disk (offload.plan.recompute.choose_staged)."""
     loss_chunk: int | None = None
     """train.loss_chunk: tokens per chunk of the chunked loss (None: the model's own loss, whose
     logits are whole)."""
@@ -263,7 +266,8 @@ def working_bytes(shape: ModelShape, s: Settings) -> int:
 def _activations(t: Tally, blocks: int, per_block: int, s: Settings) -> None:
     """Boundary states (engine/activations*.py): all on the gpu, or on host or nvme with a window
     of ACTIVATION_WINDOW blocks' on the gpu (one being recomputed, two coming back, the last put)
-    and, for nvme, ACTIVATION_STAGING pinned staging leases. Plus the offloaded saved tensors."""
+    and, for nvme, ACTIVATION_STAGING pinned staging leases and the extra_leases auto adds. Plus
+    the offloaded saved tensors."""
     if s.activations is Tier.GPU:
         t.add("activations", Tier.GPU, blocks * per_block)
     else:
@@ -271,7 +275,8 @@ def _activations(t: Tally, blocks: int, per_block: int, s: Settings) -> None:
         if s.activations is Tier.NVME:
             padded = -(-per_block // NVME_ALIGN) * NVME_ALIGN
             t.add("activations", Tier.NVME, blocks * padded)
-            t.add("activation_staging", Tier.HOST, min(blocks, ACTIVATION_STAGING) * padded)
+            leases = min(blocks, ACTIVATION_STAGING) + s.extra_leases
+            t.add("activation_staging", Tier.HOST, leases * padded)
         else:
             t.add("activations", Tier.HOST, blocks * per_block)
     t.add("saved", Tier.HOST, s.saved_bytes)
