@@ -347,6 +347,7 @@ def test_staging_moves_writes_from_forward_to_backward() -> None:
     assert st.needed(0.08, 0.2) == 5
     assert st.needed(0.08, 0.05) == 0  # the disk keeps pace
     assert staging(leases=6).needed(0.08, 0.2) == 2  # no more than a forward's groups
+    assert staging(leases=9).needed(0.08, 0.2) == 0  # more leases than groups already
     b = st.bounds(Bounds(disk_forward_s=0.2, disk_backward_s=0.05), 5)
     assert b.disk_forward_s == pytest.approx(0.075)
     assert b.disk_backward_s == pytest.approx(0.125)  # no reads left, the moved writes

@@ -508,7 +508,7 @@ class Staging:
     def needed(self, forward_compute_s: float, disk_forward_s: float) -> int:
         """Leases more for the forward to run at its compute's pace: the disk falls behind by
         the groups it has not written when compute is done."""
-        if disk_forward_s <= forward_compute_s or self.write_s <= 0:
+        if disk_forward_s <= forward_compute_s or self.write_s <= 0 or self.leases >= self.most:
             return 0
         return min(math.ceil((disk_forward_s - forward_compute_s) / self.write_s), self.most - self.leases)
 
