@@ -336,7 +336,7 @@ def test_when_no_keep_fits_it_says_what_one_would_need() -> None:
 
 def staging(leases: int = 2) -> Staging:
     """Eight groups of 0.1 GB, two leases; the disk writes one in 25 ms and reads one in 12.5 ms."""
-    return Staging(leases, GB // 10, 8, write_s=0.025, read_s=0.0125, most=8)
+    return Staging(leases, GB // 10, 8, write_s=0.025, read_s=0.0125)
 
 
 def test_staging_moves_writes_from_forward_to_backward() -> None:

@@ -343,7 +343,7 @@ class MeasuredChoice:
         CPU, where the device is host memory, budgets.gpu_bytes less the plan's other gpu bytes
         (device_need), else the host's free memory less HOST_MARGIN_BYTES. Host:
         :func:`host_room`."""
-        free = max(psutil.virtual_memory().available - HOST_MARGIN_BYTES, 0)
+        free = _host_free()
         host = host_room(self.budgets)
         if not self.device.cuda:
             gpu = self.budgets.gpu_bytes
@@ -381,14 +381,19 @@ class MeasuredChoice:
         write_s = written.seconds * per / written.nbytes
         read_s = read.seconds * per / read.nbytes if read.nbytes else write_s
         groups = len(self.traffic.boundary)
-        return Staging(store.staging, per, groups, write_s, read_s, most=groups)
+        return Staging(store.staging, per, groups, write_s, read_s)
+
+
+def _host_free() -> int:
+    """The host's available memory less HOST_MARGIN_BYTES."""
+    return max(psutil.virtual_memory().available - HOST_MARGIN_BYTES, 0)
 
 
 def host_room(budgets: BudgetsConfig) -> int:
     """Host bytes kept tensors or staging may still take: the host's free memory less
     HOST_MARGIN_BYTES (pinned memory cannot be swapped out), and no more than budgets.host_bytes
     less what the process holds now."""
-    free = max(psutil.virtual_memory().available - HOST_MARGIN_BYTES, 0)
+    free = _host_free()
     if budgets.host_bytes is None:
         return free
     return max(min(free, budgets.host_bytes - psutil.Process().memory_info().rss), 0)

@@ -327,7 +327,6 @@ def choice_room(
             groups=shape.blocks,
             write_s=lease / rates.disk_write_bytes_s,
             read_s=lease / rates.disk_read_bytes_s,
-            most=shape.blocks,
         )
     return Room(
         device_bytes=None if gpu is None else max(gpu - margin - reserved_for(need[Tier.GPU]), 0),

@@ -488,15 +488,14 @@ def choose(
 @dataclass(frozen=True, slots=True)
 class Staging:
     """The NVMe store's staging leases as measured: how many there are (``leases``), one's bytes,
-    the groups a forward puts, and the disk's seconds to write and to read one group."""
+    the groups a forward puts (the most leases there may be: with as many, nothing is read
+    back), and the disk's seconds to write and to read one group."""
 
     leases: int
     lease_bytes: int
     groups: int
     write_s: float
     read_s: float
-    most: int
-    """The most leases there may be: a forward's groups (with as many, nothing is read back)."""
 
     def bounds(self, bounds: Bounds, extra: int) -> Bounds:
         """bounds with extra leases more: as many groups' writes move from forward to backward,
@@ -508,9 +507,9 @@ class Staging:
     def needed(self, forward_compute_s: float, disk_forward_s: float) -> int:
         """Leases more for the forward to run at its compute's pace: the disk falls behind by
         the groups it has not written when compute is done."""
-        if disk_forward_s <= forward_compute_s or self.write_s <= 0 or self.leases >= self.most:
+        if disk_forward_s <= forward_compute_s or self.write_s <= 0 or self.leases >= self.groups:
             return 0
-        return min(math.ceil((disk_forward_s - forward_compute_s) / self.write_s), self.most - self.leases)
+        return min(math.ceil((disk_forward_s - forward_compute_s) / self.write_s), self.groups - self.leases)
 
 
 STAGING_TRIES = 8
