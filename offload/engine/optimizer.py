@@ -96,11 +96,14 @@ class OffloadAdamW(torch.optim.Optimizer):
             self._schedule(rec, update)
             return
 
+        updater = self.runtime.updater
+
         def after_copy() -> bool:
-            self.runtime.device.sync_event(event)  # the gradient must have landed on the host
+            # The gradient must have landed on the host; the wait is the device's, not busy time.
+            updater.idle(lambda: self.runtime.device.sync_event(event))
             return update()
 
-        self.runtime.updater.submit(rec, after_copy, fifo=True)
+        updater.submit(rec, after_copy, fifo=True)
 
     def _schedule(self, rec: BlockRecord, update: Callable[[], bool]) -> None:
         """Host records go to the worker thread. A record kept on the device is updated now by

@@ -14,6 +14,10 @@ updated wire copy. An exception in an update is kept and re-raised on the traini
 Read-ahead: before running an update, the worker passes the record queued next to ``prefetch``
 (set by the optimizer), so state kept off RAM can be on its way while this update computes.
 
+Busy time: ``busy_s`` adds up the seconds the worker spent in updates, less those an update
+spent waiting for its gradient to land (``idle``): offload_saved auto reads a step's as the CPU
+optimizer's bound, which is the CPU's work, not the device's backward it waits on.
+
 Capture fence: while an asynchronous checkpoint is capturing the state as of its ``save()`` call,
 ``fence`` is set (offload/checkpoint/capture.py). The worker asks it before each update
 (``hold``: wait until the record is captured, if the save still needs it as it is) and tells it
@@ -60,7 +64,8 @@ class Updater:
         self._stop = False
         self.prefetch: Callable[[BlockRecord], None] | None = None
         self.fence: Fence | None = None  # set by a checkpoint while it captures records
-        self.busy_s = 0.0  # seconds spent in updates so far (offload_saved auto reads a step's)
+        self.busy_s = 0.0  # seconds spent in updates so far, less their waits (see the module)
+        self._idle_s = 0.0  # the running update's waits so far
 
     def submit(self, rec: BlockRecord, update: Update, fifo: bool = False) -> None:
         if self._thread is None:  # started on first use: importing or wrapping starts no thread
@@ -103,11 +108,11 @@ class Updater:
                         # A checkpoint is capturing the state as of its save(): an update queued
                         # after the save must not change rec before rec is copied out.
                         fence.hold(rec)
-                    start = time.perf_counter()
+                    start, self._idle_s = time.perf_counter(), 0.0
                     with self.tracer.span("adamw", "optimizer", block=rec.index):
                         if update():
                             rec.version += 1
-                    self.busy_s += time.perf_counter() - start
+                    self.busy_s += time.perf_counter() - start - self._idle_s
             except BaseException as e:  # re-raised on the training thread by check()
                 self._error = e
             finally:
@@ -118,6 +123,15 @@ class Updater:
                 with self._cond:
                     self._pending -= 1
                     self._cond.notify_all()
+
+    def idle(self, wait: Callable[[], object]) -> None:
+        """Runs wait() (an update waiting for what it needs, on the worker thread) and leaves
+        its seconds out of busy_s."""
+        start = time.perf_counter()
+        try:
+            wait()
+        finally:
+            self._idle_s += time.perf_counter() - start
 
     def wait_all(self) -> None:
         """Blocks until every queued update has run, then raises a failed update's error."""
