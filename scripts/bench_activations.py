@@ -32,6 +32,10 @@ a minute for 6.7B) and its placement switched between runs, so a sweep fits the 
     python scripts/bench_activations.py --size 7b --seqs 16384,32768 --placements recompute,auto,auto-host \
         --device-blocks auto --out $OUT/activations_7b_long.json   # the plan's device blocks for 32K
     python scripts/bench_activations.py --size tiny --device cpu --seqs 64,128 --steps 2   # a check
+
+With --trace PATH the runtime writes its Chrome trace there, and each row gets ``trace_steps``:
+per step its wall time and the seconds each lane of the timeline was busy in it (compute, the
+weights' h2d and d2h, the optimizer), so a step slower than its estimate shows where it waited.
 """
 
 from __future__ import annotations
@@ -141,10 +145,12 @@ def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) ->
     head = {"placement": name, "seq": seq, **start}
     failed = False
     baseline = 0  # 1 where auto's choice grew the staging leases: a pass recomputes with them first
+    tracer = model.runtime.tracer
     try:
         while len(times) < steps + baseline:
             t = time.perf_counter()
-            loss_value = step(model, opt, x, a.loss_chunk)
+            with tracer.span("step", "host", placement=name, seq=seq, step=len(times)):
+                loss_value = step(model, opt, x, a.loss_chunk)
             times.append(time.perf_counter() - t)
             d = acts.measure.decision if acts.measure is not None else None
             baseline = int(d is not None and bool(d.staging) and bool(d.blocks or d.reverted))
@@ -174,7 +180,43 @@ def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) ->
         "offload_saved": placement["offload_saved"] if not auto else "auto",
         **_choice(acts),
         **_staging(acts),
+        **_lanes(tracer, name, seq),
     }
+
+
+def _lanes(tracer: Any, name: str, seq: int) -> dict[str, Any]:
+    """With --trace: per step of this run, its wall seconds and each lane's busy seconds in it."""
+    if not tracer.enabled:
+        return {}
+    from offload.engine.trace import LANES
+
+    events = tracer.events()
+    lane_of = {v: k for k, v in LANES.items()}
+    rows = []
+    for s in events:
+        a = s.get("args", {})
+        if s["name"] != "step" or a.get("placement") != name or a.get("seq") != seq:
+            continue
+        lo, hi = s["ts"], s["ts"] + s["dur"]
+        spans: dict[str, list[tuple[float, float]]] = {}
+        for e in events:
+            lane = lane_of[e["tid"]]
+            if lane != "host" and e["ts"] < hi and e["ts"] + e["dur"] > lo:
+                spans.setdefault(lane, []).append((max(e["ts"], lo), min(e["ts"] + e["dur"], hi)))
+        rows.append(
+            {"step": a["step"], "wall_s": s["dur"] / 1e6, **{f"{k}_s": _union(v) for k, v in spans.items()}}
+        )
+    return {"trace_steps": rows}
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by spans (microseconds), overlaps counted once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e6
 
 
 def _peaks(cuda: bool) -> dict[str, float | None]:
@@ -289,6 +331,9 @@ def main() -> None:
     )
     ap.add_argument("--nvme-dir", default="/tmp/offload-act")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--trace", default=None, help="write the runtime's Chrome trace here; rows get trace_steps"
+    )
     a = ap.parse_args()
     seqs = [int(s) for s in a.seqs.split(",")]
     names = a.placements.split(",")
@@ -313,6 +358,7 @@ def main() -> None:
         "dtype": "bfloat16" if a.device.startswith("cuda") else "float32",
         "optimizer": {"lr": 1e-5, "overlap_backward": True},
         "nvme_dirs": [a.nvme_dir],
+        "trace": a.trace,
     }
     Path(a.nvme_dir).mkdir(parents=True, exist_ok=True)  # the plan probes the disk there
     device_blocks = planned_device_blocks(model, settings, a, max(seqs), names)
@@ -335,7 +381,12 @@ def main() -> None:
     for seq in seqs:
         for name in names:
             r = run_one(model, opt, a, seq, name)
-            print(json.dumps({k: v for k, v in r.items() if k not in ("steps", "decision")}), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("steps", "decision", "trace_steps")}), flush=True)
+            for row in r.get("trace_steps", []):
+                print(
+                    "  trace "
+                    + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+                )
             results.append(r)
             out.write_text(json.dumps(report, indent=1, default=str))  # each row as it comes
             first = results[0].get("start_allocated_GiB")

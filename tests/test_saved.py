@@ -5,6 +5,7 @@ the config of the choice."""
 
 from __future__ import annotations
 
+import json
 import types
 import weakref
 from dataclasses import replace
@@ -282,6 +283,35 @@ def test_a_device_kept_graph_moves_nothing() -> None:
     assert acts.saved is not None and acts.saved._host.made is None and acts.stored_bytes() == 0
     loss.backward()
     model.runtime.close()
+
+
+def test_kept_blocks_are_traced_on_the_compute_lane(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A trace of kept blocks (graphs on the device or host, attention kept) puts their forward
+    and backward on the compute lane, as it does a recomputed block's."""
+    from offload.engine.trace import LANES
+
+    path = tmp_path / "trace.json"
+    keep = {"device": [0], "host": [1], "attention": [2]}
+    model, opt = offload.wrap(
+        tiny("llama", layers=4),
+        device="cpu",
+        dtype="float32",
+        placement={"offload_saved": keep},
+        trace=str(path),
+    )
+    ids = batches(1)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model.runtime.tracer.write()
+    model.runtime.close()
+    events = json.loads(path.read_text())["traceEvents"]
+    compute = [
+        (e["name"], e["args"]["block"]) for e in events if e["ph"] == "X" and e["tid"] == LANES["compute"]
+    ]
+    assert sorted(compute) == sorted(
+        [("forward+save", 0), ("forward+save", 1), ("forward", 2), ("forward", 3)]
+        + [("backward", 0), ("backward", 1), ("recompute+backward", 2), ("recompute+backward", 3)]
+    )
 
 
 def test_frozen_weights_in_offloaded_blocks() -> None:

@@ -18,6 +18,14 @@ import torch
 
 _NULL = contextlib.nullcontext()
 LANES = {"compute": 1, "h2d": 2, "d2h": 3, "optimizer": 4, "host": 5, "io": 6}
+# Device spans' lanes by name (else the name is the lane): a block's compute, plain or kept.
+_DEVICE_LANES = {
+    "forward": "compute",
+    "recompute+backward": "compute",
+    "forward+save": "compute",
+    "backward": "compute",
+    "sum": "d2h",
+}
 
 
 class Tracer:
@@ -58,7 +66,7 @@ class Tracer:
         """Times device work queued on stream inside the block (host time on the CPU)."""
         if not self.enabled:
             return _NULL
-        lane = {"forward": "compute", "recompute+backward": "compute", "sum": "d2h"}.get(name, name)
+        lane = _DEVICE_LANES.get(name, name)
         if not self.cuda:
             return self._host_span(name, lane, args)
         return self._event_span(name, lane, stream, args)
