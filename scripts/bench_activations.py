@@ -381,7 +381,10 @@ def main() -> None:
     for seq in seqs:
         for name in names:
             r = run_one(model, opt, a, seq, name)
-            print(json.dumps({k: v for k, v in r.items() if k not in ("steps", "decision", "trace_steps")}), flush=True)
+            print(
+                json.dumps({k: v for k, v in r.items() if k not in ("steps", "decision", "trace_steps")}),
+                flush=True,
+            )
             for row in r.get("trace_steps", []):
                 print(
                     "  trace "
