@@ -146,19 +146,32 @@ def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) ->
     failed = False
     baseline = 0  # 1 where auto's choice grew the staging leases: a pass recomputes with them first
     tracer = model.runtime.tracer
+    host: list[dict[str, float]] = []  # after each step: the process's and the pools' host GiB,
+    # and the CPU optimizer's busy seconds in it (its waits for gradients left out)
+    busy = model.runtime.updater.busy_s
     try:
         while len(times) < steps + baseline:
             t = time.perf_counter()
             with tracer.span("step", "host", placement=name, seq=seq, step=len(times)):
                 loss_value = step(model, opt, x, a.loss_chunk)
             times.append(time.perf_counter() - t)
+            busy, was = model.runtime.updater.busy_s, busy
+            host.append({**_host_now(acts), "cpu_busy_s": busy - was})
             d = acts.measure.decision if acts.measure is not None else None
             baseline = int(d is not None and bool(d.staging) and bool(d.blocks or d.reverted))
     except torch.cuda.OutOfMemoryError:
         failed = True  # freed by the next run's clean_slate, once this traceback is gone
     if failed:
         del x
-        return {**head, "result": "OOM", "steps": times, **_peaks(cuda), **_choice(acts), **_staging(acts)}
+        return {
+            **head,
+            "result": "OOM",
+            "steps": times,
+            "host_GiB": host,
+            **_peaks(cuda),
+            **_choice(acts),
+            **_staging(acts),
+        }
     model.runtime.wait_updates()
     # Steady steps: after the first (warm-up) one; for auto, after the step that decided (it
     # measures the link and waits for the optimizer once).
@@ -175,6 +188,7 @@ def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) ->
         "result": "ok",
         "step_s": sorted(steady)[len(steady) // 2],
         "steps": times,
+        "host_GiB": host,
         "loss": loss_value,
         **_peaks(cuda),
         "offload_saved": placement["offload_saved"] if not auto else "auto",
@@ -182,6 +196,25 @@ def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) ->
         **_staging(acts),
         **_lanes(tracer, name, seq),
     }
+
+
+def _host_now(acts: Any) -> dict[str, float]:
+    """Host memory now, GiB: the process's resident set, the host's available memory, and what
+    each activation pool has mapped (the boundary states' staging or tier, the kept graphs, the
+    kept attention outputs)."""
+    import psutil
+
+    out = {
+        "rss": psutil.Process().memory_info().rss / 2**30,
+        "available": psutil.virtual_memory().available / 2**30,
+    }
+    kept = {"saved": getattr(acts.saved, "_host", None), "attention": getattr(acts.attention, "_host", None)}
+    stores = {"boundary": acts.boundary, **{k: None if v is None else v.made for k, v in kept.items()}}
+    for name, store in stores.items():
+        pool = getattr(store, "pool", None)
+        if pool is not None and not pool.closed:
+            out[name] = pool.stats().reserved / 2**30
+    return out
 
 
 def _lanes(tracer: Any, name: str, seq: int) -> dict[str, Any]:

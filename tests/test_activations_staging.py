@@ -186,3 +186,37 @@ def test_leases_the_host_cannot_hold_are_not_taken(disk_dir: Path, monkeypatch: 
     assert store.growth == ["staging 1 -> 2 leases of 0.00 GiB: asked (host memory held 2)"]
     assert store.pool is not None and store.pool.stats().in_use == 0
     store.close()
+
+
+def test_groups_of_two_sizes_share_the_leases_grow_to_mapped(
+    disk_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first block's group is the larger (it carries the tables later blocks share), and a
+    lease of its size needs an arena of its own while the others' fit the pool's regular arenas.
+    Every lease is of the largest group's size, so the leases grow_to mapped hold the smaller
+    groups too: a pass maps nothing more."""
+    from offload.memory.pool import PinnedPool
+
+    store = make(disk_dir, room=None)
+
+    # Arenas of one small group: a group any larger gets an arena of its own.
+    def small_arenas(nbytes: int) -> PinnedPool:
+        pool = PinnedPool(1 << 30, arena_bytes=GROUP, pin=False)
+        pool.attach_io(store._engine)
+        return pool
+
+    monkeypatch.setattr(store, "_make_pool", small_arenas)
+    data = [[torch.full(((GROUP + 4096) // 4,), 0.0)]] + groups(8)[1:]
+    handles = [store.put(i, g) for i, g in enumerate(data)]
+    for i in reversed(range(8)):
+        assert torch.equal(store.get(handles[i])[0], data[i][0])
+    store.grow_to(8, "asked")
+    assert store.pool is not None
+    mapped = store.pool.stats().reserved
+    assert mapped == 8 * (GROUP + 4096)  # the eight leases, each of the larger size
+    for _ in range(2):
+        handles = [store.put(i, g) for i, g in enumerate(data)]
+        for i in reversed(range(8)):
+            assert torch.equal(store.get(handles[i])[0], data[i][0])
+    assert store.pool.stats().reserved == mapped
+    store.close()

@@ -297,8 +297,16 @@ class NvmeStore(OffloadingStore):
     # ---- staging leases --------------------------------------------------------------------------
 
     def _stage(self, nbytes: int) -> Lease:
-        """A staging lease; when all are out, reclaims one: a retired group's, else the oldest
-        group already on its way to disk (host wait for its write)."""
+        """A staging lease for a group of nbytes; when all are out, reclaims one: a retired
+        group's, else the oldest group already on its way to disk (host wait for its write).
+
+        Every lease is of the largest group's size (lease_bytes), whatever the group's: then
+        any lease's memory holds any group, and the pool maps no more than ``staging`` leases.
+        Leased at their own sizes, groups of two sizes (the first block's carries the tables
+        that later blocks share, or a size right at the pool's arena) would take arenas of two
+        kinds, each group's kind mapped anew while the other's lie free: memory
+        :meth:`grow_to` mapped for the larger would sit idle while the smaller mapped more.
+        """
         while self._leased >= self.staging:
             self._reap()
             if self._leased < self.staging:
@@ -317,7 +325,7 @@ class NvmeStore(OffloadingStore):
             victim.home.busy.remove(victim.out)
             self._release(victim.home.lease)
             victim.home.lease = None
-        lease = self._lease(nbytes)
+        lease = self._lease(max(nbytes, self._lease_bytes))
         self._leased += 1
         return lease
 
