@@ -280,7 +280,12 @@ def _choice(acts: Any) -> dict[str, Any]:
     if m is None or m.decision is None:
         return {}
     d = m.decision
-    return {"choice": d.describe(), "decision": d.to_json(), "estimated_step_s": d.step_s}
+    return {
+        "choice": d.describe(),
+        "decision": d.to_json(),
+        "estimated_step_s": d.step_s,
+        "decide_s": m.decide_s,
+    }
 
 
 def planned_device_blocks(

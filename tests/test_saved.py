@@ -127,6 +127,8 @@ def test_auto_measures_one_step_then_decides() -> None:
     counted = offload.plan.activations.count_block(tiny("llama", layers=3), "float32", 2, 16)
     assert all(c.attention_bytes == counted.attention and 0 < c.attention_s <= c.forward_s for c in costs)
     assert measure.bounds().cpu_s > 0  # the CPU optimizer's updates of the measured step
+    assert set(measure.decide_s) == {"sync", "costs", "link", "choose"}  # no staging on the device
+    assert all(t >= 0 for t in measure.decide_s.values())
     assert decision.describe()
     model.runtime.close()
 

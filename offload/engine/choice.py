@@ -151,6 +151,9 @@ class MeasuredChoice:
         self._decided = 0  # passes finished when the choice was made
         self._baseline: float | None = None  # host clock at the start of the pass recomputing
         # with the leases the choice grew (None: no such pass running)
+        self.decide_s: dict[str, float] = {}
+        """Seconds the decision took, by part: the device's sync, the costs and room, the link's
+        measurement, the choice, and mapping the staging leases it grew."""
 
     def __call__(self, index: int) -> Keep:
         if index == 0 and self.decision is None:
@@ -354,20 +357,28 @@ class MeasuredChoice:
         return device_room(total, device_free, reserved, peak, self.budgets.gpu_bytes), host
 
     def _decide(self, measured_s: float) -> Choice:
+        lap = _Laps(self.decide_s)
         self.device.synchronize()  # the events of the measured step must have completed
+        lap("sync")
         costs, bounds = self.costs(), self.bounds(measured_s)
         device_bytes, host_bytes = self.room()
+        lap("costs")
         h2d, d2h = measure_link(self.device.torch)
         link = self.traffic.link(h2d, d2h, measure_duplex(self.device.torch))
+        lap("link")
         staging = self._staging()
         if staging is None:
-            return choose(costs, link, host_bytes, device_bytes, bounds)
+            choice = choose(costs, link, host_bytes, device_bytes, bounds)
+            lap("choose")
+            return choice
         choice = choose_staged(costs, link, host_bytes, device_bytes, bounds, staging)
+        lap("choose")
         if choice.extra_leases:
             assert self.traffic.staging is not None
             self.traffic.staging.grow_to(
                 staging.leases + choice.extra_leases, "chosen with the keeps (offload_saved auto)"
             )
+            lap("staging")
         return choice
 
     def _staging(self) -> Staging | None:
@@ -382,6 +393,18 @@ class MeasuredChoice:
         read_s = read.seconds * per / read.nbytes if read.nbytes else write_s
         groups = len(self.traffic.boundary)
         return Staging(store.staging, per, groups, write_s, read_s)
+
+
+class _Laps:
+    """Adds the seconds since the last call to into[name]."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into, self.last = into, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.into[name] = self.into.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def _host_free() -> int:
