@@ -289,7 +289,7 @@ def _choice(acts: Any) -> dict[str, Any]:
 
 
 def planned_device_blocks(
-    model: Any, settings: dict[str, Any], a: argparse.Namespace, seq: int, names: list[str]
+    model: Any, settings: dict[str, Any], a: argparse.Namespace, seq: int, names: list[str], notes: list[str]
 ) -> int:
     """--device-blocks as a number: the one given, or for auto the plan's (offload.plan.make_plan,
     rates measured here) at seq tokens with the first auto placement of names (with none, the
@@ -316,6 +316,7 @@ def planned_device_blocks(
     for note in plan.notes:
         if note.startswith(("device_blocks", "offload_saved: measured")):
             print(f"  note: {note}", flush=True)
+            notes.append(note)  # the machine's measured link, disk and compute rates among them
     return plan.device_blocks
 
 
@@ -399,7 +400,8 @@ def main() -> None:
         "trace": a.trace,
     }
     Path(a.nvme_dir).mkdir(parents=True, exist_ok=True)  # the plan probes the disk there
-    device_blocks = planned_device_blocks(model, settings, a, max(seqs), names)
+    notes: list[str] = []
+    device_blocks = planned_device_blocks(model, settings, a, max(seqs), names, notes)
     model, opt = offload.wrap(model, init="random", placement={"device_blocks": device_blocks}, **settings)
     print(f"wrapped in {time.perf_counter() - t0:.0f} s", flush=True)
     results: list[dict[str, Any]] = []
@@ -412,6 +414,7 @@ def main() -> None:
         "batch": a.batch,
         "args": vars(a),
         "device_blocks": device_blocks,
+        "plan_notes": notes,
         "results": results,
     }
     out = Path(a.out or ROOT / "benchmarks" / "results" / f"activations_{a.size}_{report['date']}.json")
