@@ -206,7 +206,7 @@ def test_groups_of_two_sizes_share_the_leases_grow_to_mapped(
         return pool
 
     monkeypatch.setattr(store, "_make_pool", small_arenas)
-    data = [[torch.full(((GROUP + 4096) // 4,), 0.0)]] + groups(8)[1:]
+    data = [[torch.full(((GROUP + 4096) // 4,), 0.0)], *groups(8)[1:]]
     handles = [store.put(i, g) for i, g in enumerate(data)]
     for i in reversed(range(8)):
         assert torch.equal(store.get(handles[i])[0], data[i][0])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from offload.plan.measure import Rates, measure_disk
 
@@ -31,8 +32,16 @@ def test_the_disk_probe_says_why_a_directory_cannot_be_measured(tmp_path: Path) 
         measure_disk(tmp_path / "missing", 1 << 20)
 
 
-@pytest.mark.parametrize("field", ["disk_write_bytes_s", "disk_read_bytes_s"])
-def test_disk_rates_must_be_positive(field: str) -> None:
+@pytest.mark.parametrize("field", ["disk_write_bytes_s", "disk_read_bytes_s", "memory_bytes_s"])
+def test_byte_rates_must_be_positive(field: str) -> None:
     with pytest.raises(ValueError, match=f"{field} must be > 0 bytes/s, got 0"):
         Rates(1.0, 1.0, 1.0, **{field: 0})
     assert getattr(Rates(1.0, 1.0, 1.0), field) is None  # not counted
+
+
+def test_the_memory_probe_counts_a_copy_as_read_and_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU the probe copies within host memory; a copy taking 1 s moves twice its bytes."""
+    import offload.plan.measure as measure
+
+    monkeypatch.setattr(measure, "_best", lambda fn, device, reps: (fn(), 1.0)[1])
+    assert measure.measure_memory(torch.device("cpu"), nbytes=1 << 20) == 2 * (1 << 20)

@@ -213,6 +213,43 @@ def test_forward_flops() -> None:
     assert forward_flops(shape, 2, 16) == 2 * shape.block_numel * tokens + 2 * 2 * 16**2 * 48
 
 
+def test_memory_traffic_counts_what_element_wise_operations_move() -> None:
+    """The counter adds the bytes an operation reads and writes; matmuls (FLOPs), views,
+    factories and a cache's append to an empty tensor move none of the block's bytes."""
+    from offload.plan.activations import _Traffic
+
+    x, w = torch.empty(4, 8, device="meta"), torch.empty(8, 16, device="meta")
+    on = [True]
+    with _Traffic(on) as t:
+        y = x @ w  # mm: counted in FLOPs
+        x.t().contiguous()  # a view, then a copy of it: 128 bytes read, 128 written
+        torch.empty(1000, device="meta")
+        torch.cat([torch.empty(0, 16, device="meta"), y])
+        assert t.nbytes == 256
+        torch.nn.functional.silu(y)  # 4 x 16 float32 read and written
+        assert t.nbytes == 256 + 2 * 4 * 16 * 4
+        on[0] = False
+        y * 2  # outside the block: not counted
+    assert t.nbytes == 768
+
+
+def test_the_blocks_element_wise_traffic_grows_with_its_tokens_and_costs_time() -> None:
+    from offload.plan.activations import block_cost
+
+    model = tiny("llama")
+    one, two = count_block(model, "float32", 2, 16), count_block(model, "float32", 2, 32)
+    # Linear in the tokens (no seq^2 term outside attention), but for the two norms' weights,
+    # read once whatever the tokens (hidden size 48, float32).
+    assert one.elementwise > 0 and 2 * one.elementwise - two.elementwise == 2 * 48 * 4
+    shape = plan({}).shape
+    plain = block_cost(shape, one, FAST, 2, 16)
+    memory = block_cost(shape, one, dataclasses.replace(FAST, memory_bytes_s=1e6), 2, 16)
+    seconds = one.elementwise / 1e6
+    assert memory.forward_s == pytest.approx(plain.forward_s + seconds)
+    assert memory.backward_s == pytest.approx(plain.backward_s + 2 * seconds)
+    assert memory.attention_s == plain.attention_s  # a block keeping its attention still runs it
+
+
 def test_cli_shows_the_choice_and_checks_rates(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["plan", "recipes/tiny.yaml", "--no-detect", "--set", "offload.placement.offload_saved=auto"]
     assert main([*args, "--link-gbs", "1000", "--tflops", "0.001", "--json"]) == 0

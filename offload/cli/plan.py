@@ -56,6 +56,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "(default: measured on CUDA, else 5)",
     )
     p.add_argument(
+        "--memory-gbs",
+        type=float,
+        default=None,
+        help="device memory GB/s (a copy's reads and writes), the rate of each block's element-wise "
+        "work in offload_saved's choice (default: measured on CUDA, else 2000)",
+    )
+    p.add_argument(
         "--disk-gbs",
         type=float,
         default=None,
@@ -87,6 +94,7 @@ def _rates(args: argparse.Namespace) -> Rates | None:
         ("--link-gbs", args.link_gbs),
         ("--tflops", args.tflops),
         ("--adam-gps", args.adam_gps),
+        ("--memory-gbs", args.memory_gbs),
         ("--disk-gbs", args.disk_gbs),
     )
     if all(value is None for _, value in given):
@@ -101,6 +109,8 @@ def _rates(args: argparse.Namespace) -> Rates | None:
         rates = replace(rates, flops=args.tflops * 1e12, attention_flops=args.tflops * 0.5e12)
     if args.adam_gps is not None:
         rates = replace(rates, adam_params_s=args.adam_gps * 1e9)
+    if args.memory_gbs is not None:
+        rates = replace(rates, memory_bytes_s=args.memory_gbs * 1e9)
     if args.disk_gbs is not None:
         rates = replace(rates, disk_write_bytes_s=args.disk_gbs * 1e9, disk_read_bytes_s=args.disk_gbs * 1e9)
     return rates

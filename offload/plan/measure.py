@@ -40,9 +40,12 @@ class Rates:
     None: not counted."""
     disk_read_bytes_s: float | None = None
     """... and reads back (in backward); None: not counted."""
+    memory_bytes_s: float | None = None
+    """Bytes per second the device's memory moves in a copy (read and write counted); the
+    block's element-wise work runs at it. None: that work is not counted."""
 
     def __post_init__(self) -> None:
-        for name in ("disk_write_bytes_s", "disk_read_bytes_s"):
+        for name in ("disk_write_bytes_s", "disk_read_bytes_s", "memory_bytes_s"):
             rate = getattr(self, name)
             if rate is not None and not rate > 0:
                 raise ValueError(f"{name} must be > 0 bytes/s, got {rate}")
@@ -62,6 +65,7 @@ def measure_rates(device: torch.device, dtype: torch.dtype, nbytes: int = 64 << 
         duplex_bytes_s=measure_duplex(device, nbytes, reps),
         attention_flops=measure_attention(device, dtype, reps),
         adam_params_s=measure_adam(),
+        memory_bytes_s=measure_memory(device, reps=reps),
     )
 
 
@@ -101,9 +105,17 @@ def measure_duplex(device: torch.device, nbytes: int = 64 << 20, reps: int = 3) 
     return 2 * nbytes / _best(both, device, reps)
 
 
+def measure_memory(device: torch.device, nbytes: int = 512 << 20, reps: int = 3) -> float:
+    """Bytes per second a copy of nbytes within the device's memory moves, reads and writes
+    counted (on the CPU, within host memory)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _best(lambda: dst.copy_(src), device, reps)
+
+
 def measure_flops(device: torch.device, dtype: torch.dtype, reps: int = 3) -> float:
     """Floating-point operations per second of a square matmul in dtype (float32 on the CPU)."""
-    n = 4096 if device.type == "cuda" else 512
+    n = 8192 if device.type == "cuda" else 512
     if device.type != "cuda":
         dtype = torch.float32
     x = torch.randn(n, n, device=device).to(dtype)
@@ -116,7 +128,7 @@ def measure_attention(device: torch.device, dtype: torch.dtype, reps: int = 3) -
     (CUDA only; None elsewhere)."""
     if device.type != "cuda":
         return None
-    b, h, s, d = 1, 32, 4096, 128
+    b, h, s, d = 1, 32, 8192, 128
     q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype) for _ in range(3))
     fn = torch.nn.functional.scaled_dot_product_attention
     return 2 * b * s * s * h * d / _best(lambda: fn(q, k, v, is_causal=True), device, reps)
@@ -192,9 +204,22 @@ def _fill_random(t: torch.Tensor) -> None:
         part.copy_(block[: part.numel()])
 
 
+WARMUP_S = 0.1
+"""Seconds a CUDA probe runs before it is timed: an idle GPU's clocks take a while to rise, and
+a probe timed at once measured a 4096-cube matmul at 580 TFLOPS where the same process measured
+803 a moment later (H100, 2026-11-24)."""
+
+
 def _best(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Seconds of the fastest of reps runs of fn (after one warm-up run)."""
+    """Seconds of the fastest of reps runs of fn, after one warm-up run (on CUDA, runs for
+    WARMUP_S: the clocks rise)."""
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        until = time.perf_counter() + WARMUP_S
+        while time.perf_counter() < until:
+            fn()
+            torch.cuda.synchronize(device)
     times = []
     for _ in range(reps):
         if device.type == "cuda":
