@@ -1,9 +1,11 @@
-"""Starting a test's worker on several CPU ranks (gloo) under torchrun."""
+"""Starting a test's worker on several CPU ranks (gloo) under torchrun, or one of scripts/ in a
+process of its own."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from offload.train.ranks import torchrun
@@ -24,3 +26,16 @@ def run_ranks(
     if ok:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def run_script(name: str, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """scripts/name with argv in a new interpreter, the repository on its path; the caller
+    checks the returned process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )

@@ -4,23 +4,14 @@ tiny shape (their figures are not checked: timing lives in the benchmarks, not i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.launch import run_script
 
 
 def script(name: str, *argv: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / name), "--size", "tiny", *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    return run_script(name, "--size", "tiny", *argv)
 
 
 def test_the_activation_bench_records_lanes_memory_and_the_decision(tmp_path: Path) -> None:

@@ -4,23 +4,14 @@ checked: timing lives in the benchmark, not in tests)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.launch import run_script
 
 
 def bench(*argv: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_ckpt.py"), "--size", "tiny", "--cpu", *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    return run_script("bench_ckpt.py", "--size", "tiny", "--cpu", *argv)
 
 
 def test_bench_ckpt_tiny_on_cpu(tmp_path: Path) -> None:
