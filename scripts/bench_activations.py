@@ -221,35 +221,15 @@ def _lanes(tracer: Any, name: str, seq: int) -> dict[str, Any]:
     """With --trace: per step of this run, its wall seconds and each lane's busy seconds in it."""
     if not tracer.enabled:
         return {}
-    from offload.engine.trace import LANES
-
-    events = tracer.events()
-    lane_of = {v: k for k, v in LANES.items()}
     rows = []
-    for s in events:
+    for s in tracer.events():
         a = s.get("args", {})
         if s["name"] != "step" or a.get("placement") != name or a.get("seq") != seq:
             continue
-        lo, hi = s["ts"], s["ts"] + s["dur"]
-        spans: dict[str, list[tuple[float, float]]] = {}
-        for e in events:
-            lane = lane_of[e["tid"]]
-            if lane != "host" and e["ts"] < hi and e["ts"] + e["dur"] > lo:
-                spans.setdefault(lane, []).append((max(e["ts"], lo), min(e["ts"] + e["dur"], hi)))
-        rows.append(
-            {"step": a["step"], "wall_s": s["dur"] / 1e6, **{f"{k}_s": _union(v) for k, v in spans.items()}}
-        )
+        busy = tracer.summary(s["ts"], s["ts"] + s["dur"])
+        busy.pop("host", None)  # the step spans themselves, and host waits
+        rows.append({"step": a["step"], "wall_s": s["dur"] / 1e6, **{f"{k}_s": v for k, v in busy.items()}})
     return {"trace_steps": rows}
-
-
-def _union(spans: list[tuple[float, float]]) -> float:
-    """Seconds covered by spans (microseconds), overlaps counted once."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total / 1e6
 
 
 def _peaks(cuda: bool) -> dict[str, float | None]:

@@ -85,18 +85,16 @@ class Traffic:
     """What else crosses the host link per step, besides kept tensors (for the cost model), and
     the clock of the disk the boundary states go to (nvme; None: another tier)."""
 
-    def __init__(
-        self,
-        weight_bytes: int,
-        grad_bytes: int,
-        disk: DiskClock | None = None,
-        staging: NvmeStore | None = None,
-    ) -> None:
+    def __init__(self, weight_bytes: int, grad_bytes: int, staging: NvmeStore | None = None) -> None:
         self.weight_bytes = weight_bytes  # uploaded once in forward, once in backward
         self.grad_bytes = grad_bytes  # copied to host in backward
         self.boundary: dict[int, int] = {}  # per block: boundary bytes out in forward, back in backward
-        self.disk = disk
         self.staging = staging  # the NVMe store, whose staging leases the choice may grow
+
+    @property
+    def disk(self) -> DiskClock | None:
+        """The clock of the disk the boundary states go to (nvme; None: another tier)."""
+        return None if self.staging is None else self.staging.clock
 
     @property
     def boundary_bytes(self) -> int:
@@ -369,11 +367,10 @@ class MeasuredChoice:
         staging = self._staging()
         if staging is None:
             choice = choose(costs, link, host_bytes, device_bytes, bounds)
-            lap("choose")
-            return choice
-        choice = choose_staged(costs, link, host_bytes, device_bytes, bounds, staging)
+        else:
+            choice = choose_staged(costs, link, host_bytes, device_bytes, bounds, staging)
         lap("choose")
-        if choice.extra_leases:
+        if staging is not None and choice.extra_leases:
             assert self.traffic.staging is not None
             self.traffic.staging.grow_to(
                 staging.leases + choice.extra_leases, "chosen with the keeps (offload_saved auto)"

@@ -103,7 +103,7 @@ def make_activations(
     boundary = make_store(activations or p.activations, device, blocks, cfg.nvme_dirs, room)
     streamed = len(executor.streamed) * executor.slots.buffers[0].nbytes
     nvme = boundary if isinstance(boundary, NvmeStore) else None
-    traffic = Traffic(streamed, streamed, None if nvme is None else nvme.clock, staging=nvme)
+    traffic = Traffic(streamed, streamed, staging=nvme)
     keys = lambda: weight_keys(executor)  # noqa: E731
     busy = None if updater is None else (lambda: updater.busy_s)
     choose = make_choice(p.offload_saved, device, blocks, traffic, keys, cfg.budgets, busy, device_need)

@@ -104,13 +104,16 @@ class Tracer:
         with self._lock:
             return list(self._events)
 
-    def summary(self) -> dict[str, float]:
-        """Busy seconds per lane (overlapping spans in one lane counted once)."""
+    def summary(self, start_us: float = float("-inf"), end_us: float = float("inf")) -> dict[str, float]:
+        """Busy seconds per lane (overlapping spans in one lane counted once), of the spans'
+        parts between start_us and end_us on the trace's clock (default: all of them)."""
         busy: dict[str, float] = {}
         names = {v: k for k, v in LANES.items()}
         by_lane: dict[str, list[tuple[float, float]]] = {}
         for e in self.events():
-            by_lane.setdefault(names[e["tid"]], []).append((e["ts"], e["ts"] + e["dur"]))
+            a, b = max(e["ts"], start_us), min(e["ts"] + e["dur"], end_us)
+            if b > a:
+                by_lane.setdefault(names[e["tid"]], []).append((a, b))
         for lane, spans in by_lane.items():
             total, end = 0.0, -1.0
             for a, b in sorted(spans):
