@@ -387,3 +387,114 @@ def test_the_previous_group_is_let_go_before_the_next_copy_is_queued() -> None:
     store.put(1, [torch.randn(64)])
     assert dead_at_copy == [False, True]
     store.close()
+
+
+def _spaced_puts(s: HostStore, indices: list[int]) -> dict[int, tuple[object, list[torch.Tensor]]]:
+    return {i: (s.put(i, g := group(i)), g) for i in indices}
+
+
+def test_a_paced_store_brings_a_group_back_in_parts_one_per_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept graphs' store: nothing comes back when a group is got; each pace(index) queues
+    the next group's remaining bytes over the blocks left before it, and the bytes are exact."""
+    monkeypatch.setattr("offload.engine.activations.PACE_MIN_BYTES", 1)
+    s = HostStore(CPU, blocks=8, depth=1, paced=True)
+    puts = _spaced_puts(s, [0, 4, 7])
+    st4 = puts[4][0]
+    total = st4.packing.nbytes
+    assert_same(s.get(puts[7][0]), puts[7][1])  # the last put: no round trip
+    assert st4.sent == 0  # got says nothing; pace does
+    sent = []
+    for index in (7, 6, 5):
+        s.pace(index)
+        sent.append(st4.sent)
+    third = -(-total // 3)
+    assert sent == [third, third + -(-(total - third) // 2), total]
+    assert puts[0][0].sent == 0  # one group ahead (depth 1): the next waits for this one's get
+    assert_same(s.get(st4), puts[4][1])
+    s.pace(4)
+    assert puts[0][0].sent == -(-puts[0][0].packing.nbytes // 4)
+    assert_same(s.get(puts[0][0]), puts[0][1])
+    s.close()
+
+
+def test_a_paced_group_got_before_its_parts_are_all_queued_comes_back_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("offload.engine.activations.PACE_MIN_BYTES", 1)
+    s = HostStore(CPU, blocks=8, depth=1, paced=True)
+    puts = _spaced_puts(s, [0, 6])
+    s.get(puts[6][0])
+    s.pace(6)  # a sixth of block 0's group queued, then backward skips ahead to it
+    assert 0 < puts[0][0].sent < puts[0][0].packing.nbytes
+    assert_same(s.get(puts[0][0]), puts[0][1])
+    s.close()
+
+
+def test_pacing_queues_whole_groups_below_the_smallest_part() -> None:
+    s = HostStore(CPU, blocks=8, depth=1, paced=True)
+    puts = _spaced_puts(s, [0, 4])
+    s.get(puts[4][0])
+    s.pace(4)  # the group is far below PACE_MIN_BYTES: all of it at once
+    assert puts[0][0].sent == puts[0][0].packing.nbytes
+    assert_same(s.get(puts[0][0]), puts[0][1])
+    s.close()
+
+
+def test_a_store_that_is_not_paced_brings_the_next_group_back_at_get() -> None:
+    s = HostStore(CPU, blocks=8, depth=1)
+    puts = _spaced_puts(s, [0, 4, 7])
+    s.get(puts[7][0])
+    assert puts[4][0].sent == puts[4][0].packing.nbytes  # whole, at once
+    assert puts[0][0].sent == 0
+    s.pace(7)  # a no-op here
+    assert puts[0][0].sent == 0
+    assert_same(s.get(puts[4][0]), puts[4][1])
+    s.close()
+
+
+def test_a_paced_part_waits_for_where_its_block_began(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The buffer is claimed when the group before is got (the copy waits for the compute queued
+    by then, not for the block queued after), and each part waits for the event where its
+    block's backward began, so it starts with the weight upload queued before it, not ahead of
+    the device."""
+    monkeypatch.setattr("offload.engine.activations.PACE_MIN_BYTES", 1)
+    dev = Recorder()
+    store = HostStore(dev, blocks=8, depth=1, outstanding=1, paced=True)
+    store.d2h, store.h2d = "d2h", "h2d"
+    handles = {i: store.put(i, [torch.randn(64)]) for i in (0, 3)}
+    out = handles[0].out.event.name
+    store.get(handles[3])  # claims block 0's buffer: nothing queued on h2d yet
+    claimed = dev.events[-1].name
+    assert dev.log[-1] == ("record", "compute", claimed)
+    for index in (3, 2, 1):
+        began = dev.event("compute")  # where block index's backward began
+        store.pace(index, began)
+        first = [("wait", "h2d", claimed), ("wait", "h2d", out)] if index == 3 else []
+        assert dev.log[-2 - len(first) :] == [
+            *first,
+            ("wait", "h2d", began.name),
+            ("record", "h2d", dev.events[-1].name),
+        ]
+    assert handles[0].sent == handles[0].packing.nbytes
+    store.get(handles[0])
+    assert ("wait", "compute", dev.events[-1].name) in dev.log  # compute reads it after the last part
+    store.close()
+
+
+def test_the_first_group_of_a_backward_is_claimed_first_and_paced_from_the_next_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No group before it was got, so its buffer is claimed at the first pace (after that
+    block's backward was queued): its parts start at the next pace, two over blocks 2 and 1."""
+    monkeypatch.setattr("offload.engine.activations.PACE_MIN_BYTES", 1)
+    s = HostStore(CPU, blocks=8, depth=1, paced=True)
+    puts = _spaced_puts(s, [0])
+    st = puts[0][0]
+    s.pace(3)
+    assert st.buf is not None and st.sent == 0
+    s.pace(2)
+    assert st.sent == -(-st.packing.nbytes // 2)
+    s.pace(1)
+    assert st.sent == st.packing.nbytes
+    assert_same(s.get(st), puts[0][1])
+    s.close()

@@ -71,3 +71,19 @@ def test_device_blocks_with_offloaded_saved_tensors(disk_dir: Path) -> None:
         "device": {"device_blocks": 1, "offload_saved": {"device": [0, 1], "attention": [2]}},
     }
     assert_every_placement_matches(tiny("qwen2"), batches(STEPS), 1, None, placements, disk_dir)
+
+
+def test_host_keeps_brought_back_in_parts_train_like_adamw(
+    monkeypatch: pytest.MonkeyPatch, disk_dir: Path
+) -> None:
+    """Host-kept graphs and attention outputs spaced apart come back in parts over the blocks
+    between (the smallest part lowered so tiny groups split): still bitwise."""
+    monkeypatch.setattr("offload.engine.activations.PACE_MIN_BYTES", 64)
+    placements = {
+        "graphs": {"offload_saved": {"host": [0, 4]}},
+        "mixed": {
+            "offload_saved": {"host": [0], "attention_host": [1, 4], "device": [3]},
+            "activations": "host",
+        },
+    }
+    assert_every_placement_matches(tiny("llama", layers=5), batches(STEPS), 1, None, placements, disk_dir)

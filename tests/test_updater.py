@@ -4,6 +4,9 @@ offload_saved auto reads a step's busy time as the CPU optimizer's bound. An upd
 backward first waits for its gradient to land on the host; counting that wait would make the
 bound as long as the device's backward, and auto would stop keeping blocks where the CPU is in
 fact idle. The clock here is a fake one that moves only where the test says.
+
+And its order: of the updates whose gradient has landed, the one the next forward needs first;
+when none has, the oldest.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def test_busy_time_leaves_out_the_waits_for_gradients(clock: Clock) -> None:
 
         recs = [_record(i) for i in range(2)]
         for rec in recs:
-            up.submit(rec, update, fifo=True)  # type: ignore[arg-type]
+            up.submit(rec, update, ready=lambda: True)  # type: ignore[arg-type]
         up.wait_all()
         assert up.busy_s == pytest.approx(2.0)
         assert [r.version for r in recs] == [1, 1]
@@ -75,7 +78,7 @@ def test_a_failed_wait_is_still_idle_and_the_error_reaches_the_caller(clock: Clo
             return True
 
         rec = _record(0)
-        up.submit(rec, update, fifo=True)  # type: ignore[arg-type]
+        up.submit(rec, update, ready=lambda: True)  # type: ignore[arg-type]
         with pytest.raises(RuntimeError, match="the copy failed"):
             up.wait_all()
         assert rec.updated.is_set() and rec.version == 0
@@ -90,3 +93,74 @@ def test_a_failed_wait_is_still_idle_and_the_error_reaches_the_caller(clock: Clo
         assert up.busy_s == pytest.approx(0.75)
     finally:
         up.close()
+
+
+class _Order:
+    """An updater whose worker is held at a first update until the test has queued the rest;
+    each update appends its record's index to ``ran``."""
+
+    def __init__(self) -> None:
+        self.up = Updater(Tracer(None, torch.device("cpu")))
+        self.ran: list[int] = []
+        self.gate = threading.Event()
+        self.up.submit(_record(-99), self._held)  # type: ignore[arg-type]
+
+    def _held(self) -> bool:
+        self.gate.wait(10)
+        return False
+
+    def add(self, index: int, ready: object = None) -> types.SimpleNamespace:
+        rec = _record(index)
+
+        def update() -> bool:
+            self.ran.append(index)
+            return True
+
+        self.up.submit(rec, update, ready=ready)  # type: ignore[arg-type]
+        return rec
+
+    def run(self) -> list[int]:
+        self.gate.set()
+        self.up.wait_all()
+        self.up.close()
+        return self.ran
+
+
+def test_landed_updates_run_in_the_order_the_next_forward_needs() -> None:
+    o = _Order()
+    for index in (31, 30, 29, -1):  # as backward queues them, the residents last
+        o.add(index, ready=lambda: True)
+    assert o.run() == [-1, 29, 30, 31]
+
+
+def test_an_update_whose_gradient_has_not_landed_waits_behind_landed_ones() -> None:
+    o = _Order()
+    landed = {31: True, 30: True, 29: False}
+    for index in (31, 30, 29):
+        o.add(index, ready=lambda i=index: landed[i])
+    original = o.up._pick
+
+    def pick() -> int | None:  # 29 lands once the worker has taken one other update
+        if o.ran:
+            landed[29] = True
+        return original()
+
+    o.up._pick = pick  # type: ignore[method-assign]
+    assert o.run() == [30, 29, 31]
+
+
+def test_with_nothing_landed_the_oldest_runs_first() -> None:
+    o = _Order()
+    for index in (12, 11, 10):
+        o.add(index, ready=lambda: False)  # its update waits for the gradient itself
+    assert o.run() == [12, 11, 10]
+
+
+def test_the_worker_reads_ahead_the_update_it_will_run_next() -> None:
+    o = _Order()
+    seen: list[int] = []
+    o.up.prefetch = lambda rec: seen.append(rec.index)  # type: ignore[assignment]
+    for index in (5, 4, 3):
+        o.add(index, ready=lambda: True)
+    assert o.run() == [3, 4, 5]
+    assert seen[-2:] == [4, 5]  # before 3 it read 4, before 4 it read 5 (the held one may have read 3)

@@ -28,10 +28,9 @@ writer does not copy host records while updates from before the save still run: 
 by host memory bandwidth, and a copy racing the optimizer slows the update the next forward
 waits for (on the 3.4B run with 40 micro-batches a step, the updates took twice as long and the
 steps a save was written in 7% longer; the next updates are a whole step away). The writer's order guesses the order of
-the next updates, but the worker's real order changes under a save: with
-``optimizer.overlap_backward`` backward queues the updates last block first, and what is still
-queued at ``step()`` runs in forward order (``Updater.reorder``), which is the case exactly when
-the save holds the worker back. Following the worker, the next forward gets block 0 first instead
+the next updates, but the worker's real order changes under a save: it runs the landed update
+the next forward needs first (``offload/engine/updater.py``), so what a held-back worker has
+queued runs in forward order. Following the worker, the next forward gets block 0 first instead
 of last.
 """
 

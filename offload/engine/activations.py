@@ -20,6 +20,18 @@ tables, an attention mask: one object passed to every block) stays on the device
 And the last group put is still on the device when backward starts with it, so it is handed back
 without a round trip. On the CPU every "copy" is a plain memory copy and every event None, so the
 tests run the same code.
+
+Host-to-device copies run in the order they were queued, whatever their streams: one copy engine
+takes them first come, first served, and a large copy split in parts still holds back a small one
+queued after all its parts (``scripts/probe_h2d_streams.py``: a 400 MB copy queued after 3 GB
+lands at 65 ms on the H100 instead of 7.7 ms). So a whole kept graph (3 GB at 16K tokens on the
+6.7B shape) fetched at once delays the next block's weight upload by its whole transfer, and the
+next block's backward waits. A *paced* :class:`HostStore` (the kept graphs' and attention outputs'
+stores) instead brings a group back in parts, one per backward block between now and the block
+that needs it (``pace(index)``, called once a block's backward and the next weight upload are
+queued), so each part comes behind the upload the next block waits for. Its device buffer is
+still taken when the group before is got, so the first part waits for the compute queued by
+then, not for the block queued since.
 """
 
 from __future__ import annotations
@@ -42,6 +54,9 @@ from offload.memory import PinnedPool
 from offload.memory.arena import Lease
 
 DEPTH = 2
+
+PACE_MIN_BYTES = 64 << 20
+"""The smallest part a paced store brings back at a time (fewer, larger copies below it)."""
 """Groups brought back ahead of the one backward needs now: one computes, two are in flight."""
 
 
@@ -102,7 +117,11 @@ class Stored:
     buf: torch.Tensor | None = None
     """The moved bytes back on the device, once fetched."""
     back: Any = None
-    """Event: the copy back into buf has landed."""
+    """Event: the copy back into buf has landed (the latest part queued, when it comes in parts)."""
+    sent: int = 0
+    """Bytes of the copy back queued so far (a paced store queues it in parts)."""
+    claimed: Any = None
+    """Event: the compute queued when buf was allocated (the copy back waits for it)."""
     versions: list[int] = field(default_factory=list)
     """Device tier: the tensors' version counters when put."""
     finalizer: Any = None
@@ -312,10 +331,13 @@ class OffloadingStore:
 
     def _ahead(self) -> None:
         """Starts bringing back the next groups backward will want: the latest put first."""
-        waiting = [st for st in (r() for r in reversed(self._live)) if st is not None]
-        for st in waiting[: self.depth]:
+        for st in self._waiting():
             if st.packing is not None:
                 self._fetch(st, wait=False)
+
+    def _waiting(self) -> list[Stored]:
+        """The next ``depth`` groups backward will want: put, not yet got, the latest put first."""
+        return [st for st in (r() for r in reversed(self._live)) if st is not None][: self.depth]
 
     def _copy_to_host(self, st: Stored, lease: Lease) -> Any:
         """Queues the copy of st's moved tensors into lease on the d2h stream; returns its event."""
@@ -333,31 +355,43 @@ class OffloadingStore:
                     src.record_stream(self.d2h)
             return dev.event(self.d2h)
 
-    def _copy_to_device(self, st: Stored, lease: Lease, after: Any) -> None:
-        """Queues the copy of lease back to a new device buffer on the h2d stream.
+    def _claim(self, st: Stored) -> None:
+        """Allocates st's device buffer for the copy back, on the compute stream, where the group
+        will be read: it may take the memory of a group whose last use compute has queued (the
+        previous block's, freed as its backward returned), so st.claimed marks the compute
+        queued so far, which the copy must wait for. Allocated on the h2d stream instead, it
+        could only reuse memory whose users had finished on the device by the time the host
+        asked, and the host runs blocks ahead of the device in backward (it waits for nothing
+        there): each group coming back would take new memory while the ones before it waited to
+        be freed, instead of a window of two."""
+        assert st.packing is not None
+        st.buf = torch.empty(st.packing.nbytes, dtype=torch.uint8, device=self.device.torch)
+        st.home.incoming = st.buf
+        st.claimed = self.device.event(self.device.compute_stream())
 
-        The buffer is allocated on the compute stream, where the group will be read, so it may
-        take the memory of a group whose last use compute has queued (the previous block's,
-        freed as its backward returned), and the copy waits for the compute queued so far.
-        Allocated on the h2d stream instead, it could only reuse memory whose users had
-        finished on the device by the time the host asked, and the host runs blocks ahead of
-        the device in backward (it waits for nothing there): each group coming back would take
-        new memory while the ones before it waited to be freed, instead of a window of two.
-        """
+    def _copy_to_device(
+        self, st: Stored, lease: Lease, after: Any, upto: int | None = None, began: Any = None
+    ) -> None:
+        """Queues the copy of lease back into st's device buffer (claimed first if it is not)
+        on the h2d stream: its bytes from what was queued before (st.sent) up to upto (None:
+        the rest), after the event began (None: at once). The first part waits for the compute
+        the buffer's memory may still be read by, and for the copy out (after); the later parts
+        follow it on the stream."""
         assert st.packing is not None
         dev = self.device
-        compute = dev.compute_stream()
-        st.buf = torch.empty(st.packing.nbytes, dtype=torch.uint8, device=dev.torch)
-        st.home.incoming = st.buf
-        freed = dev.event(compute)
+        end = st.packing.nbytes if upto is None else min(upto, st.packing.nbytes)
+        if st.buf is None:
+            self._claim(st)
         with dev.stream(self.h2d):
-            # The copy must not write the buffer before the compute queued so far is done: its
-            # memory may be what that compute read last.
-            dev.wait(self.h2d, freed)
-            # The copy back must not start before the copy out has landed in host memory.
-            dev.wait(self.h2d, after)
-            st.buf.copy_(lease.tensor[: st.packing.nbytes], non_blocking=True)
+            if st.sent == 0:
+                dev.wait(self.h2d, st.claimed)
+                # The copy back must not start before the copy out has landed in host memory.
+                dev.wait(self.h2d, after)
+            dev.wait(self.h2d, began)
+            assert st.buf is not None
+            st.buf[st.sent : end].copy_(lease.tensor[st.sent : end], non_blocking=True)
             st.back = dev.event(self.h2d)
+        st.sent = end
         st.home.busy.append(CudaWait(st.back))  # the lease is free once this copy has read it
 
     def _lease(self, nbytes: int) -> Lease:
@@ -427,7 +461,53 @@ class OffloadingStore:
 
 class HostStore(OffloadingStore):
     """Boundary states (or a block's saved tensors, engine/saved.py) in pinned host memory: one
-    lease per group, out during forward, back during backward."""
+    lease per group, out during forward, back during backward. paced: the copies back come in
+    parts behind the weight uploads (:meth:`pace`) rather than whole when the group before is
+    got."""
+
+    def __init__(self, device: Device, blocks: int, *args: Any, paced: bool = False, **kwargs: Any) -> None:
+        super().__init__(device, blocks, *args, **kwargs)
+        self.paced = paced
+
+    def pace(self, index: int, began: Any = None) -> None:
+        """Block index's backward and the next block's weight upload are queued: queues the
+        next part of each of the next ``depth`` groups coming back, its remaining bytes spread
+        evenly over the backward blocks left before the one that needs it (at least
+        PACE_MIN_BYTES a part). began: an event on the compute stream where block index's
+        backward began (None: none to wait for), which the part waits for. The upload queued
+        before it waits for the same point (its slot is free then), so the two start together
+        and the upload, queued first, goes first; without it the host, which runs blocks ahead
+        in backward, would have queued every part of a group before the device reached them,
+        and they would run back to back ahead of the uploads. A no-op for a store that is not
+        paced."""
+        if not self.paced:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            for st in self._waiting():
+                if st.packing is None or st.index >= index or st.sent >= st.packing.nbytes:
+                    continue
+                if st.buf is None and index - st.index > 1:
+                    # The first group of a backward (no group before it was got): its buffer is
+                    # claimed now, after this block, so a part queued now could only start when
+                    # the next one does, beside that block's own part. It starts then instead.
+                    self._claim(st)
+                    continue
+                left = st.packing.nbytes - st.sent
+                part = max(-(-left // (index - st.index)), PACE_MIN_BYTES)
+                self._fetch(st, wait=False, upto=st.sent + part, began=began)
+
+    def _ahead(self) -> None:
+        """Not paced: the next groups start coming back now. Paced: their device buffers are
+        claimed now, so the copies queued later by pace() wait only for the compute queued so
+        far, not for the block about to be queued."""
+        if not self.paced:
+            super()._ahead()
+            return
+        for st in self._waiting():
+            if st.packing is not None and st.buf is None:
+                self._claim(st)
 
     def _copy_out(self, st: Stored) -> None:
         assert st.packing is not None
@@ -436,11 +516,12 @@ class HostStore(OffloadingStore):
         st.out = CudaWait(event)
         st.home.busy.append(st.out)
 
-    def _fetch(self, st: Stored, wait: bool) -> None:
-        if st.buf is None and st.back is None:  # not yet on its way back
+    def _fetch(self, st: Stored, wait: bool, upto: int | None = None, began: Any = None) -> None:
+        assert st.packing is not None
+        if st.sent < st.packing.nbytes:  # not all on its way back yet
             assert st.home.lease is not None
             out = st.out.event if isinstance(st.out, CudaWait) else None
-            self._copy_to_device(st, st.home.lease, out)
+            self._copy_to_device(st, st.home.lease, out, upto, began)
 
 
 class KeptStore:
@@ -456,12 +537,18 @@ class KeptStore:
     @property
     def store(self) -> HostStore:
         if self.made is None:
-            self.made = HostStore(self.device, self.blocks, depth=1, min_bytes=self.min_bytes, outstanding=1)
+            self.made = HostStore(
+                self.device, self.blocks, depth=1, min_bytes=self.min_bytes, outstanding=1, paced=True
+            )
             self.made.purpose = self.purpose
         return self.made
 
     def stored_bytes(self) -> int:
         return 0 if self.made is None else self.made.stored_bytes()
+
+    def pace(self, index: int, began: Any = None) -> None:
+        if self.made is not None:
+            self.made.pace(index, began)
 
     def close(self) -> None:
         if self.made is not None:
@@ -480,6 +567,10 @@ class HostKept:
 
     def stored_bytes(self) -> int:
         return self._host.stored_bytes()
+
+    def pace(self, index: int, began: Any = None) -> None:
+        """Block index's backward and the next weight upload are queued (HostStore.pace)."""
+        self._host.pace(index, began)
 
     def close(self) -> None:
         self._host.close()

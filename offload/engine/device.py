@@ -37,6 +37,11 @@ class Device:
             stream.wait_event(event)
 
     @staticmethod
+    def event_done(event: Any) -> bool:
+        """Whether the work before event has finished (None: nothing to wait for)."""
+        return event is None or bool(event.query())
+
+    @staticmethod
     def sync_event(event: Any) -> None:
         if event is not None:
             event.synchronize()

@@ -72,6 +72,17 @@ class Activations:
         m = self.measure
         return m.counting(index) if m is not None and m.measuring else contextlib.nullcontext()
 
+    def backward_done(self, index: int, began: Any) -> None:
+        """Block index's backward is queued, and the upload of the next block's weights: the
+        paced host stores queue the next parts of the groups coming back (behind that upload,
+        from began, the compute stream's event where the block's backward began:
+        engine/activations.py), and auto counts the block's pass."""
+        for owner in (self.saved, self.attention):
+            if owner is not None:
+                owner.pace(index, began)
+        if self.measure is not None:
+            self.measure.done(index)
+
     def stored_bytes(self) -> int:
         """Host bytes of kept graphs and attention outputs now."""
         saved = 0 if self.saved is None else self.saved.stored_bytes()
@@ -161,6 +172,7 @@ class BlockFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outs: Any) -> Any:
         executor: Executor = ctx.executor
+        began = executor.device.event(executor.device.compute_stream())
         nflat = len(ctx.needs_input_grad) - ARGS
         result: list[Any] = [None] * nflat
         if ctx.offloaded:
@@ -172,8 +184,7 @@ class BlockFunction(torch.autograd.Function):
             for pos, g in ctx.acts.saved.backward(executor, ctx.kept, grad_outs).items():
                 result[pos] = g
             ctx.kept = None
-            if ctx.acts.measure is not None:  # auto counts the passes of its choice too
-                ctx.acts.measure.done(ctx.index)
+            ctx.acts.backward_done(ctx.index, began)  # auto counts the passes of its choice too
             return (*[None] * ARGS, *result)
         flat = list(ctx.others)
         needs = ctx.needs_input_grad[ARGS:]
@@ -202,8 +213,7 @@ class BlockFunction(torch.autograd.Function):
             return pytree.tree_leaves(out, is_leaf=_is_leaf)
 
         input_grads = executor.backward_block(ctx.index, run, inputs, list(grad_outs))
-        if acts.measure is not None:
-            acts.measure.done(ctx.index)
+        acts.backward_done(ctx.index, began)
         for pos, g in zip(want, input_grads):
             result[pos] = g
         return (*[None] * ARGS, *result)

@@ -1,7 +1,9 @@
 """CPU AdamW over the store's fp32 masters, pipelined into the next forward.
 
 ``step()`` waits for the gradients to land on the host, computes the clipping coefficient, then
-hands the updates to a worker thread in forward order and returns. Each update is torch's fused
+hands the updates to a worker thread in forward order and returns (with
+``optimizer.overlap_backward`` each block's update is queued as its gradient is sent, and the
+worker runs the landed one the next forward needs first: engine/updater.py). Each update is torch's fused
 CPU AdamW kernel over a block's flat buffers (one call per param group range), followed by the
 refresh of the block's compute-dtype wire copy. Adam's m and v come from the record's StateTier
 (``Runtime.tier_of``): acquired before the kernel, released after it, and prefetched by the worker
@@ -74,7 +76,6 @@ class OffloadAdamW(torch.optim.Optimizer):
         work = [(rec, rec.take_grad(rt.executor.landed(rec))) for rec in records]
         coef = self._clip_coef(work)
         hparams = self._hparams()
-        rt.updater.reorder()  # what backward queued and has not run yet: in forward order now
         for rec, grad_fn in work:
             self._schedule(rec, self._update(rec, grad_fn, coef, hparams))
         for rec in rt.records():
@@ -96,14 +97,15 @@ class OffloadAdamW(torch.optim.Optimizer):
             self._schedule(rec, update)
             return
 
-        updater = self.runtime.updater
+        updater, device = self.runtime.updater, self.runtime.device
 
         def after_copy() -> bool:
             # The gradient must have landed on the host; the wait is the device's, not busy time.
-            updater.idle(lambda: self.runtime.device.sync_event(event))
+            updater.idle(lambda: device.sync_event(event))
             return update()
 
-        updater.submit(rec, after_copy, fifo=True)
+        # The worker takes the landed gradient the next forward needs first (engine/updater.py).
+        updater.submit(rec, after_copy, ready=lambda: device.event_done(event))
 
     def _schedule(self, rec: BlockRecord, update: Callable[[], bool]) -> None:
         """Host records go to the worker thread. A record kept on the device is updated now by
