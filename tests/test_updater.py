@@ -164,3 +164,23 @@ def test_the_worker_reads_ahead_the_update_it_will_run_next() -> None:
         o.add(index, ready=lambda: True)
     assert o.run() == [3, 4, 5]
     assert seen[-2:] == [4, 5]  # before 3 it read 4, before 4 it read 5 (the held one may have read 3)
+
+
+def test_the_warm_up_upload_does_not_wait_for_a_running_update() -> None:
+    """At a forward's start the first streamed block's weights are prefetched only if its update
+    is done: otherwise the host goes on to launch the device blocks before it, and the block is
+    uploaded (after its update) when the one before it has been."""
+    from offload import wrap
+    from tests.models import tiny
+
+    model, opt = wrap(tiny("llama"), device="cpu", dtype="float32", placement={"device_blocks": 1})
+    ex = model.runtime.executor
+    rec = ex.blocks[1]
+    s = ex.slot_of[1]
+    ex.slots.holds[s] = None  # as after another block used the slot
+    rec.updated.clear()  # its update is still running
+    ex.prefetch(0, wait=False)
+    assert ex.slots.holds[s] is None  # nothing queued, and no wait
+    rec.updated.set()
+    ex.prefetch(0, wait=False)
+    assert ex.slots.holds[s] == (1, rec.version)

@@ -89,15 +89,18 @@ class Executor:
 
     # ---- weights -------------------------------------------------------------------------------
 
-    def upload(self, index: int) -> int | None:
+    def upload(self, index: int, wait: bool = True) -> int | None:
         """Makes sure block index's current weights are in (or on their way to) its slot; None
-        for a block kept on the device, which needs no copy."""
+        for a block kept on the device, which needs no copy. wait False: while the block's
+        update is still running, queues nothing and returns None instead of waiting for it."""
         rec = self.blocks[index]
         if rec.on_device:
             return None
         s = self.slot_of[index]
         if self.slots.holds[s] == (index, rec.version) and rec.updated.is_set():
             return s
+        if not wait and not rec.updated.is_set():
+            return None
         # Host wait: the pipelined optimizer update of this block must be finished before its
         # wire copy is read. The device keeps running the kernels already queued meanwhile.
         with self.tracer.span("wait_update", "host", block=index):
@@ -142,11 +145,12 @@ class Executor:
         if s is not None:
             self.slots.free[s] = self.device.event(self.device.compute_stream())
 
-    def prefetch(self, index: int, step: int = 1) -> None:
-        """Starts the upload of the next streamed block from index on, going in direction step."""
+    def prefetch(self, index: int, step: int = 1, wait: bool = True) -> None:
+        """Starts the upload of the next streamed block from index on, going in direction step.
+        wait False: not if that block's update is still running (see upload)."""
         while 0 <= index < len(self.blocks):
             if not self.blocks[index].on_device:
-                self.upload(index)
+                self.upload(index, wait)
                 return
             index += step
 

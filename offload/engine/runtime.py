@@ -334,8 +334,11 @@ class Runtime:
             # Copied on the compute stream, so the kernels that read the parameters are ordered after it.
             self.resident_flat.copy_(rec.wire, non_blocking=True)
         self.resident_version = rec.version
-        # Warm the pipeline: the first blocks' weights start copying while the prologue computes.
-        self.executor.prefetch(0)
+        # Warm the pipeline: the first streamed block's weights start copying while the prologue
+        # computes, if its update is done. If not, the host does not wait for it here: the
+        # device blocks before it (placement.device_blocks) are launched first, and the block
+        # is uploaded once the one before it has been (the update runs meanwhile).
+        self.executor.prefetch(0, wait=False)
 
     def gather_resident_grads(self) -> None:
         rec = self.resident
