@@ -18,8 +18,10 @@ import pytest
 import torch
 
 import offload.engine.updater as updater_mod
+from offload import wrap
 from offload.engine.trace import Tracer
 from offload.engine.updater import Updater
+from tests.models import tiny
 
 
 class Clock:
@@ -170,10 +172,7 @@ def test_the_warm_up_upload_does_not_wait_for_a_running_update() -> None:
     """At a forward's start the first streamed block's weights are prefetched only if its update
     is done: otherwise the host goes on to launch the device blocks before it, and the block is
     uploaded (after its update) when the one before it has been."""
-    from offload import wrap
-    from tests.models import tiny
-
-    model, opt = wrap(tiny("llama"), device="cpu", dtype="float32", placement={"device_blocks": 1})
+    model, _ = wrap(tiny("llama"), device="cpu", dtype="float32", placement={"device_blocks": 1})
     ex = model.runtime.executor
     rec = ex.blocks[1]
     s = ex.slot_of[1]
