@@ -21,10 +21,10 @@ And the last group put is still on the device when backward starts with it, so i
 without a round trip. On the CPU every "copy" is a plain memory copy and every event None, so the
 tests run the same code.
 
-Host-to-device copies run in the order they were queued, whatever their streams: one copy engine
+Host-to-device copies run in the order they become ready, whatever their streams: one copy engine
 takes them first come, first served, and a large copy split in parts still holds back a small one
 queued after all its parts (``scripts/probe_h2d_streams.py``: a 400 MB copy queued after 3 GB
-lands at 65 ms on the H100 instead of 7.7 ms). So a whole kept graph (3 GB at 16K tokens on the
+lands at 65 ms on the H100 instead of 7.8 ms). So a whole kept graph (3 GB at 16K tokens on the
 6.7B shape) fetched at once delays the next block's weight upload by its whole transfer, and the
 next block's backward waits. A *paced* :class:`HostStore` (the kept graphs' and attention outputs'
 stores) instead brings a group back in parts, one per backward block between now and the block
@@ -54,10 +54,10 @@ from offload.memory import PinnedPool
 from offload.memory.arena import Lease
 
 DEPTH = 2
+"""Groups brought back ahead of the one backward needs now: one computes, two are in flight."""
 
 PACE_MIN_BYTES = 64 << 20
 """The smallest part a paced store brings back at a time (fewer, larger copies below it)."""
-"""Groups brought back ahead of the one backward needs now: one computes, two are in flight."""
 
 
 class Waitable(Protocol):
