@@ -498,3 +498,22 @@ def test_the_first_group_of_a_backward_is_claimed_first_and_paced_from_the_next_
     assert st.sent == st.packing.nbytes
     assert_same(s.get(st), puts[0][1])
     s.close()
+
+
+def test_a_backward_that_stops_between_parts_leaves_no_lease_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backward that fails after part of a group came back: dropping the handle frees its
+    lease, and pace on a closed store does nothing."""
+    monkeypatch.setattr("offload.engine.activations.PACE_MIN_BYTES", 1)
+    s = HostStore(CPU, blocks=8, depth=1, paced=True)
+    puts = _spaced_puts(s, [0, 4])
+    s.get(puts[4][0])
+    s.pace(4)
+    st = puts[0][0]
+    assert 0 < st.sent < st.packing.nbytes
+    del puts, st
+    gc.collect()
+    s.put(9, group(9))  # reaps what was dropped
+    assert s.pool is not None and s.pool.stats().leases == 1  # the new group's
+    s.close()
+    s.pace(3)  # closed: nothing to queue, no error
+    assert s.pool.closed
