@@ -53,6 +53,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import ROOT, SHAPES, llama_config
+from probe_pinning import delta, vmstat
 
 Placement = Callable[[int], dict[str, Any]]  # blocks -> placement
 PLACEMENTS: dict[str, Placement] = {
@@ -151,12 +152,13 @@ def run_one(model: Any, opt: Any, a: argparse.Namespace, seq: int, name: str) ->
     busy = model.runtime.updater.busy_s
     try:
         while len(times) < steps + baseline:
-            t = time.perf_counter()
+            t, counters = time.perf_counter(), vmstat()
             with tracer.span("step", "host", placement=name, seq=seq, step=len(times)):
                 loss_value = step(model, opt, x, a.loss_chunk)
             times.append(time.perf_counter() - t)
             busy, was = model.runtime.updater.busy_s, busy
-            host.append({**_host_now(acts), "cpu_busy_s": busy - was})
+            # The kernel's compaction, reclaim and huge-page counters over the step, where they moved.
+            host.append({**_host_now(acts), "cpu_busy_s": busy - was, "vmstat": delta(counters, vmstat())})
             d = acts.measure.decision if acts.measure is not None else None
             baseline = int(d is not None and bool(d.staging) and bool(d.blocks or d.reverted))
     except torch.cuda.OutOfMemoryError:

@@ -5,6 +5,7 @@ it is given, and the groups still in their leases when backward begins are never
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ def test_auto_sizes_the_leases_with_its_keeps(disk_dir: Path) -> None:
             decision = model.runtime.activations.measure.decision
             assert decision is not None and decision.staging.startswith(f"staging {STAGING} -> ")
             assert store.staging > STAGING
-            assert store.growth[0].endswith("chosen with the keeps (offload_saved auto)")
+            assert ": chosen with the keeps (offload_saved auto); mapped in " in store.growth[0]
         else:
             assert store.staging > STAGING and "the forward waited" in store.growth[0]
         model.runtime.close()
@@ -183,7 +184,14 @@ def test_leases_the_host_cannot_hold_are_not_taken(disk_dir: Path, monkeypatch: 
     store.staging = 1
     store.grow_to(10, "asked")
     assert store.staging == 2
-    assert store.growth == ["staging 1 -> 2 leases of 0.00 GiB: asked (host memory held 2)"]
+    assert len(store.growth) == 1
+    assert store.growth[0].startswith(
+        "staging 1 -> 2 leases of 0.00 GiB: asked (host memory held 2); mapped in "
+    )
+    # What the time went to: the pool's parts, and the wait for the store's lock.
+    assert re.search(
+        r"\(map [\d.]+ s, pin [\d.]+ s, io [\d.]+ s; [\d.]+ s waiting for the store\)$", store.growth[0]
+    )
     assert store.pool is not None and store.pool.stats().in_use == 0
     store.close()
 

@@ -351,9 +351,12 @@ class NvmeStore(OffloadingStore):
         is mapped and pinned now (leased once and given back to the pool, which keeps it), so
         that the passes after pay nothing for it: pinning a GiB takes a good part of a second,
         and a pass timed against another must not carry it."""
+        asked = time.perf_counter()
         with self._lock:
             if leases <= self.staging:
                 return
+            start = time.perf_counter()
+            before = dict(self.pool.mapping_s) if self.pool is not None else {}
             got: list[Lease] = []
             if self._lease_bytes:
                 try:
@@ -367,8 +370,12 @@ class NvmeStore(OffloadingStore):
                         lease.release()
             if leases <= self.staging:
                 return
+            took = time.perf_counter() - start
+            parts = {k: v - before.get(k, 0.0) for k, v in self.pool.mapping_s.items()} if self.pool else {}
+            split = ", ".join(f"{k} {v:.1f} s" for k, v in parts.items())
             self.growth.append(
-                f"staging {self.staging} -> {leases} leases of {self._lease_bytes / 2**30:.2f} GiB: {why}"
+                f"staging {self.staging} -> {leases} leases of {self._lease_bytes / 2**30:.2f} GiB: {why}; "
+                f"mapped in {took:.1f} s ({split}; {start - asked:.1f} s waiting for the store)"
             )
             self.staging = leases
 

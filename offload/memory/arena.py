@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,8 +35,10 @@ class HostArena:
     def __init__(self, nbytes: int, *, node: int | None, hugepages: bool, pin: bool) -> None:
         # Populate: pages land on the bound node now (not at some later first touch), the ledger's
         # reserved bytes are resident bytes, and no page fault ever happens on the hot path.
+        start = time.perf_counter()
         self._raw = _C.Arena(nbytes, hugepages, -1 if node is None else node, True)
         self._pinned = False
+        mapped = time.perf_counter()
         if pin:
             try:
                 cuda.host_register(self.ptr, self.size)
@@ -43,6 +46,8 @@ class HostArena:
                 self._raw.close()
                 raise
             self._pinned = True
+        # Seconds mapping took (mmap, madvise, every page touched), and pinning.
+        self.map_s, self.pin_s = mapped - start, time.perf_counter() - mapped
         # An arena dropped without close() (its pool garbage-collected) is still unregistered and
         # unmapped. Not at interpreter exit: the process's end releases both anyway.
         self._finalizer = weakref.finalize(self, _release, self._raw, self.ptr if self._pinned else None)

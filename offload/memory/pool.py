@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -116,6 +117,9 @@ class PinnedPool:
         self._engines: list[IOEngine] = []
         self._ledger = Ledger(name, config.capacity, self._pinned)
         self._closed = False
+        self.mapping_s = {"map": 0.0, "pin": 0.0, "io": 0.0}
+        """Seconds spent making arenas so far: mapping them (every page touched), pinning them
+        with CUDA, registering them with the I/O engines."""
 
     @property
     def pinned(self) -> bool:
@@ -233,12 +237,16 @@ class PinnedPool:
             return None
         # Under the pool lock: mapping is rare, and two threads short of space must not both map.
         arena = HostArena(size, node=self.config.numa_node, hugepages=self.config.hugepages, pin=self._pinned)
+        start = time.perf_counter()
         try:
             for engine in self._engines:
                 _register_all(engine, [arena])
         except BaseException:
             arena.close()
             raise
+        self.mapping_s["map"] += arena.map_s
+        self.mapping_s["pin"] += arena.pin_s
+        self.mapping_s["io"] += time.perf_counter() - start
         slot = _Slot(arena, FreeListAllocator(arena.size), dedicated=big)
         self._slots.append(slot)
         self._ledger.mapped(arena.size, arena.node)
