@@ -9,7 +9,9 @@ io_uring's buffer registration), and times each part, with and without huge page
 - anon: after holding anonymous memory until --left-gib is available, every other chunk of it
   freed again (physical memory fragmented, as a long-running trainer's is);
 - cache: also after a buffered write of --cache-gib to --dir (the page cache full: free memory
-  low, available memory high).
+  low, available memory high);
+- registered: also with --registered-gib already registered with the same io_uring ring (the
+  staging pool's first leases, before it grows).
 
 The kernel's counters of compaction, reclaim and huge-page faults are read around each part.
 Prints a table and writes JSON (--out):
@@ -46,6 +48,10 @@ COUNTERS = (
     "pgsteal_direct",
     "allocstall_normal",
     "allocstall_movable",
+    "pgmigrate_success",
+    "pgmigrate_fail",
+    "thp_migration_success",
+    "thp_split_page",
 )
 
 
@@ -85,6 +91,8 @@ def map_arenas(count: int, nbytes: int, hugepages: bool, engine: Engine | None) 
         parts["register_s"] += t3 - t2
         arenas.append(arena)
     counters = delta(before, vmstat())
+    if cuda.cuda_available():
+        parts.update(copy_rates(arenas[0]))
     for arena in arenas:
         if engine is not None:
             engine.unregister(arena.ptr)
@@ -92,6 +100,25 @@ def map_arenas(count: int, nbytes: int, hugepages: bool, engine: Engine | None) 
             cuda.host_unregister(arena.ptr)
         arena.close()
     return {"arenas": count, "hugepages": hugepages, **parts, "counters": counters}
+
+
+def copy_rates(arena: HostArena, repeat: int = 3) -> dict[str, float]:
+    """GB/s of copies between the (pinned) arena and the device, each way, the best of repeat."""
+    import torch
+
+    host = arena.tensor(0, arena.size)
+    dev = torch.empty(arena.size, dtype=torch.uint8, device="cuda")
+    rates = {}
+    for name, dst, src in (("h2d_GBs", dev, host), ("d2h_GBs", host, dev)):
+        best = float("inf")
+        for _ in range(repeat):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        rates[name] = arena.size / best / 1e9
+    return rates
 
 
 def hold_anonymous(left: int, chunk: int = 64 << 20) -> list[np.ndarray]:
@@ -125,6 +152,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=4)
     ap.add_argument("--left-gib", type=float, default=40.0, help="available memory the anon phase leaves")
     ap.add_argument("--cache-gib", type=float, default=30.0)
+    ap.add_argument("--registered-gib", type=int, default=8)
     ap.add_argument("--dir", type=Path, default=Path("/tmp"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -151,7 +179,8 @@ def main() -> None:
             print(
                 f"{phase:6} hugepages={hugepages!s:5} avail {row['available_GiB']:6.1f} GiB free "
                 f"{row['free_GiB']:6.1f} GiB: map {row['map_s']:7.2f} s pin {row['pin_s']:6.2f} s "
-                f"register {row['register_s']:6.2f} s  {row['counters']}",
+                f"register {row['register_s']:6.2f} s  copies {row.get('h2d_GBs', 0):5.1f} / "
+                f"{row.get('d2h_GBs', 0):5.1f} GB/s  {row['counters']}",
                 flush=True,
             )
 
@@ -161,6 +190,17 @@ def main() -> None:
     fill = fill_cache(args.dir, int(args.cache_gib * GIB))
     try:
         measure("cache")
+        first = (
+            []
+            if engine is None
+            else [HostArena(GIB, node=None, hugepages=True, pin=False) for _ in range(args.registered_gib)]
+        )
+        for arena in first:
+            engine.register(arena.ptr, arena.size)
+        measure("registered")
+        for arena in first:
+            engine.unregister(arena.ptr)
+            arena.close()
     finally:
         fill.unlink()
     del held
@@ -169,6 +209,14 @@ def main() -> None:
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "memory_GiB": psutil.virtual_memory().total / GIB,
+        "kernel": platform.release(),
+        "zones": sorted(
+            {
+                line.split()[3]
+                for line in Path("/proc/zoneinfo").read_text().splitlines()
+                if line.startswith("Node")
+            }
+        ),
         "thp": thp,
         "arena_GiB": args.arena_gib,
         "io_backend": "io_uring" if engine is not None else "threads (no registration)",

@@ -13,7 +13,7 @@ import torch
 
 from offload.memory import cuda
 from offload.memory.allocator import ALIGNMENT
-from offload.memory.arena import LeaseError, page_size
+from offload.memory.arena import HostArena, LeaseError, page_size
 from offload.memory.cuda import PinError
 from offload.memory.pool import POISON, PinnedPool, PoolExhausted
 
@@ -231,6 +231,25 @@ def test_attach_io_registers_existing_and_future_arenas_and_unregisters_on_close
     assert engine.registered == {} and [c for c, _ in engine.calls].count("unregister") == 2
 
 
+def test_arenas_mapped_for_io_use_base_pages():
+    """io_uring's accounting of registered huge pages slows with the memory already registered
+    (offload/memory/pool.py, attach_io): arenas mapped while an engine is attached do not ask
+    for them; once detached, the pool asks again."""
+    p = PinnedPool(48 * PAGE, arena_bytes=16 * PAGE, pin=False, hugepages=True)
+    engine = FakeEngine()
+    p.attach_io(engine)
+    io = p.lease(16 * PAGE)
+    assert not io.arena.hugepages
+    p.detach_io(engine)
+    later = p.lease(16 * PAGE)
+    probe = HostArena(16 * PAGE, node=None, hugepages=True, pin=False)  # whether the kernel takes the request
+    assert later.arena.hugepages == probe.hugepages
+    probe.close()
+    io.release()
+    later.release()
+    p.close()
+
+
 def test_engine_refusing_a_new_arena_fails_the_lease_and_unmaps_it():
     with PinnedPool(32 * PAGE, arena_bytes=16 * PAGE, pin=False) as p:
         p.attach_io(FakeEngine(fail_on=0))
@@ -408,8 +427,6 @@ def test_import_is_lean():
 def test_dropped_arena_is_unmapped_and_views_keep_it_alive() -> None:
     import gc
 
-    from offload.memory.arena import HostArena
-
     arena = HostArena(1 << 20, node=None, hugepages=False, pin=False)
     raw = arena._raw
     view = arena.tensor(0, 4096)
@@ -424,8 +441,6 @@ def test_dropped_arena_is_unmapped_and_views_keep_it_alive() -> None:
 
 
 def test_closed_arena_is_not_released_twice() -> None:
-    from offload.memory.arena import HostArena
-
     arena = HostArena(1 << 16, node=None, hugepages=False, pin=False)
     arena.close()
     arena.close()

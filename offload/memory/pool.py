@@ -156,7 +156,15 @@ class PinnedPool:
         return self.stats().table()
 
     def attach_io(self, engine: IOEngine) -> None:
-        """Registers every arena, now and future, with ``engine``; unregisters them at close."""
+        """Registers every arena, now and future, with ``engine``; unregisters them at close.
+
+        Arenas mapped while an engine is attached use base pages, not transparent huge pages:
+        registering huge pages with an io_uring ring was slow on the H100 host (kernel 6.18),
+        4.2 s for 4 GiB with 8 GiB registered before and little free memory, 27 s for 5.3 GiB of
+        staging leases in a 128K-token run, where base pages took 0.1-0.3 s
+        (``scripts/probe_pinning.py``; the kernel checks each huge page against the pages already
+        registered, and pins for the long term). These arenas are DMA buffers, for the disk and
+        device copies, which ran as fast from base pages."""
         with self._lock:
             if self._closed:
                 raise LeaseError(f"pool {self.config.name!r} is closed")
@@ -236,7 +244,8 @@ class PinnedPool:
         if size < held or size > room:
             return None
         # Under the pool lock: mapping is rare, and two threads short of space must not both map.
-        arena = HostArena(size, node=self.config.numa_node, hugepages=self.config.hugepages, pin=self._pinned)
+        huge = self.config.hugepages and not self._engines  # see attach_io
+        arena = HostArena(size, node=self.config.numa_node, hugepages=huge, pin=self._pinned)
         start = time.perf_counter()
         try:
             for engine in self._engines:
