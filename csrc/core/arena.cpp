@@ -18,6 +18,7 @@ namespace {
 constexpr int kMpolBind = 2;
 constexpr unsigned kMpolFAddr = 1 << 1;
 constexpr unsigned kMpolMfStrict = 1 << 0;
+constexpr int kMadvPopulateWrite = 23;  // MADV_POPULATE_WRITE, absent from older headers
 constexpr int kMaxNodes = 1024;
 
 }  // namespace
@@ -51,8 +52,11 @@ Arena::Arena(int64_t nbytes, bool hugepages, int node, bool populate) : node_(no
     }
   }
   if (populate) {
-    // Touch one byte per page; MAP_POPULATE would do it too but ignores a later mbind.
-    for (int64_t off = 0; off < size_; off += ps) data_[off] = 0;
+    // The kernel faults every page in itself (Linux 5.14+), under the mbind policy set above
+    // (MAP_POPULATE would ignore it): with base pages that is several times faster than a
+    // fault per page from here. Older kernels refuse the advice: touch one byte per page.
+    if (::madvise(data_, size_, kMadvPopulateWrite) != 0)
+      for (int64_t off = 0; off < size_; off += ps) data_[off] = 0;
   }
 }
 
