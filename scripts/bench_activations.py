@@ -275,13 +275,15 @@ def _choice(acts: Any) -> dict[str, Any]:
 
 def planned_device_blocks(
     model: Any, settings: dict[str, Any], a: argparse.Namespace, seq: int, names: list[str], notes: list[str]
-) -> int:
-    """--device-blocks as a number: the one given, or for auto the plan's (offload.plan.make_plan,
-    rates measured here) at seq tokens with the first auto placement of names (with none, the
-    first placement's boundary states with offload_saved auto: a recompute row gets the count its
-    auto row gets, run alone)."""
+) -> dict[str, Any]:
+    """--device-blocks as placement settings: the number given, or for auto the plan's
+    (offload.plan.make_plan, rates measured here) at seq tokens with the first auto placement of
+    names (with none, the first placement's boundary states with offload_saved auto: a recompute
+    row gets the count its auto row gets, run alone), with the residents where that plan put them
+    (device_blocks auto puts them on the device; a number of 0 alone would leave them on the
+    host, whose update the next forward then waits for)."""
     if a.device_blocks != "auto":
-        return int(a.device_blocks)
+        return {"device_blocks": int(a.device_blocks)}
     from offload.config import load_config
     from offload.plan import make_plan
 
@@ -302,7 +304,7 @@ def planned_device_blocks(
         if note.startswith(("device_blocks", "offload_saved: measured")):
             print(f"  note: {note}", flush=True)
             notes.append(note)  # the machine's measured link, disk and compute rates among them
-    return plan.device_blocks
+    return {"device_blocks": plan.device_blocks, "device_residents": plan.residents_on_device}
 
 
 def table(results: list[dict[str, Any]], seqs: list[int], names: list[str]) -> str:
@@ -386,8 +388,8 @@ def main() -> None:
     }
     Path(a.nvme_dir).mkdir(parents=True, exist_ok=True)  # the plan probes the disk there
     notes: list[str] = []
-    device_blocks = planned_device_blocks(model, settings, a, max(seqs), names, notes)
-    model, opt = offload.wrap(model, init="random", placement={"device_blocks": device_blocks}, **settings)
+    blocks = planned_device_blocks(model, settings, a, max(seqs), names, notes)
+    model, opt = offload.wrap(model, init="random", placement=blocks, **settings)
     print(f"wrapped in {time.perf_counter() - t0:.0f} s", flush=True)
     results: list[dict[str, Any]] = []
     device = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu"
@@ -398,7 +400,7 @@ def main() -> None:
         "size": a.size,
         "batch": a.batch,
         "args": vars(a),
-        "device_blocks": device_blocks,
+        **blocks,
         "plan_notes": notes,
         "results": results,
     }

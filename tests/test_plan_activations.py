@@ -410,3 +410,51 @@ def test_the_plan_sizes_nvme_staging_with_the_keeps_and_counts_it() -> None:
     )
     held = make_plan(tiny("llama", layers=8), cfg_tight, batch_size=2, seq_len=16, rates=disk_at(1.0))
     assert held.recompute is not None and held.recompute.extra_leases < 4
+
+
+def test_the_plan_counts_the_wait_for_the_updates_the_next_forward_needs_first() -> None:
+    """Between backward and the next forward the device waits for the CPU's updates of what that
+    forward needs first: the residents (in host memory), whose gradients land last, and the
+    first streamed block. Device blocks before it hide its update; residents on the device have
+    none to wait for."""
+    model = tiny("llama", layers=4)
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    resident = sum(p.numel() for p in model.parameters()) - 4 * block
+    adam = 1e6
+    rates = dataclasses.replace(FAST, adam_params_s=adam)  # the link's share is negligible
+
+    def wait(**placement: object) -> float:
+        p = plan({"offload_saved": "auto", **placement}, rates)
+        assert p.recompute is not None
+        return p.recompute.phases.get("wait_s", 0.0)
+
+    # (to the plan's counts of the two, which pad and group parameters their own way)
+    assert wait(device_blocks=0, device_residents=False) == pytest.approx((resident + block) / adam, rel=0.01)
+    assert wait(device_blocks=0, device_residents=True) == pytest.approx(block / adam, rel=0.01)
+    assert wait(device_blocks=4, device_residents=True) == 0.0  # nothing streams
+    # One device block: its forward and backward (a few microseconds at FAST) hide almost none
+    # of the next block's update.
+    assert 0 < wait(device_blocks=1, device_residents=True) < block / adam
+
+
+def test_device_blocks_hide_the_first_streamed_blocks_update() -> None:
+    from offload.plan.activations import Room, update_wait
+    from offload.plan.recompute import BlockCost, Link
+
+    cost = BlockCost(forward_s=0.02, backward_s=0.04, saved_bytes=0)
+    room = Room(None, None, Link(1e9, 1e9), 0, residents_s=0.05, first_block_s=0.1)
+    assert update_wait(room, cost) == pytest.approx(0.15)  # every block streams: all of it
+    assert update_wait(dataclasses.replace(room, device_blocks=1), cost) == pytest.approx(0.09)
+    assert update_wait(dataclasses.replace(room, device_blocks=2), cost) == pytest.approx(0.05)
+
+
+def test_the_wait_lengthens_the_estimated_step() -> None:
+    from offload.plan.recompute import BlockCost, Bounds, Link, estimate
+
+    costs = [BlockCost(forward_s=0.02, backward_s=0.04, saved_bytes=0)] * 4
+    keep = [Keep.RECOMPUTE] * 4
+    base = estimate(costs, Link(1e12, 1e12), keep, Bounds(other_s=0.01))
+    waited = estimate(costs, Link(1e12, 1e12), keep, Bounds(other_s=0.01, wait_s=0.05))
+    assert waited.step_s == pytest.approx(base.step_s + 0.05)
+    with pytest.raises(ValueError, match="wait_s must be >= 0"):
+        Bounds(wait_s=-1.0)

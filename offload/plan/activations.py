@@ -353,6 +353,15 @@ class Room:
     staging: Staging | None = None
     """The NVMe store's staging leases and the disk's time per group (activations nvme with the
     disk's rates; else None): offload_saved auto sizes them with the keeps."""
+    residents_s: float = 0.0
+    """The CPU's update of the residents when they live in host memory, and their upload: their
+    gradients land at the end of backward (the embedding's last) and the next forward needs
+    them first, so the device waits for all of it (:func:`update_wait`)."""
+    first_block_s: float = 0.0
+    """The first streamed block's gradient down, update and weights up: its gradient lands when
+    its backward ends, and only the device blocks' backward and forward run between that and
+    its next forward (0: no block streams)."""
+    device_blocks: int = 0
 
 
 def choice_room(
@@ -395,15 +404,37 @@ def choice_room(
             write_s=lease / rates.disk_write_bytes_s,
             read_s=lease / rates.disk_read_bytes_s,
         )
+    adam = rates.adam_params_s
+    shard = shard_numel(shape.block_numel, s.world)
+    first = 0.0
+    if streamed_blocks and adam:
+        wire = shard * s.item
+        first = shard / adam + _both_ways(wire, rates)
     return Room(
         device_bytes=None if gpu is None else max(gpu - margin - reserved_for(need[Tier.GPU]), 0),
         host_bytes=None if host is None else max(host - need[Tier.HOST], 0),
         link=link,
-        cpu_params=streamed_blocks * shard_numel(shape.block_numel, s.world) + residents,
+        cpu_params=streamed_blocks * shard + residents,
         disk_forward_s=_seconds(on_disk, rates.disk_write_bytes_s),
         disk_backward_s=_seconds(on_disk, rates.disk_read_bytes_s),
         staging=staging,
+        residents_s=residents / adam + _both_ways(residents * s.item, rates) if adam else 0.0,
+        first_block_s=first,
+        device_blocks=min(s.device_blocks, shape.blocks),
     )
+
+
+def _both_ways(nbytes: int, rates: Rates) -> float:
+    """A gradient of nbytes down and the weights it updates back up, one after the other."""
+    return nbytes / rates.d2h_bytes_s + nbytes / rates.h2d_bytes_s
+
+
+def update_wait(room: Room, cost: BlockCost) -> float:
+    """Seconds the device waits between backward and the next forward for the CPU updates that
+    forward needs first: the residents' (in host memory), then the first streamed block's less
+    what the device blocks before it hide (their backward and forward, cost each)."""
+    hidden = room.device_blocks * (cost.forward_s + cost.backward_s)
+    return room.residents_s + max(room.first_block_s - hidden, 0.0)
 
 
 def reserved_for(need: int) -> int:
@@ -436,7 +467,11 @@ def recompute_choice(
     head = 6.0 * batch_size * seq_len * (shape.hidden_size or 0) * (shape.vocab_size or 0) / rates.flops
     cpu = room.cpu_params / rates.adam_params_s if rates.adam_params_s else 0.0
     bounds = Bounds(
-        cpu_s=cpu, other_s=head, disk_forward_s=room.disk_forward_s, disk_backward_s=room.disk_backward_s
+        cpu_s=cpu,
+        other_s=head,
+        disk_forward_s=room.disk_forward_s,
+        disk_backward_s=room.disk_backward_s,
+        wait_s=update_wait(room, costs[0]),
     )
     spec = cfg.placement.offload_saved
     if spec == "auto" and room.staging is not None:

@@ -21,10 +21,11 @@ overlap backward and the next forward)::
 
     forward  = max(sum F,                         link(H2D_fwd, D2H_fwd + moved),  disk_fwd)
     backward = max(sum B + sum_rec F + sum_att (F - A),  link(H2D_bwd + moved, D2H_bwd),  disk_bwd)
-    step     = max(forward + backward + other,    cpu)
+    step     = max(forward + backward + other + wait,    cpu)
 
 with F a block's forward, B its backward proper, A its attention forward, ``moved`` the bytes
 of the host-kept blocks, ``other`` the GPU time outside the blocks (embedding, head, loss) and
+``wait`` the GPU's wait for the CPU updates the next forward needs first (a plan's estimate),
 ``link(h, d)`` the slowest of h at the host-to-device rate, d at the device-to-host rate and
 h + d at the rate both directions reach together (they share the PCIe link). ``disk_fwd`` and
 ``disk_bwd`` are the disk's time to write the boundary states in forward and read them back in
@@ -184,9 +185,13 @@ class Bounds:
     forward phase lasts at least this long."""
     disk_backward_s: float = 0.0
     """The disk's time to read them back in backward: the backward phase lasts at least this long."""
+    wait_s: float = 0.0
+    """The GPU's wait between a step's backward and the next forward for the CPU updates that
+    forward needs first (plans: :func:`offload.plan.activations.recompute_choice`; auto's
+    measured pass holds it in its slack)."""
 
     def __post_init__(self) -> None:
-        for name in ("disk_forward_s", "disk_backward_s"):
+        for name in ("disk_forward_s", "disk_backward_s", "wait_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 s, got {getattr(self, name)}")
 
@@ -251,7 +256,7 @@ def step_time(
 def _estimate(fwd_compute: float, bwd_compute: float, moved: int, link: Link, b: Bounds) -> Estimate:
     phases = _terms(fwd_compute, bwd_compute, moved, link, b)
     forward, backward = (max(p) for p in phases)
-    gpu = forward + backward + b.other_s
+    gpu = forward + backward + b.other_s + b.wait_s
     link_bound = any(lk > c and lk >= d for c, lk, d in phases)
     disk_bound = any(d > c and d > lk for c, lk, d in phases)
     return Estimate(
@@ -561,8 +566,10 @@ def phases(base: Estimate, kept: Estimate, bounds: Bounds) -> dict[str, float]:
     """The terms of the model, seconds: of base (recomputing every block, ``recompute_``) and of
     kept (the choice, ``kept_``), each phase's compute, link and disk time; and the GPU time
     outside the blocks, the CPU optimizer's time and the slack (the measured step's unexplained
-    part)."""
+    part); and a plan's wait for the updates the next forward needs first, where there is one."""
     out = {"other_s": bounds.other_s, "cpu_s": bounds.cpu_s, "slack_s": bounds.slack_s}
+    if bounds.wait_s:
+        out["wait_s"] = bounds.wait_s
     for name, e in (("recompute", base), ("kept", kept)):
         for phase, values in zip(("forward", "backward"), e.terms):
             for term, value in zip(("compute", "link", "disk"), values):
