@@ -53,8 +53,8 @@ Arena::Arena(int64_t nbytes, bool hugepages, int node, bool populate) : node_(no
   }
   if (populate) {
     // The kernel faults every page in itself (Linux 5.14+), under the mbind policy set above
-    // (MAP_POPULATE would ignore it): with base pages that is several times faster than a
-    // fault per page from here. Older kernels refuse the advice: touch one byte per page.
+    // (MAP_POPULATE would ignore it), faster than a fault per page from here (2 GiB of base
+    // pages: 0.63 s against 0.88 s). Older kernels refuse the advice: touch one byte per page.
     if (::madvise(data_, size_, kMadvPopulateWrite) != 0)
       for (int64_t off = 0; off < size_; off += ps) data_[off] = 0;
   }

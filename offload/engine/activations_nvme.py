@@ -371,7 +371,8 @@ class NvmeStore(OffloadingStore):
             if leases <= self.staging:
                 return
             took = time.perf_counter() - start
-            parts = {k: v - before.get(k, 0.0) for k, v in self.pool.mapping_s.items()} if self.pool else {}
+            mapping = {} if self.pool is None else self.pool.mapping_s
+            parts = {k: v - before.get(k, 0.0) for k, v in mapping.items()}
             split = ", ".join(f"{k} {v:.1f} s" for k, v in parts.items())
             self.growth.append(
                 f"staging {self.staging} -> {leases} leases of {self._lease_bytes / 2**30:.2f} GiB: {why}; "

@@ -362,6 +362,8 @@ class Room:
     its backward ends, and only the device blocks' backward and forward run between that and
     its next forward (0: no block streams)."""
     device_blocks: int = 0
+    """Blocks whose state is on the device: their backward and forward hide the first streamed
+    block's update."""
 
 
 def choice_room(
