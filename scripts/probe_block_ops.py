@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import SHAPES, llama_config  # noqa: E402
+from bench_train import SHAPES, llama_config
 
 GIB = 1 << 30
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")  # a Llama layer's linear calls, in order
