@@ -432,6 +432,12 @@ def test_the_plan_counts_the_wait_for_the_updates_the_next_forward_needs_first()
     assert wait(device_blocks=0, device_residents=False) == pytest.approx((resident + block) / adam, rel=0.01)
     assert wait(device_blocks=0, device_residents=True) == pytest.approx(block / adam, rel=0.01)
     assert wait(device_blocks=4, device_residents=True) == 0.0  # nothing streams
+    p = plan({"offload_saved": "auto", "device_blocks": 0, "device_residents": False}, rates)
+    assert "s of it waiting for the CPU's updates before the next forward" in p.table()
+    assert (
+        "waiting for the CPU's updates"
+        not in plan({"offload_saved": "auto", "device_blocks": 4}, rates).table()
+    )
     # One device block: its forward and backward (a few microseconds at FAST) hide almost none
     # of the next block's update.
     assert 0 < wait(device_blocks=1, device_residents=True) < block / adam

@@ -361,6 +361,9 @@ class Choice:
     def describe(self) -> str:
         """One line: what each block keeps, the estimated steps and what bounds them."""
         slack = f", {self.slack_s:.3f} s of it outside the model" if self.slack_s > 0 else ""
+        wait = self.phases.get("wait_s", 0.0)
+        if wait > 0:
+            slack += f", {wait:.3f} s of it waiting for the CPU's updates before the next forward"
         staging = f"; {self.staging}" if self.staging else ""
         if self.reverted:
             return f"recompute every block: {self.reverted}{staging}"
