@@ -105,7 +105,7 @@ class Updater:
         landed = [k for k, e in enumerate(q) if e.landed()]
         if landed:
             return min(landed, key=lambda k: (q[k].rec.index, q[k].seq))
-        return min(range(len(q)), key=lambda k: q[k].seq)
+        return 0  # the oldest: the queue keeps arrival order (appended, popped from anywhere)
 
     def _next(self) -> tuple[BlockRecord, Update, BlockRecord | None] | None:
         """The next update, and the record of the one likely to follow it (None: nothing queued)."""
